@@ -1,0 +1,1 @@
+"""An example zsbir plugin (see losses.py)."""

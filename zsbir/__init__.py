@@ -1,0 +1,9 @@
+"""zsbir: zero-shot sketch-based image retrieval, assembled from TOML manifests.
+
+The path through the code: ``manifest.toml`` -> :func:`zsbir.manifest.load` ->
+:func:`zsbir.manifest.resolve` (validated, every problem at once) ->
+:func:`zsbir.build.build` (names -> registered objects) ->
+:func:`zsbir.engine.run.run_experiment` (train, embed, hash, evaluate, write RUN_DIR).
+"""
+
+__version__ = "0.1.0"

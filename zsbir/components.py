@@ -1,0 +1,8 @@
+"""Imports every module that registers a built-in component (once, on first lookup)."""
+
+from zsbir.data import protocols, quadruplet, samplers, synthetic  # noqa: F401
+from zsbir.engine import optim  # noqa: F401
+from zsbir.hashing import hashers  # noqa: F401
+from zsbir.losses import classification, distillation, metric  # noqa: F401
+from zsbir.models import cse_resnet, timm_backbones  # noqa: F401
+from zsbir.teachers import strategies  # noqa: F401

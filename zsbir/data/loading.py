@@ -1,0 +1,186 @@
+"""Decoding, augmentation and batching.
+
+Items are decoded and augmented in worker processes into uint8 tensors; normalization
+happens on the device (:func:`to_device`), which keeps host-to-device copies small.
+
+Augmentation is deterministic per item: each training item carries a seed derived from
+``(run seed, epoch, step, position)``, so a resumed run, any worker count and any
+machine draw the same transforms. SAKE's recipe (Liu et al., ICCV 2019, reference code):
+with probability 0.7, a random horizontal flip and an affine transform (scale 0.7-1.3,
+rotation +-30 degrees, translation +-10 px), then resize to the input size.
+
+An image that cannot be decoded is never silently kept or dropped: with
+``data.on_corrupt = "skip"`` it is left out of its batch and reported (path and error) in
+the batch's ``skipped`` list, which the engine logs and counts into ``metrics.json``; with
+``"fail"`` the run stops with :class:`CorruptImageError` naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from zsbir.data.base import Split
+
+__all__ = ["CorruptImageError", "ImageDataset", "Transform", "make_loader", "to_device",
+           "worker_count"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class CorruptImageError(RuntimeError):
+    """An image that could not be decoded, with its path."""
+
+
+@dataclass
+class Transform:
+    """Resize (+ SAKE-style random affine and flip when ``train``) to uint8 CHW."""
+
+    size: int
+    train: bool = False
+    augment_prob: float = 0.7
+    flip: bool = True
+    scale: Sequence[float] = (0.7, 1.3)
+    rotation: float = 30.0
+    translation: float = 10.0
+
+    def __call__(self, img: Image.Image, seed: int | None = None) -> torch.Tensor:
+        img = img.resize((self.size, self.size), Image.BILINEAR) if img.size != (
+            self.size, self.size) else img
+        if self.train and seed is not None:
+            rng = np.random.default_rng(seed)
+            if rng.random() < self.augment_prob:
+                img = self._augment(img, rng)
+        arr = np.asarray(img, dtype=np.uint8)
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+    def _augment(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        if self.flip and rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        s = float(rng.uniform(self.scale[0], self.scale[1]))
+        angle = float(rng.uniform(-self.rotation, self.rotation))
+        # translation is given in pixels of a 224 input; scale it to this size
+        t = self.translation * self.size / 224.0
+        tx, ty = (float(v) for v in rng.uniform(-t, t, size=2))
+        return _affine(img, angle, s, tx, ty)
+
+    def describe(self) -> dict[str, Any]:
+        """Plain data identifying the transform (cache keys)."""
+        return {"size": self.size, "train": self.train, "augment_prob": self.augment_prob,
+                "flip": self.flip, "scale": list(self.scale), "rotation": self.rotation,
+                "translation": self.translation}
+
+
+def _affine(img: Image.Image, angle: float, scale: float, tx: float, ty: float) -> Image.Image:
+    """Rotate by ``angle`` degrees and scale about the centre, then translate; white fill."""
+    import math
+
+    w, h = img.size
+    cx, cy = w / 2.0, h / 2.0
+    a = math.radians(angle)
+    cos, sin = math.cos(a) / scale, math.sin(a) / scale
+    # inverse map: output (x, y) -> input coordinates
+    m = (cos, sin, cx - cos * (cx + tx) - sin * (cy + ty),
+         -sin, cos, cy + sin * (cx + tx) - cos * (cy + ty))
+    return img.transform((w, h), Image.AFFINE, m, resample=Image.BILINEAR,
+                         fillcolor=(255, 255, 255))
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Items of a split; keys are ``(index, augmentation seed or -1)``."""
+
+    def __init__(self, split: Split, reader: Callable[[str], Image.Image], transform: Transform,
+                 on_corrupt: str = "skip"):
+        self.split = split
+        self.reader = reader
+        self.transform = transform
+        self.on_corrupt = on_corrupt
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, seed = key if isinstance(key, tuple) else (key, -1)
+        source = self.split.sources[index]
+        try:
+            img = self.reader(source)
+            if img.size[0] == 0 or img.size[1] == 0:
+                raise ValueError("empty image")
+        except Exception as exc:  # noqa: BLE001 - any decoding failure is the file's fault
+            if self.on_corrupt == "fail":
+                raise CorruptImageError(f"cannot decode image {source!r}: {exc}") from exc
+            return {"index": index, "error": f"{type(exc).__name__}: {exc}", "source": source}
+        return {"image": self.transform(img, None if seed < 0 else seed), "index": index,
+                "label": int(self.split.labels[index]), "domain": int(self.split.domains[index])}
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack good items; list the bad ones under ``skipped`` as (source, error)."""
+    good = [it for it in items if "error" not in it]
+    batch: dict[str, Any] = {"skipped": [(it["source"], it["error"]) for it in items
+                                         if "error" in it]}
+    if good:
+        batch["image"] = torch.stack([it["image"] for it in good])
+        for k in ("index", "label", "domain"):
+            batch[k] = torch.tensor([it[k] for it in good], dtype=torch.int64)
+    return batch
+
+
+class BatchList:
+    """A batch sampler over a list that can be replaced between epochs."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Any]] = []
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        return iter(list(self.batches))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def worker_count(requested: int) -> int:
+    """-1: one worker per available core, at most 8 (0 on a single core)."""
+    if requested >= 0:
+        return requested
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS
+        cores = os.cpu_count() or 1
+    return 0 if cores <= 1 else min(cores, 8)
+
+
+def make_loader(dataset: ImageDataset, batches: BatchList | Sequence[Sequence[Any]],
+                workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over explicit batches (lists of dataset keys)."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
+        pin_memory=pin_memory, persistent_workers=workers > 0 and isinstance(batches, BatchList),
+        prefetch_factor=4 if workers > 0 else None,
+        # a private generator: creating an iterator must not consume the global RNG
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def to_device(batch: dict[str, Any], device: torch.device, normalize: str = "imagenet",
+              channels_last: bool = False) -> dict[str, Any]:
+    """Move a batch to the device and turn uint8 images into normalized float32."""
+    out = dict(batch)
+    img = batch["image"].to(device, non_blocking=True).float().div_(255.0)
+    if normalize == "imagenet":
+        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        img = (img - mean) / std
+    if channels_last:
+        img = img.contiguous(memory_format=torch.channels_last)
+    out["image"] = img
+    for k in ("index", "label", "domain"):
+        out[k] = batch[k].to(device, non_blocking=True)
+    return out

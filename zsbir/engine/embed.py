@@ -1,0 +1,70 @@
+"""Running a network over a split without gradients: embeddings for retrieval, seen-class
+validation accuracy, and teacher logits for the offline ``class_mean`` teacher."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from zsbir.data.base import Split
+from zsbir.data.loading import ImageDataset, make_loader, to_device, worker_count
+
+__all__ = ["embed_split", "teacher_logits", "validation_accuracy"]
+
+
+def _run(exp: Any, split: Split, fn: Callable[[dict[str, Any]], torch.Tensor]
+         ) -> tuple[torch.Tensor, np.ndarray, list[tuple[str, str]]]:
+    """Apply ``fn`` to every batch of ``split`` (eval transform); returns stacked outputs,
+    the indices of the items that were read, and the skipped files."""
+    cfg = exp.manifest.data_cfg
+    ds = ImageDataset(split, exp.data.reader, exp.eval_transform, cfg.on_corrupt)
+    bs = cfg.eval_batch_size
+    batches = [list(range(i, min(i + bs, len(split)))) for i in range(0, len(split), bs)]
+    loader = make_loader(ds, batches, worker_count(cfg.workers),
+                         pin_memory=exp.ctx.device.type == "cuda")
+    outs, kept, skipped = [], [], []
+    with torch.inference_mode():
+        for batch in loader:
+            skipped.extend(batch["skipped"])
+            if "image" not in batch:
+                continue
+            b = to_device(batch, exp.ctx.device, cfg.normalize)
+            outs.append(fn(b).float().cpu())
+            kept.append(batch["index"].numpy())
+    if not outs:
+        raise ValueError("no image of the split could be read")
+    return torch.cat(outs), np.concatenate(kept), skipped
+
+
+def embed_split(exp: Any, split: Split) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    """Retrieval embeddings (N, d) float32 of the readable items, the split indices of
+    those items (``split.labels[kept]`` are their labels), and the skipped files."""
+    model = exp.model
+    was_training = model.training
+    model.eval()
+    try:
+        emb, kept, skipped = _run(exp, split, lambda b: model(b["image"], b["domain"])
+                                  ["embedding"])
+    finally:
+        model.train(was_training)
+    return emb.numpy(), kept, skipped
+
+
+def validation_accuracy(exp: Any) -> float:
+    """Seen-class classification accuracy on the validation split (model selection)."""
+    model = exp.model
+    model.eval()
+    logits, kept, _ = _run(exp, exp.data.val, lambda b: model(b["image"], b["domain"])["logits"])
+    pred = logits.argmax(1).numpy()
+    return float((pred == exp.data.val.labels[kept]).mean())
+
+
+def teacher_logits(network: torch.nn.Module, split: Split, exp: Any
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's ImageNet logits over a split (eval transform), with labels."""
+    network.to(exp.ctx.device).eval()
+    logits, kept, skipped = _run(exp, split, lambda b: network(b["image"], b["domain"]))
+    return logits, torch.as_tensor(split.labels[kept])

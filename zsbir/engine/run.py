@@ -1,0 +1,207 @@
+"""A whole run: train, embed, hash, evaluate, and write the run directory.
+
+``RUN_DIR`` (``run.output_dir/run.name``) holds, all readable without zsbir:
+
+- ``manifest.resolved.toml``: the manifest with every default filled in;
+- ``checkpoints/last.pt`` (resumable), ``best.pt`` (best validation epoch),
+  ``final.pt`` (evaluated weights + fitted hashers); all ``torch.load(weights_only=True)``;
+- ``metrics.json``: results keyed by protocol, hasher and metric, with each formula;
+- ``features.npz``: query/gallery embeddings and labels (``zsbir evaluate --features``);
+- ``retrievals.png``: top-ranked photos for a few queries; ``log.txt``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from zsbir.build import Experiment, build
+from zsbir.engine.checkpoint import atomic_save, load_checkpoint, package_versions
+from zsbir.engine.embed import embed_split
+from zsbir.engine.trainer import Trainer
+from zsbir.manifest import Manifest, resolve
+
+log = logging.getLogger("zsbir")
+
+__all__ = ["RunDirError", "evaluate_experiment", "run_experiment"]
+
+RESOLVED = "manifest.resolved.toml"
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used as asked (exists, or has nothing to resume)."""
+
+
+def run_dir_of(manifest: Manifest) -> Path:
+    return Path(manifest.run.output_dir).expanduser() / manifest.run.name
+
+
+def load_resumable(run_dir: Path) -> Manifest:
+    """The resolved manifest saved in a run directory, for ``--resume``."""
+    import tomllib
+
+    path = run_dir / RESOLVED
+    if not path.is_file():
+        raise RunDirError(f"{str(run_dir)!r} is not a zsbir run directory (no {RESOLVED})")
+    if not (run_dir / "checkpoints" / "last.pt").is_file():
+        raise RunDirError(f"{str(run_dir)!r} has no checkpoints/last.pt to resume from")
+    return resolve(tomllib.loads(path.read_text()), str(path))
+
+
+def _prepare_dir(run_dir: Path, manifest: Manifest, resume: bool) -> None:
+    if not resume:
+        if (run_dir / RESOLVED).exists() and not manifest.run.overwrite:
+            raise RunDirError(
+                f"run directory {str(run_dir)!r} already holds a run; resume it with "
+                f"`zsbir run --resume {run_dir}`, choose another run.name, or set "
+                "run.overwrite = true")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RESOLVED).write_text(manifest.to_toml())
+
+
+def _file_logging(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("zsbir")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    return handler
+
+
+def run_experiment(
+    manifest: Manifest, *, resume: bool = False,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    stop_after_steps: int | None = None,
+) -> dict[str, Any]:
+    """Train and evaluate; returns what ``metrics.json`` holds (or, when the testing hook
+    ``stop_after_steps`` interrupts training, ``{"interrupted": True}``)."""
+    run_dir = run_dir_of(manifest)
+    _prepare_dir(run_dir, manifest, resume)
+    handler = _file_logging(run_dir)
+    try:
+        t0 = time.perf_counter()
+        exp = build(manifest, run_dir)
+        log.info("built %s: %s", manifest.run.name, exp.data.summary())
+        trainer = Trainer(exp, run_dir, progress, stop_after_steps)
+        if resume:
+            trainer.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "last.pt"))
+            log.info("resumed at epoch %d step %d", trainer.state["epoch"],
+                     trainer.state["step"])
+        state = trainer.fit()
+        if stop_after_steps is not None and state["epoch"] < manifest.train.epochs \
+                and not state["stopped_early"]:
+            return {"interrupted": True, "global_step": state["global_step"]}
+        train_time = time.perf_counter() - t0
+        best = run_dir / "checkpoints" / "best.pt"
+        if manifest.train.select == "best_val" and best.is_file():
+            exp.model.load_state_dict(load_checkpoint(best)["model"])
+        results = evaluate_experiment(exp, run_dir, progress)
+        results["train"] = {
+            "epochs_run": state["epoch"], "global_steps": state["global_step"],
+            "best_epoch": state["best_epoch"], "best_val_accuracy": state["best_val"],
+            "selected": manifest.train.select, "stopped_early": state["stopped_early"],
+            "history": state["history"], "seconds": train_time,
+        }
+        skipped = state["skipped"] + results.pop("_eval_skipped")
+        results["skipped_images"] = {"count": len(skipped),
+                                     "files": [{"path": s, "error": e} for s, e in skipped]}
+        results["versions"] = package_versions()
+        results["device"] = str(exp.ctx.device)
+        (run_dir / "metrics.json").write_text(json.dumps(results, indent=2, default=float))
+        atomic_save({"model": exp.model.state_dict(),
+                     "hashers": [{"name": t["name"], "state": h.state_dict()}
+                                 for t, h in zip(manifest.hashers, exp.hashers)],
+                     "manifest": manifest.data,
+                     "classes": {"seen": exp.data.seen_classes,
+                                 "unseen": exp.data.unseen_classes}},
+                    run_dir / "checkpoints" / "final.pt")
+        return results
+    finally:
+        logging.getLogger("zsbir").removeHandler(handler)
+        handler.close()
+
+
+def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
+                        progress: Callable[[dict[str, Any]], None] | None = None
+                        ) -> dict[str, Any]:
+    """Embed the unseen queries and gallery, index them with every hasher, score."""
+    from zsbir.evaluation import evaluate_retrieval
+
+    m, data = exp.manifest, exp.data
+    t0 = time.perf_counter()
+    q_emb, q_kept, q_skip = embed_split(exp, data.query)
+    g_emb, g_kept, g_skip = embed_split(exp, data.gallery)
+    q_lab, g_lab = data.query.labels[q_kept], data.gallery.labels[g_kept]
+    embed_time = time.perf_counter() - t0
+    train_emb = None
+    if any(t["name"] != "none" for t in m.hashers):
+        train_emb, _, _ = embed_split(exp, data.train)
+
+    positives = (q_lab[:, None] == np.unique(g_lab)[None, :]).any(1)
+    counts = {int(k): int(v) for k, v in zip(*np.unique(g_lab, return_counts=True))}
+    pos_rate = float(np.mean([counts.get(int(lab), 0) / len(g_lab) for lab in q_lab]))
+    per_hasher: dict[str, Any] = {}
+    first_ranking = None
+    for table, hasher in zip(m.hashers, exp.hashers):
+        hasher.fit(train_emb if train_emb is not None else g_emb, seed=m.run.seed)
+        qc, gc = hasher.encode(q_emb), hasher.encode(g_emb)
+        res = evaluate_retrieval(
+            qc, q_lab, gc, g_lab, m.evaluation.metrics,
+            distance="hamming" if hasher.binary else "cosine",
+            chunk_size=m.evaluation.chunk_size or None, device=exp.ctx.device,
+            per_class=m.evaluation.per_class,
+        )
+        entry = {name: {"value": float(v), "formula": res.formulas.get(name, "")}
+                 for name, v in res.metrics.items()}
+        if m.evaluation.per_class:
+            entry["per_class"] = {
+                name: {data.classes[int(k)]: float(v) for k, v in pc.items()}
+                for name, pc in res.per_class.items()}
+        per_hasher[hasher.tag] = entry
+        if first_ranking is None and not hasher.binary:
+            first_ranking = (qc, gc)
+        if progress:
+            progress({"evaluated": hasher.tag, "metrics": res.metrics})
+
+    results: dict[str, Any] = {
+        "protocol": dict(m.protocol),
+        "results": {m.protocol["name"]: per_hasher},
+        "chance": {"positive_rate": pos_rate,
+                   "note": "expected mAP@all and P@K of a random ranking"},
+        "num_queries": int(len(q_lab)), "num_gallery": int(len(g_lab)),
+        "queries_without_positives": int((~positives).sum()),
+        "seconds": {"embed": embed_time, "evaluate_total": time.perf_counter() - t0},
+        "_eval_skipped": [list(s) for s in q_skip + g_skip],
+    }
+    if run_dir is not None:
+        np.savez(run_dir / "features.npz", query_features=q_emb, query_labels=q_lab,
+                 gallery_features=g_emb, gallery_labels=g_lab)
+        if m.evaluation.grid_queries > 0 and first_ranking is not None:
+            results["grid"] = str(_grid(exp, q_emb, q_kept, g_emb, g_kept, run_dir))
+    return results
+
+
+def _grid(exp: Experiment, q_emb: np.ndarray, q_kept: np.ndarray, g_emb: np.ndarray,
+          g_kept: np.ndarray, run_dir: Path) -> Path:
+    from zsbir.report.grid import pick_queries, retrieval_grid
+
+    data, ev = exp.data, exp.manifest.evaluation
+    q_lab = data.query.labels[q_kept]
+    picks = pick_queries(q_lab, ev.grid_queries)
+    q = torch.nn.functional.normalize(torch.from_numpy(q_emb[picks]), dim=1)
+    g = torch.nn.functional.normalize(torch.from_numpy(g_emb), dim=1)
+    top = torch.topk(q @ g.T, k=min(ev.grid_top, len(g)), dim=1).indices.numpy()
+    return retrieval_grid(
+        [data.query.sources[q_kept[i]] for i in picks], q_lab[picks],
+        [[data.gallery.sources[g_kept[j]] for j in row] for row in top],
+        [data.gallery.labels[g_kept[row]] for row in top],
+        data.reader, run_dir / "retrievals.png", class_names=data.classes,
+    )
+

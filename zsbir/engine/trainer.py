@@ -1,0 +1,228 @@
+"""The training loop: batches from the sampler, weighted losses, checkpoints, validation.
+
+Resumability: the sampler's batches depend only on (seed, epoch), augmentation seeds
+only on (seed, epoch, step, position), and every RNG state, the optimizer, the schedule
+and the position in the epoch are saved every ``train.checkpoint_every`` steps. A run
+killed mid-epoch and resumed from its last checkpoint therefore ends, on CPU, with the
+same weights as the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from zsbir.build import Experiment
+from zsbir.data.loading import BatchList, ImageDataset, make_loader, to_device, worker_count
+from zsbir.engine.checkpoint import atomic_save, capture_rng, package_versions, restore_rng
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainState", "Trainer", "aug_seed"]
+
+
+def aug_seed(seed: int, epoch: int, step: int, position: int) -> int:
+    """The augmentation seed of one batch position (independent of workers and resumes)."""
+    return int(np.random.SeedSequence([seed, epoch, step, position]).generate_state(1)[0])
+
+
+class TrainState(dict):
+    """Plain-data progress: epoch, step (next step to run in that epoch), global_step,
+    best_val, best_epoch, bad_epochs, history, skipped."""
+
+    @classmethod
+    def fresh(cls) -> TrainState:
+        return cls(epoch=0, step=0, global_step=0, best_val=-1.0, best_epoch=-1,
+                   bad_epochs=0, history=[], skipped=[], stopped_early=False)
+
+
+class Trainer:
+    """Runs the loop of an :class:`Experiment` and writes ``RUN_DIR/checkpoints``."""
+
+    def __init__(self, exp: Experiment, run_dir: Path,
+                 progress: Callable[[dict[str, Any]], None] | None = None,
+                 stop_after_steps: int | None = None):
+        self.exp = exp
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.progress = progress or (lambda info: None)
+        #: testing hook: stop (as if killed) after this many global steps
+        self.stop_after_steps = stop_after_steps
+        self.state = TrainState.fresh()
+        m = exp.manifest
+        self.device = exp.ctx.device
+        self.workers = worker_count(m.data_cfg.workers)
+        self.train_set = ImageDataset(exp.data.train, exp.data.reader, exp.train_transform,
+                                      m.data_cfg.on_corrupt)
+        self.batches = BatchList()
+        self.loader = make_loader(self.train_set, self.batches, self.workers,
+                                  pin_memory=self.device.type == "cuda")
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        exp = self.exp
+        return {
+            "format": "zsbir.checkpoint/1",
+            "model": exp.model.state_dict(),
+            "losses": [loss.state_dict() for _, _, loss in exp.losses],
+            "optimizer": exp.optimizer.state_dict(),
+            "scheduler": exp.scheduler.state_dict(),
+            "rng": capture_rng(),
+            "train_state": dict(self.state),
+            "manifest": exp.manifest.data,
+            "versions": package_versions(),
+            "classes": {"seen": exp.data.seen_classes, "unseen": exp.data.unseen_classes},
+        }
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        exp = self.exp
+        exp.model.load_state_dict(ckpt["model"])
+        for (_, _, loss), sd in zip(exp.losses, ckpt.get("losses", [])):
+            loss.load_state_dict(sd)
+        exp.optimizer.load_state_dict(ckpt["optimizer"])
+        exp.scheduler.load_state_dict(ckpt["scheduler"])
+        restore_rng(ckpt["rng"])
+        self.state = TrainState(ckpt["train_state"])
+
+    def save(self, name: str = "last.pt") -> Path:
+        return atomic_save(self.state_dict(), self.ckpt_dir / name)
+
+    # ------------------------------------------------------------------ loop
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        batches = self.exp.sampler.epoch(epoch)
+        cap = self.exp.manifest.train.max_steps_per_epoch
+        return batches[:cap] if cap else batches
+
+    def fit(self) -> TrainState:
+        """Train until the last epoch (or early stop); returns the final state."""
+        exp, cfg, st = self.exp, self.exp.manifest.train, self.state
+        if exp.teacher is not None:
+            self._prepare_teacher()  # on resume, class_mean reloads its table from cache
+        while st["epoch"] < cfg.epochs and not st["stopped_early"]:
+            if not self._run_epoch():
+                return st  # stopped by the testing hook, as if killed
+        return st
+
+    def _prepare_teacher(self) -> None:
+        from zsbir.engine.embed import teacher_logits
+
+        exp = self.exp
+        exp.teacher.prepare(
+            data=exp.data,
+            embed=lambda net, split: teacher_logits(net, split, exp),
+            fingerprint=exp.fingerprint,
+        )
+        exp.teacher.to(self.device)
+
+    def _run_epoch(self) -> bool:
+        exp, cfg, st = self.exp, self.exp.manifest.train, self.state
+        epoch, start = st["epoch"], st["step"]
+        batches = self.epoch_batches(epoch)
+        seed = exp.manifest.run.seed
+        self.batches.batches = [
+            [(int(i), aug_seed(seed, epoch, step, pos)) for pos, i in enumerate(b)]
+            for step, b in enumerate(batches)
+        ][start:]
+        exp.model.train()
+        sums: dict[str, torch.Tensor] = {}
+        n_sum, t0, images = 0, time.perf_counter(), 0
+        for step, batch in enumerate(self.loader, start=start):
+            expected = batches[step]
+            if batch["skipped"]:
+                st["skipped"].extend([list(s) for s in batch["skipped"]])
+                for source, err in batch["skipped"]:
+                    log.warning("skipped unreadable image %s (%s)", source, err)
+                batch = self._drop_incomplete(batch, expected)
+            if "image" in batch:
+                terms = self._step(batch)
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_sum += 1
+                images += len(batch["image"])
+            st["step"], st["global_step"] = step + 1, st["global_step"] + 1
+            if n_sum and (st["global_step"] % cfg.log_every == 0 or step + 1 == len(batches)):
+                elapsed = time.perf_counter() - t0
+                self.progress({"epoch": epoch, "step": step + 1, "steps": len(batches),
+                               "loss": {k: float(v) / n_sum for k, v in sums.items()},
+                               "images_per_s": images / max(elapsed, 1e-9),
+                               "lr": exp.optimizer.param_groups[0]["lr"]})
+            if cfg.checkpoint_every and st["global_step"] % cfg.checkpoint_every == 0:
+                self.save()
+            if self.stop_after_steps is not None and st["global_step"] >= self.stop_after_steps:
+                return False
+        record = {"epoch": epoch, "loss": {k: float(v) / max(n_sum, 1) for k, v in sums.items()},
+                  "images_per_s": images / max(time.perf_counter() - t0, 1e-9),
+                  "lr": exp.optimizer.param_groups[0]["lr"]}
+        exp.scheduler.step()
+        self._end_epoch(epoch, record)
+        return True
+
+    def _end_epoch(self, epoch: int, record: dict[str, Any]) -> None:
+        exp, cfg, st = self.exp, self.exp.manifest.train, self.state
+        if cfg.val_every and len(exp.data.val) and (epoch + 1) % cfg.val_every == 0:
+            from zsbir.engine.embed import validation_accuracy
+
+            acc = validation_accuracy(exp)
+            record["val_accuracy"] = acc
+            if acc > st["best_val"]:
+                st["best_val"], st["best_epoch"], st["bad_epochs"] = acc, epoch, 0
+                atomic_save({"model": exp.model.state_dict(), "epoch": epoch,
+                             "val_accuracy": acc, "manifest": exp.manifest.data},
+                            self.ckpt_dir / "best.pt")
+            else:
+                st["bad_epochs"] += 1
+                if cfg.early_stopping and st["bad_epochs"] >= cfg.early_stopping:
+                    st["stopped_early"] = True
+            exp.model.train()
+        st["history"].append(record)
+        self.progress({"epoch_end": epoch, **record})
+        st["epoch"], st["step"] = epoch + 1, 0
+        self.save()
+
+    def _drop_incomplete(self, batch: dict[str, Any], expected: np.ndarray) -> dict[str, Any]:
+        """Quadruplet batches: drop every quadruplet that lost an item to a bad file."""
+        if getattr(self.exp.sampler, "structure", "items") != "quadruplet" or "image" not in batch:
+            return batch
+        bad = {s for s, _ in batch["skipped"]}
+        sources = self.exp.data.train.sources
+        good_pos = np.array([sources[i] not in bad for i in expected])
+        rows = np.cumsum(good_pos) - 1
+        keep = [rows[g * 4 + j] for g in range(len(expected) // 4)
+                if good_pos[g * 4:g * 4 + 4].all() for j in range(4)]
+        if not keep:
+            return {"skipped": batch["skipped"]}
+        idx = torch.as_tensor(keep)
+        return {k: (v[idx] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+    def _step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        exp = self.exp
+        b = to_device(batch, self.device, exp.manifest.data_cfg.normalize)
+        out = exp.model(b["image"], b["domain"])
+        teacher = exp.teacher(b) if exp.teacher is not None else None
+        total = torch.zeros((), device=self.device)
+        terms: dict[str, torch.Tensor] = {}
+        for name, weight, loss in exp.losses:
+            value = loss(out, b, teacher)
+            terms[name] = value.detach()
+            total = total + weight * value
+        if not torch.isfinite(total):
+            raise FloatingPointError(
+                f"the loss became {float(total)} at epoch {self.state['epoch']}, step "
+                f"{self.state['step']} (terms: "
+                + ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+                + "); lower the learning rate or check the inputs")
+        exp.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        clip = exp.manifest.train.grad_clip
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(exp.model.parameters(), clip)
+        exp.optimizer.step()
+        terms["total"] = total.detach()
+        return terms
+

@@ -1,0 +1,45 @@
+"""The loss contract.
+
+A loss is an ``nn.Module`` registered in :data:`zsbir.registry.losses`. It is constructed
+from its manifest table (minus ``name`` and ``weight``) and called as
+``loss(out, batch, teacher)``:
+
+- ``out``: the model's named outputs: ``"features"`` (B, F) pooled backbone features,
+  ``"embedding"`` (B, d) the retrieval embedding (not normalized), ``"logits"`` (B, n_seen)
+  seen-class logits, and ``"imagenet_logits"`` (B, 1000) when the model has an ImageNet head;
+- ``batch``: ``"image"`` (B, 3, H, W), ``"label"`` (B,) int64 seen-class labels,
+  ``"domain"`` (B,) int64 (0 photo, 1 sketch), ``"index"`` (B,) item indices. With the
+  ``quadruplet`` sampler the batch is ordered in quadruplets
+  ``[anchor sketch, positive photo, negative photo, negative sketch] * N``;
+- ``teacher``: (B, 1000) teacher logits for each item, or ``None`` without a teacher.
+
+It returns a scalar tensor; the total loss is the manifest-weighted sum. ``requires``
+declares what the loss needs, so that validation rejects a manifest that cannot feed it:
+``"teacher"``, ``"imagenet_head"``, ``"quadruplet"``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+Outputs = dict[str, torch.Tensor]
+Batch = dict[str, torch.Tensor]
+
+REQUIREMENTS = frozenset({"teacher", "imagenet_head", "quadruplet"})
+
+
+class Loss(nn.Module):
+    """Base class of registered losses; see the module docstring for the contract."""
+
+    requires: ClassVar[frozenset[str]] = frozenset()
+
+    def forward(self, out: Outputs, batch: Batch, teacher: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """Per-item ``-sum_m q_m log softmax(logits)_m`` (B,), computed in float32."""
+    return -(target_probs.float() * torch.log_softmax(logits.float(), dim=1)).sum(dim=1)

@@ -1,0 +1,627 @@
+"""WordNet similarity between benchmark classes and the ImageNet-1k classes (SAKE's A).
+
+SAKE (Liu et al., ICCV 2019, Sec. 3.4, "Semantic Constraints of the Teacher Signal")
+refines the ImageNet teacher's logits ``t_i`` of a sample of class ``y_i`` with a row of a
+semantic similarity matrix ``A``::
+
+    q_i = softmax(lambda1 * t_i + lambda2 * a_{y_i}),      a_k in R^1000,
+
+where ``a_{k,m}`` is the WordNet path similarity between benchmark class ``k`` and
+ImageNet class ``m`` (Sec. 4.1: "We map each category to a node in WordNet and use the
+path-similarity to set a_{k,m}", via nltk). :func:`semantic_matrix` computes
+``A`` (n_classes, 1000), caches it on disk and reuses it.
+
+Class name -> WordNet noun synset (:func:`resolve_synsets`), first rule that applies:
+
+1. a user mapping file (TOML or JSON, ``"class name" = "dog.n.01"``; a wnid such as
+   ``"n02084071"``, a list of synsets whose rows are max-combined, or ``""``/``[]``/null
+   for "no synset");
+2. the built-in table :data:`BUILTIN_SYNSETS` (names whose first WordNet sense is not the
+   depicted object, or that WordNet spells differently; covers Sketchy, TU-Berlin and
+   QuickDraw);
+3. the first noun sense of the normalized name (``teddy-bear``/``teddy bear`` ->
+   ``teddy_bear``; ``_``, ``-`` and no separator are tried, so ``hot-air_balloon`` and
+   ``wrist-watch`` resolve); a parenthesized qualifier (``crane (machine)``) picks the
+   sense of the head word closest to the qualifier.
+
+Classes without a synset get a zero row and are listed in one warning.
+
+WordNet must be available offline: :func:`ensure_wordnet` uses nltk's own ``wordnet``
+corpus if nltk finds one, else builds nltk's layout from the Debian/Ubuntu packages
+``wordnet-base`` + ``wordnet-sense-index`` (``/usr/share/wordnet``) under
+``<cache_dir>/nltk_data/corpora/wordnet``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+__all__ = [
+    "BUILTIN_SYNSETS",
+    "LEXNAMES",
+    "WordNetNotFoundError",
+    "build_wordnet_layout",
+    "ensure_wordnet",
+    "imagenet_wnids",
+    "load_wordnet",
+    "normalize_class_name",
+    "resolve_synsets",
+    "semantic_matrix",
+]
+
+Similarity = Literal["path", "sake"]
+
+#: Format of the cached matrices; bump when the computation changes.
+_CACHE_FORMAT = 1
+
+#: Built-in class -> synset table, keyed by :func:`normalize_class_name`. A user mapping
+#: file wins over it.
+BUILTIN_SYNSETS: dict[str, str] = {
+    # -- named in SAKE's code (tuberlin_to_wnid.py / sketchy_to_wnid.py)
+    "teddy_bear": "teddy.n.01",
+    "flying_saucer": "unidentified_flying_object.n.01",
+    "potted_plant": "pot_plant.n.01",
+    "person_walking": "person.n.01",
+    "person_sitting": "person.n.01",
+    "outlet": "wall_socket.n.01",
+    "power_outlet": "wall_socket.n.01",
+    "human_skeleton": "skeletal_system.n.01",  # the body's bones, not skeleton.n.01
+    "present": "present.n.02",  # a gift, not the time
+    "flower_with_stem": "flower.n.01",
+    "santa_claus": "santa_claus.n.01",
+    "fire_hydrant": "fireplug.n.01",
+    # -- no lemma for the whole name
+    "tablelamp": "table_lamp.n.01",
+    "satellite_dish": "dish.n.05",  # parabolic antenna
+    "standing_bird": "bird.n.01",
+    "jack_o_lantern": "jack-o'-lantern.n.02",  # carved pumpkin, not the marsh light
+    "motorbike": "motorcycle.n.01",  # WordNet's "motorbike" is a minibike
+    # -- parenthesized qualifiers in the benchmark lists
+    "bear_(animal)": "bear.n.01",
+    "mouse_(animal)": "mouse.n.01",
+    "crane_(machine)": "crane.n.04",
+    "pipe_(for_smoking)": "pipe.n.01",
+    "car_(sedan)": "sedan.n.01",
+    # -- first noun sense is another meaning of the word
+    "banana": "banana.n.02",  # the fruit (n.01: the plant)
+    "blimp": "blimp.n.02",  # airship (n.01: Colonel Blimp)
+    "book": "book.n.02",  # the physical object (n.01: the written work)
+    "cabin": "cabin.n.02",  # small wooden house (n.01: a ship's room)
+    "cake": "cake.n.03",  # baked goods (n.01: a block of soap)
+    "calculator": "calculator.n.02",  # the machine (n.01: a person)
+    "castle": "castle.n.02",  # fortified building (first sense: palace.n.01)
+    "chicken": "chicken.n.02",  # the bird (n.01: its meat)
+    "church": "church.n.02",  # the building (n.01: the institution)
+    "cloud": "cloud.n.02",  # in the sky (n.01: any visible particle mass)
+    "crown": "crown.n.04",  # the headdress (n.01: the monarchy)
+    "dolphin": "dolphin.n.02",  # the whale (first sense: dolphinfish)
+    "hammer": "hammer.n.02",  # hand tool (n.01: part of a gunlock)
+    "hedgehog": "hedgehog.n.02",  # Erinaceus (first sense: porcupine)
+    "helmet": "helmet.n.02",  # protective headgear (n.01: armor plate)
+    "hot_dog": "hotdog.n.02",  # the sandwich (n.01: a show-off)
+    "hotdog": "hotdog.n.02",
+    "jellyfish": "jellyfish.n.02",  # first sense: Portuguese man-of-war
+    "keyboard": "computer_keyboard.n.01",
+    "lighter": "lighter.n.02",  # the device (first sense: igniter, a substance)
+    "lobster": "lobster.n.02",  # the animal (n.01: its flesh)
+    "mug": "mug.n.04",  # the vessel (n.01: its contents)
+    "octopus": "octopus.n.02",  # the animal (n.01: food)
+    "pineapple": "pineapple.n.02",  # the fruit (n.01: the plant)
+    "pumpkin": "pumpkin.n.02",  # the fruit (n.01: the vine)
+    "raccoon": "raccoon.n.02",  # the animal (n.01: its fur)
+    "racket": "racket.n.04",  # sports implement (n.01: noise)
+    "radio": "radio_receiver.n.01",  # the set (n.01: the medium)
+    "ray": "ray.n.07",  # the fish (first sense: a beam of light)
+    "saw": "saw.n.02",  # hand tool (first sense: proverb)
+    "scorpion": "scorpion.n.03",  # arachnid (first sense: Scorpio)
+    "seal": "seal.n.09",  # the mammal (first sense: sealing wax)
+    "table": "table.n.02",  # furniture (n.01: rows and columns)
+    "teacup": "teacup.n.02",  # the cup (n.01: its contents)
+    "tiger": "tiger.n.02",  # the cat (n.01: a fierce person)
+    "toilet": "toilet.n.02",  # the fixture (n.01: the room)
+    "turtle": "turtle.n.02",  # the reptile (first sense: turtleneck)
+    "tv": "television_receiver.n.01",  # the set (first sense: broadcasting)
+    "van": "van.n.05",  # the truck (first sense: avant-garde)
+    "volcano": "volcano.n.02",  # the mountain (first sense: vent)
+}
+
+#: WordNet 3.0's 45 lexicographer files: (number, name, syntactic category 1 noun,
+#: 2 verb, 3 adjective, 4 adverb), from lexnames(5WN). nltk reads the file ``lexnames``;
+#: the Debian packages do not ship it.
+LEXNAMES: tuple[tuple[int, str, int], ...] = tuple(
+    (i, name, {"adj": 3, "adv": 4, "noun": 1, "verb": 2}[name.split(".")[0]])
+    for i, name in enumerate((
+        "adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal",
+        "noun.artifact", "noun.attribute", "noun.body", "noun.cognition",
+        "noun.communication", "noun.event", "noun.feeling", "noun.food", "noun.group",
+        "noun.location", "noun.motive", "noun.object", "noun.person", "noun.phenomenon",
+        "noun.plant", "noun.possession", "noun.process", "noun.quantity", "noun.relation",
+        "noun.shape", "noun.state", "noun.substance", "noun.time", "verb.body",
+        "verb.change", "verb.cognition", "verb.communication", "verb.competition",
+        "verb.consumption", "verb.contact", "verb.creation", "verb.emotion", "verb.motion",
+        "verb.perception", "verb.possession", "verb.social", "verb.stative", "verb.weather",
+        "adj.ppl",
+    ))
+)
+
+#: Where WordNet 3.0 database files (data.noun, index.sense, ...) are looked for.
+#: ``WNSEARCHDIR`` / ``WNHOME`` are WordNet's own variables.
+_SYSTEM_DIRS = ("/usr/share/wordnet", "/usr/local/share/wordnet", "/usr/local/WordNet-3.0/dict",
+                "/opt/homebrew/share/wordnet")
+_STOPWORDS = frozenset({"a", "an", "the", "for", "of", "with", "in", "on"})
+
+
+class WordNetNotFoundError(LookupError):
+    """No WordNet 3.0 database nltk can read is on this machine."""
+
+
+# ------------------------------------------------------------------------- WordNet setup
+def _nltk_files() -> tuple[list[str], list[str]]:
+    """(required, optional) files of nltk's WordNetCorpusReader, besides ``lexnames``."""
+    from nltk.corpus.reader.wordnet import WordNetCorpusReader
+
+    files = [f for f in WordNetCorpusReader._FILES if f != "lexnames"]
+    optional = ["cntlist.rev"]  # only read for Lemma.count()
+    return [f for f in files if f not in optional], optional
+
+
+def _wordnet_dirs() -> list[Path]:
+    dirs = [os.environ.get("WNSEARCHDIR", "")]
+    if os.environ.get("WNHOME"):
+        dirs.append(os.path.join(os.environ["WNHOME"], "dict"))
+    return [Path(d) for d in [*dirs, *_SYSTEM_DIRS] if d]
+
+
+def _find_system_wordnet() -> tuple[Path | None, list[str]]:
+    """A directory with every file nltk needs; else (None, files missing in the best one)."""
+    required, _ = _nltk_files()
+    best: list[str] = []
+    for d in _wordnet_dirs():
+        if not (d / "data.noun").is_file():
+            continue
+        missing = [f for f in required if not (d / f).is_file()]
+        if not missing:
+            return d, []
+        if not best or len(missing) < len(best):
+            best = missing
+    return None, best
+
+
+def _layout_complete(root: Path) -> bool:
+    required, _ = _nltk_files()
+    return all((root / f).is_file() for f in [*required, "lexnames"])
+
+
+def build_wordnet_layout(nltk_data: Path, source: Path | None = None) -> Path:
+    """Build nltk's ``<nltk_data>/corpora/wordnet/`` from WordNet 3.0 database files.
+
+    Copies (nltk refuses symlinks that leave its data directories) the files nltk's
+    ``WordNetCorpusReader`` opens (``data.*``, ``index.*``, ``index.sense``, ``*.exc``,
+    ``cntlist.rev``) from ``source`` (default: ``/usr/share/wordnet`` of Debian's
+    ``wordnet-base`` + ``wordnet-sense-index``, or ``$WNSEARCHDIR``) and writes the
+    ``lexnames`` table (:data:`LEXNAMES`). Idempotent and atomic (built aside, renamed).
+
+    Returns the corpus directory (``.../corpora/wordnet``).
+    """
+    root = Path(nltk_data) / "corpora" / "wordnet"
+    if _layout_complete(root):
+        return root
+    required, optional = _nltk_files()
+    if source is None:
+        source, missing = _find_system_wordnet()
+        if source is None:
+            raise WordNetNotFoundError(_not_found_message(missing))
+    source = Path(source)
+    missing = [f for f in required if not (source / f).is_file()]
+    if missing:
+        raise WordNetNotFoundError(f"{source} lacks WordNet files nltk needs: "
+                                   f"{', '.join(missing)}\n" + _not_found_message(missing))
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".wordnet-", dir=root.parent))
+    try:
+        for name in required + [f for f in optional if (source / f).is_file()]:
+            shutil.copyfile(source / name, tmp / name)
+        (tmp / "lexnames").write_text("".join(f"{i:02d}\t{name}\t{cat}\n"
+                                              for i, name, cat in LEXNAMES))
+        for notice in ("/usr/share/doc/wordnet-base/copyright", source / "LICENSE"):
+            if Path(notice).is_file():  # WordNet's license asks to keep its notice
+                shutil.copyfile(notice, tmp / "LICENSE")
+                break
+        if root.exists():  # incomplete leftover
+            shutil.rmtree(root)
+        try:
+            os.rename(tmp, root)
+        except OSError:  # another process finished first
+            if not _layout_complete(root):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _not_found_message(missing: Sequence[str] = ()) -> str:
+    import nltk
+
+    hint = ""
+    if missing and any(f == "index.sense" for f in missing):
+        hint = ("WordNet's database is there but index.sense is missing: install the "
+                "Debian/Ubuntu package wordnet-sense-index.\n")
+    searched = ", ".join(str(d) for d in _wordnet_dirs())
+    return (
+        f"{hint}WordNet 3.0 was not found. nltk has no corpora/wordnet in its data path "
+        f"({os.pathsep.join(str(p) for p in nltk.data.path)}) and no WordNet database is "
+        f"in {searched}. Get it with one of:\n"
+        "  - Debian/Ubuntu: apt-get install wordnet-base wordnet-sense-index  (zsbir then "
+        "builds nltk's layout in its cache by itself)\n"
+        "  - on a machine with internet: python -m nltk.downloader wordnet  (and copy "
+        "~/nltk_data here)\n"
+        "  - set NLTK_DATA to a directory holding corpora/wordnet/ (or WNSEARCHDIR to a "
+        "WordNet 3.0 dict/ directory)"
+    )
+
+
+def _nltk_wordnet_pointer() -> Any | None:
+    """nltk's own ``wordnet`` corpus (directory or zip) if it has the needed files."""
+    import nltk
+
+    required, _ = _nltk_files()
+    for resource in ("corpora/wordnet.zip/wordnet/", "corpora/wordnet"):
+        try:
+            ptr = nltk.data.find(resource)
+        except LookupError:
+            continue
+        try:
+            for f in [*required, "lexnames"]:
+                ptr.join(f)
+        except (OSError, ValueError):
+            continue
+        return ptr
+    return None
+
+
+def _default_cache_dir() -> Path:
+    from zsbir.context import default_cache_dir
+
+    return default_cache_dir()
+
+
+def _add_nltk_path(nltk_data: Path) -> None:
+    import nltk
+
+    if str(nltk_data) not in [str(p) for p in nltk.data.path]:
+        nltk.data.path.append(str(nltk_data))
+
+
+def _pointer_path(ptr: Any) -> Path:
+    if hasattr(ptr, "zipfile"):  # ZipFilePathPointer
+        return Path(ptr.zipfile.filename)
+    return Path(ptr.path if hasattr(ptr, "path") else str(ptr))
+
+
+def _locate(cache_dir: Path | None) -> Any:
+    """A path pointer to a WordNet corpus nltk can read; builds one if needed."""
+    ptr = _nltk_wordnet_pointer()
+    if ptr is not None:
+        return ptr
+    nltk_data = Path(cache_dir or _default_cache_dir()) / "nltk_data"
+    if not _layout_complete(nltk_data / "corpora" / "wordnet"):
+        build_wordnet_layout(nltk_data)
+    _add_nltk_path(nltk_data)
+    import nltk
+
+    return nltk.data.find("corpora/wordnet")
+
+
+def ensure_wordnet(cache_dir: Path | None = None) -> Path:
+    """Make WordNet 3.0 loadable by nltk offline; return its corpus directory (or zip).
+
+    Uses nltk's ``wordnet`` corpus when nltk finds one (``NLTK_DATA``, ``~/nltk_data``,
+    ...); otherwise builds ``<cache_dir>/nltk_data/corpora/wordnet/`` from the Debian
+    packages' files (:func:`build_wordnet_layout`) and appends ``<cache_dir>/nltk_data``
+    to ``nltk.data.path``. ``cache_dir`` defaults to ``$ZSBIR_CACHE`` or ``~/.cache/zsbir``.
+
+    Raises:
+        WordNetNotFoundError: with the commands that install it.
+    """
+    return _pointer_path(_locate(cache_dir))
+
+
+def _read_version(ptr: Any) -> str:
+    """WordNet's version from the data.adj header (as nltk's ``get_version``)."""
+    with ptr.join("data.adj").open() as fh:
+        for i, raw in enumerate(fh):
+            line = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+            match = re.search(r"Word[nN]et (\d+\+?|\d+\.\d+) Copyright", line)
+            if match:
+                return match.group(1)
+            if i > 100:
+                break
+    return "unknown"
+
+
+_READERS: dict[str, Any] = {}
+
+
+def load_wordnet(cache_dir: Path | None = None) -> Any:
+    """An nltk ``WordNetCorpusReader`` on the corpus :func:`ensure_wordnet` finds (cached).
+
+    Skips nltk's WordNet-3.0-to-itself sense-key mapping (``map_wn``, only used by the
+    multilingual OMW functions), which would read index.sense twice (seconds) on load.
+    """
+    ptr = _locate(cache_dir)
+    key = str(_pointer_path(ptr)) + ("" if not hasattr(ptr, "entry") else f"/{ptr.entry}")
+    if key not in _READERS:
+        from nltk.corpus.reader import CorpusReader
+        from nltk.corpus.reader.wordnet import WordNetCorpusReader
+        from nltk.corpus.util import LazyCorpusLoader
+
+        class _Reader(WordNetCorpusReader):
+            def map_wn(self, version: str = "wordnet") -> None:
+                return None  # identity mapping for WordNet 3.0
+
+        omw = LazyCorpusLoader("omw-2.0", CorpusReader, r".*/wn-data-.*\.tab",
+                               encoding="utf8")
+        _READERS[key] = _Reader(ptr, omw)
+    return _READERS[key]
+
+
+# ------------------------------------------------------------------------- class names
+@lru_cache(maxsize=1)
+def imagenet_wnids() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k WordNet ids in class-index order (timm's ``ImageNetInfo``).
+
+    ``n01440764`` (tench) first, ``n15075141`` (toilet tissue) last.
+    """
+    from timm.data import ImageNetInfo
+
+    wnids = tuple(ImageNetInfo("imagenet-1k").label_names())
+    if len(wnids) != 1000:
+        raise RuntimeError(f"timm's ImageNet-1k synset list has {len(wnids)} entries")
+    return wnids
+
+
+def normalize_class_name(name: str) -> str:
+    """Lowercase, runs of spaces/``_``/``-`` -> ``_``: ``Teddy-Bear`` -> ``teddy_bear``,
+    ``car (sedan)`` -> ``car_(sedan)``."""
+    return re.sub(r"[\s_\-]+", "_", name.strip().lower()).strip("_")
+
+
+def _read_mapping(mapping_file: str | Path | None) -> dict[str, list[str]]:
+    """User class -> synsets (normalized names; [] = explicitly no synset)."""
+    if not mapping_file:
+        return {}
+    path = Path(mapping_file).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"class -> synset mapping file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import tomllib
+
+            data = tomllib.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"cannot parse mapping file {str(path)!r}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"mapping file {str(path)!r} must map class names to synsets")
+    out: dict[str, list[str]] = {}
+    for cls, value in data.items():
+        values = [] if value in (None, "") else [value] if isinstance(value, str) else value
+        if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
+            raise ValueError(f"mapping file {str(path)!r}: {cls!r} must map to a synset name "
+                             f"like 'dog.n.01', a wnid, a list of them, or '', got {value!r}")
+        out[normalize_class_name(cls)] = values
+    return out
+
+
+def _synset(wn: Any, ref: str) -> Any:
+    """A synset from ``dog.n.01`` or a WordNet 3.0 offset id ``n02084071``."""
+    if re.fullmatch(r"[nvasr]\d{8}", ref):
+        return wn.synset_from_pos_and_offset(ref[0], int(ref[1:]))
+    return wn.synset(ref)
+
+
+def _noun_senses(wn: Any, phrase: str) -> list[Any]:
+    """Noun senses of the first spelling WordNet knows: ``a_b``, ``a-b``, ``ab`` mixes."""
+    words = [w for w in phrase.split("_") if w]
+    if not words:
+        return []
+    gaps = len(words) - 1
+    seps = ("_", "-", "") if gaps <= 3 else ("_", "")
+    combos: list[tuple[str, ...]] = [()]
+    for _ in range(gaps):
+        combos = [c + (s,) for c in combos for s in seps]
+    for combo in combos:
+        form = words[0] + "".join(s + w for s, w in zip(combo, words[1:]))
+        senses = wn.synsets(form, pos="n")
+        if senses:
+            return senses
+    return []
+
+
+def _similarity(a: Any, b: Any) -> float:
+    return a.path_similarity(b) or 0.0
+
+
+def _resolve(wn: Any, name: str, user: dict[str, list[str]]) -> tuple[list[Any], str]:
+    """(synsets, how) for one class name."""
+    key = normalize_class_name(name)
+    if key in user:
+        try:
+            return [_synset(wn, ref) for ref in user[key]], "mapping file"
+        except Exception as exc:  # noqa: BLE001 - nltk raises WordNetError/ValueError
+            raise ValueError(f"mapping file: class {name!r} -> {user[key]!r}: {exc}") from exc
+    if key in BUILTIN_SYNSETS:
+        return [wn.synset(BUILTIN_SYNSETS[key])], "built-in"
+    head, qualifier = key, ""
+    match = re.fullmatch(r"(.*?)_?\((.*)\)", key)
+    if match:
+        head, qualifier = match.group(1).strip("_"), match.group(2).strip("_")
+    senses = _noun_senses(wn, head)
+    if qualifier:
+        qual = _noun_senses(wn, qualifier)
+        for word in qualifier.split("_"):
+            if not qual and word not in _STOPWORDS:
+                qual = _noun_senses(wn, word)
+        if not senses:
+            return qual[:1], "qualifier"
+        if qual:  # the head's sense nearest to the qualifier (first one on ties)
+            best = max(senses, key=lambda s: _similarity(s, qual[0]))
+            return [best], "head + qualifier"
+    return senses[:1], "first sense"
+
+
+def resolve_synsets(class_names: Sequence[str], mapping_file: str | Path | None = None,
+                    cache_dir: Path | None = None) -> dict[str, tuple[list[str], str]]:
+    """Class name -> (synset names, how it was resolved); ``[]`` when none is found."""
+    wn = load_wordnet(cache_dir)
+    user = _read_mapping(mapping_file)
+    out = {}
+    for name in class_names:
+        synsets, how = _resolve(wn, name, user)
+        out[name] = ([s.name() for s in synsets], how if synsets else "no synset")
+    return out
+
+
+# ------------------------------------------------------------------------- the matrix
+def _similarity_matrix(classes: list[list[Any]], targets: list[Any],
+                       similarity: Similarity) -> np.ndarray:
+    """(n, len(targets)) similarities; a class with several synsets takes the max.
+
+    ``path``: nltk's ``path_similarity`` 1 / (1 + shortest is-a path length), computed
+    from each synset's ancestor -> depth table (as nltk does, minus the per-pair walks).
+    ``sake``: the released SAKE code's variant (``tuberlin_to_wnid.py``): 1 when one synset
+    is a hypernym-ancestor of the other, else the path similarity when above 0.2, else 0.
+    """
+    def ancestors(s: Any) -> set[Any]:
+        return set(s.closure(lambda x: x.hypernyms())) if similarity == "sake" else set()
+
+    target_depths = [t._shortest_hypernym_paths(False) for t in targets]
+    target_ancestors = [ancestors(t) for t in targets]
+    out = np.zeros((len(classes), len(targets)), dtype=np.float64)
+    for i, synsets in enumerate(classes):
+        for syn in synsets:
+            depths = syn._shortest_hypernym_paths(False)
+            syn_ancestors = ancestors(syn)
+            for j, (t, tdepth) in enumerate(zip(targets, target_depths)):
+                dist = min((d + tdepth[a] for a, d in depths.items() if a in tdepth),
+                           default=None)
+                value = 0.0 if dist is None else 1.0 / (dist + 1.0)
+                if similarity == "sake":
+                    if syn == t or t in syn_ancestors or syn in target_ancestors[j]:
+                        value = 1.0
+                    elif value <= 0.2:
+                        value = 0.0
+                out[i, j] = max(out[i, j], value)
+    return out
+
+
+def _cache_key(names: list[str], user: dict[str, list[str]], similarity: str,
+               version: str) -> str:
+    blob = json.dumps({
+        "format": _CACHE_FORMAT, "classes": names, "mapping": user, "builtin": BUILTIN_SYNSETS,
+        "similarity": similarity, "wordnet": version,
+        "imagenet": hashlib.sha1("\n".join(imagenet_wnids()).encode()).hexdigest(),
+    }, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _warn_missing(missing: list[str]) -> None:
+    if missing:
+        warnings.warn(
+            f"{len(missing)} class(es) have no WordNet synset and get a zero row in the "
+            f"SAKE semantic matrix: {', '.join(repr(m) for m in missing)}. Map them in a "
+            "mapping file (TOML/JSON: \"class name\" = \"synset.n.01\").", stacklevel=3)
+
+
+def semantic_matrix(class_names: list[str], mapping_file: str | None = None,
+                    cache_dir: Path | None = None, *,
+                    similarity: Similarity = "path") -> torch.Tensor:
+    """SAKE's semantic matrix A: (len(class_names), 1000) float32, rows a_k in [0, 1].
+
+    ``a_{k,m}`` is the WordNet path similarity between class ``k`` (resolved as in the
+    module docstring) and ImageNet-1k class ``m`` (:func:`imagenet_wnids` order, the
+    order of the teacher's logits), used in ``q_i = softmax(lambda1 * t_i + lambda2 *
+    a_{y_i})`` (SAKE, Sec. 3.4). Computed once per (class names, mapping file contents,
+    built-in table, similarity, WordNet version) and cached in
+    ``<cache_dir>/semantics/``; later calls load it.
+
+    Args:
+        class_names: benchmark class names in label order.
+        mapping_file: optional TOML/JSON class -> synset table; its entries win.
+        cache_dir: zsbir's cache directory (default ``$ZSBIR_CACHE`` or ``~/.cache/zsbir``).
+        similarity: ``path`` (the paper) or ``sake`` (the released code's variant: 1 for
+            hypernyms/hyponyms, path similarity only above 0.2).
+
+    Classes without a synset get a zero row, listed in one warning.
+    """
+    if similarity not in ("path", "sake"):
+        raise ValueError(f"similarity must be 'path' or 'sake', got {similarity!r}")
+    names = [str(n) for n in class_names]
+    if not names or not all(n.strip() for n in names):
+        raise ValueError("semantic_matrix needs a non-empty list of non-empty class names")
+    user = _read_mapping(mapping_file)
+    cache_root = Path(cache_dir or _default_cache_dir())
+    ptr = _locate(cache_root)
+    version = _read_version(ptr)
+    if version != "3.0":
+        raise RuntimeError(f"WordNet at {_pointer_path(ptr)} is version {version}; ImageNet's "
+                           "wnids are WordNet 3.0 offsets (install WordNet 3.0)")
+    key = _cache_key(names, user, similarity, version)
+    path = cache_root / "semantics" / f"wordnet-{similarity}-{key}.pt"
+    if path.is_file():
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+            matrix = cached["matrix"]
+            if tuple(matrix.shape) == (len(names), 1000):
+                _warn_missing(list(cached.get("missing", [])))
+                return matrix
+        except Exception:  # noqa: BLE001 - a corrupt cache entry is recomputed
+            pass
+    wn = load_wordnet(cache_root)
+    targets = [wn.synset_from_pos_and_offset("n", int(w[1:])) for w in imagenet_wnids()]
+    resolved = [_resolve(wn, name, user)[0] for name in names]
+    missing = [n for n, syns in zip(names, resolved) if not syns]
+    matrix = torch.from_numpy(_similarity_matrix(resolved, targets, similarity)).float()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({"matrix": matrix, "classes": names, "missing": missing,
+                "synsets": [[s.name() for s in syns] for syns in resolved],
+                "similarity": similarity, "wordnet": version}, tmp)
+    os.replace(tmp, path)
+    _warn_missing(missing)
+    return matrix
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m zsbir.semantics CLASSES.txt [MAPPING]``: how each class resolves."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("classes", help="file with one class name a line")
+    parser.add_argument("mapping", nargs="?", help="TOML/JSON class -> synset file")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in Path(args.classes).read_text().splitlines() if n.strip()]
+    wn = load_wordnet()
+    for name, (syns, how) in resolve_synsets(names, args.mapping).items():
+        gloss = wn.synset(syns[0]).definition()[:60] if syns else ""
+        print(f"{name:24s} {', '.join(syns) or '-':32s} {how:16s} {gloss}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
