@@ -4,6 +4,7 @@ domain bits, strict weight loading, offline errors. Small inputs, CPU only."""
 
 from __future__ import annotations
 
+import copy
 import socket
 
 import pytest
@@ -58,13 +59,26 @@ def weights_file(reference, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
-    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    """Two images, each twice: rows 0-1 go in as photos, rows 2-3 as sketches."""
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return torch.cat([x, x])
 
 
-def _ref_outputs(ref: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+DOMAINS = torch.tensor([0, 0, 1, 1])
+
+
+@pytest.fixture(scope="module")
+def ref_out(reference, images) -> tuple[torch.Tensor, torch.Tensor]:
+    """legacy_seresnet50's pooled features and logits."""
     with torch.no_grad():
-        feats = ref.forward_head(ref.forward_features(x), pre_logits=True)
-        return feats, ref.last_linear(feats)
+        feats = reference.forward_head(reference.forward_features(images), pre_logits=True)
+        return feats, reference.last_linear(feats)
+
+
+@pytest.fixture(scope="module")
+def cse(weights_file) -> CSEResNet:
+    """cse_resnet50 loaded from the saved legacy_seresnet50 file, as a user would."""
+    return cse_resnet50(pretrained=True, weights=str(weights_file)).eval()
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -88,66 +102,58 @@ def test_parameter_layout_is_legacy_seresnet50_plus_domain_columns(reference):
         assert torch.count_nonzero(own[k]) == 0
 
 
-def test_cse_equals_legacy_seresnet50_at_init_for_both_domains(reference, weights_file, images):
-    model = cse_resnet50(pretrained=True, weights=str(weights_file)).eval()
-    assert model.conditional and model.pretrained and model.num_features == 2048
-    ref_feats, ref_logits = _ref_outputs(reference, images)
+def test_cse_equals_legacy_seresnet50_at_init_for_both_domains(cse, ref_out, images):
+    assert cse.conditional and cse.pretrained and cse.num_features == 2048
+    ref_feats, ref_logits = ref_out
     assert float(ref_feats.std()) > 1e-3  # not a degenerate comparison
-    head = model.imagenet_classifier()
+    head = cse.imagenet_classifier()
     assert isinstance(head, nn.Linear) and head.out_features == 1000
-    for domain in (torch.zeros(2), torch.ones(2), torch.tensor([0, 1])):
-        with torch.no_grad():
-            feats = model(images, domain)
-            _close(feats, ref_feats)
-            _close(head(feats), ref_logits)
+    with torch.no_grad():
+        feats = cse(images, DOMAINS)
+        _close(feats, ref_feats)
+        _close(head(feats), ref_logits)
 
 
-def test_domain_column_makes_the_bits_differ(reference, weights_file, images):
-    model = cse_resnet50(pretrained=False, weights=str(weights_file)).eval()
+def test_domain_column_makes_the_bits_differ(cse, ref_out, images):
+    model = copy.deepcopy(cse)
     with torch.no_grad():
         for p in model.domain_parameters():
             p.normal_(0.0, 1.0)
-        photo = model(images, torch.zeros(2, dtype=torch.long))
-        sketch = model(images, torch.ones(2, dtype=torch.long))
-        mixed = model(images, torch.tensor([0, 1]))
-    ref_feats, _ = _ref_outputs(reference, images)
-    _close(photo, ref_feats)  # d = 0 never sees the column
-    assert not torch.allclose(photo, sketch, rtol=1e-3, atol=1e-4)
-    _close(mixed[0], photo[0])
-    _close(mixed[1], sketch[1])
+        feats = model(images, DOMAINS.float())
+    _close(feats[:2], ref_out[0][:2])  # d = 0 never sees the column
+    assert not torch.allclose(feats[2:], feats[:2], rtol=1e-3, atol=1e-4)
 
 
-def test_domain_column_gets_gradients_from_sketches(weights_file, images):
-    model = cse_resnet50(pretrained=True, weights=str(weights_file))
-    model(images, torch.tensor([1.0, 1.0])).sum().backward()
+def test_domain_column_gets_gradients_from_sketches(cse, images):
+    model = copy.deepcopy(cse)
+    model(images[:1], torch.ones(1, dtype=torch.long)).sum().backward()
     grads = [p.grad for p in model.domain_parameters()]
     assert len(grads) == 16 and all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
-def test_se_resnet50_equals_legacy_seresnet50(reference, weights_file, images):
+def test_se_resnet50_equals_legacy_seresnet50(reference, weights_file, ref_out, images):
     model = se_resnet50(weights=str(weights_file)).eval()
     assert not model.conditional and not list(model.domain_parameters())
     assert set(model.state_dict()) == set(reference.state_dict())
-    ref_feats, ref_logits = _ref_outputs(reference, images)
     with torch.no_grad():
         feats = model(images)  # the domain bit is optional (ignored) for plain SE
-        _close(feats, ref_feats)
-        _close(model.imagenet_classifier()(feats), ref_logits)
+        _close(feats, ref_out[0])
+        _close(model.imagenet_classifier()(feats), ref_out[1])
 
 
-def test_not_pretrained(images):
+def test_not_pretrained():
     model = cse_resnet50(pretrained=False)
     assert not model.pretrained and model.imagenet_classifier() is None
-    assert model(images, torch.tensor([0, 1])).shape == (2, 2048)
+    assert all(torch.count_nonzero(p) == 0 for p in model.domain_parameters())
 
 
-def test_conditional_needs_domain_bits(images):
-    model = cse_resnet50(pretrained=False)
+def test_conditional_needs_domain_bits(cse, images):
     with pytest.raises(ValueError, match="domain"):
-        model(images)
-    with pytest.raises(ValueError, match="3 entries for a batch of 2"):
-        model(images, torch.tensor([0, 1, 1]))
-    assert model(images, 1).shape == (2, 2048)  # a scalar bit is broadcast
+        cse(images)
+    with pytest.raises(ValueError, match="3 entries for a batch of 4"):
+        cse(images, torch.tensor([0, 1, 1]))
+    with torch.no_grad():
+        assert cse(images[:1], 1).shape == (1, 2048)  # a scalar bit is broadcast
 
 
 def test_missing_weights_file(tmp_path):
@@ -191,16 +197,16 @@ def test_widened_fc2_gets_a_hint(reference):
         CSEResNet().load_imagenet_state_dict(state)
 
 
-def test_checkpoint_with_domain_columns_round_trips(weights_file, tmp_path, images):
-    model = cse_resnet50(weights=str(weights_file)).eval()
+def test_checkpoint_with_domain_columns_round_trips(cse, tmp_path):
+    model = copy.deepcopy(cse)
     with torch.no_grad():
         for p in model.domain_parameters():
             p.uniform_(-1, 1)
     path = tmp_path / "cse.pth"
     torch.save({"state_dict": model.state_dict()}, path)
-    again = cse_resnet50(weights=str(path)).eval()
-    with torch.no_grad():
-        _close(again(images, torch.ones(2)), model(images, torch.ones(2)))
+    again = cse_resnet50(weights=str(path))
+    for k, v in model.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
 
 
 def test_registered():

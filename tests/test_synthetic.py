@@ -83,6 +83,16 @@ def test_protocol_is_deterministic_and_seed_dependent() -> None:
     assert not np.array_equal(render(0, SKETCH, 0, 0, 32), render(0, SKETCH, 1, 0, 32))
 
 
+def test_geometry_does_not_depend_on_size() -> None:
+    def ink_centre(im: np.ndarray) -> np.ndarray:
+        ys, xs = np.nonzero(im[..., 0] < 128)
+        return np.array([xs.mean(), ys.mean()]) / im.shape[0]
+
+    for k in range(4):
+        small, big = render(5, SKETCH, k, 0, 32), render(5, SKETCH, k, 0, 96)
+        assert np.abs(ink_centre(small) - ink_centre(big)).max() < 0.05
+
+
 def test_keys_round_trip_and_bad_keys_raise() -> None:
     key = make_key(2, 11, SKETCH, 9, 64)
     assert key == "synthetic:2:11:1:9:64"

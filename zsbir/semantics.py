@@ -240,8 +240,9 @@ def build_wordnet_layout(nltk_data: Path, source: Path | None = None) -> Path:
             if Path(notice).is_file():  # WordNet's license asks to keep its notice
                 shutil.copyfile(notice, tmp / "LICENSE")
                 break
-        if root.exists():  # incomplete leftover
-            shutil.rmtree(root)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        if root.exists() and not _layout_complete(root):  # leftover of a failed build
+            shutil.rmtree(root, ignore_errors=True)
         try:
             os.rename(tmp, root)
         except OSError:  # another process finished first
@@ -411,7 +412,10 @@ def _read_mapping(mapping_file: str | Path | None) -> dict[str, list[str]]:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
         else:
-            import tomllib
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                import tomli as tomllib
 
             data = tomllib.loads(text)
     except ValueError as exc:
@@ -441,10 +445,12 @@ def _noun_senses(wn: Any, phrase: str) -> list[Any]:
     if not words:
         return []
     gaps = len(words) - 1
-    seps = ("_", "-", "") if gaps <= 3 else ("_", "")
     combos: list[tuple[str, ...]] = [()]
-    for _ in range(gaps):
-        combos = [c + (s,) for c in combos for s in seps]
+    if gaps <= 3:  # every mix of separators (27 spellings at most)
+        for _ in range(gaps):
+            combos = [c + (s,) for c in combos for s in ("_", "-", "")]
+    else:  # long names: one separator throughout
+        combos = [(s,) * gaps for s in ("_", "-", "")]
     for combo in combos:
         form = words[0] + "".join(s + w for s, w in zip(combo, words[1:]))
         senses = wn.synsets(form, pos="n")

@@ -15,11 +15,12 @@ The two domains differ the way real photos and sketches do:
 - a **sketch** is sparse, jittery, near-black strokes on white: the outline drawn in one
   or two strokes that overshoot or leave a gap, with a slightly distorted shape.
 
-Within a class, position, scale, rotation, aspect and (sketches) stroke width and jitter
-vary. Every image is a key, ``"synthetic:<seed>:<class>:<domain>:<instance>:<size>"``
-(``class`` indexes :data:`CLASS_NAMES`, ``domain`` is ``PHOTO``/``SKETCH``), rendered by
-:func:`render` from a numpy generator seeded with the key's integers, so the same key
-gives the same pixels in any process. The geometry does not depend on ``size``.
+Within a class, position, scale, rotation (up to 35 degrees either way), aspect and
+(sketches) stroke width and jitter vary. Every image is a key,
+``"synthetic:<seed>:<class>:<domain>:<instance>:<size>"`` (``class`` indexes
+:data:`CLASS_NAMES`, ``domain`` is ``PHOTO``/``SKETCH``), rendered by :func:`render` from
+a numpy generator seeded with the key's integers, so the same key gives the same pixels
+in any process. The geometry does not depend on ``size``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ __all__ = [
 KEY_PREFIX = "synthetic"
 _SS = 2  # supersampling factor for anti-aliased drawing
 _MIN_SIZE, _MAX_SIZE = 16, 512
+_MAX_TILT = 35.0  # degrees of rotation either way
 
 
 # ------------------------------------------------------------------------ class catalogue
@@ -133,8 +135,8 @@ def _inner_parts(inner: str, family: str) -> list[tuple[str, np.ndarray]]:
 
 def _pose(rng: np.random.Generator) -> np.ndarray:
     """A random similarity-plus-aspect transform (3x2: [A; t]) into [-1, 1] image coords."""
-    radius = rng.uniform(0.5, 0.8)
-    theta = rng.uniform(0, 2 * np.pi)
+    radius = rng.uniform(0.55, 0.85)
+    theta = np.deg2rad(rng.uniform(-_MAX_TILT, _MAX_TILT))  # objects stand roughly upright
     aspect = math.exp(rng.uniform(-0.15, 0.15))
     c, s = math.cos(theta), math.sin(theta)
     a = np.diag([aspect, 1 / aspect]) @ np.array([[c, s], [-s, c]]) * radius

@@ -12,7 +12,7 @@ import torch
 from zsbir.data.base import Split
 from zsbir.data.loading import ImageDataset, make_loader, to_device, worker_count
 
-__all__ = ["embed_split", "teacher_logits", "validation_accuracy"]
+__all__ = ["embed_split", "teacher_outputs", "validation_accuracy"]
 
 
 def _run(exp: Any, split: Split, fn: Callable[[dict[str, Any]], torch.Tensor]
@@ -62,9 +62,16 @@ def validation_accuracy(exp: Any) -> float:
     return float((pred == exp.data.val.labels[kept]).mean())
 
 
-def teacher_logits(network: torch.nn.Module, split: Split, exp: Any
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's ImageNet logits over a split (eval transform), with labels."""
+def teacher_outputs(network: Any, split: Split, exp: Any
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's ImageNet logits and pooled features over a split (eval transform),
+    with the labels of the items read."""
     network.to(exp.ctx.device).eval()
-    logits, kept, skipped = _run(exp, split, lambda b: network(b["image"], b["domain"]))
-    return logits, torch.as_tensor(split.labels[kept])
+
+    def both(b: dict[str, Any]) -> torch.Tensor:
+        feats = network.backbone(b["image"], b["domain"])
+        return torch.cat([network.head(feats), feats], dim=1)
+
+    out, kept, _ = _run(exp, split, both)
+    n_logits = network.head.out_features
+    return out[:, :n_logits], out[:, n_logits:], torch.as_tensor(split.labels[kept])

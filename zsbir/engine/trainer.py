@@ -110,12 +110,12 @@ class Trainer:
         return st
 
     def _prepare_teacher(self) -> None:
-        from zsbir.engine.embed import teacher_logits
+        from zsbir.engine.embed import teacher_outputs
 
         exp = self.exp
         exp.teacher.prepare(
             data=exp.data,
-            embed=lambda net, split: teacher_logits(net, split, exp),
+            embed=lambda net, split: teacher_outputs(net, split, exp),
             fingerprint=exp.fingerprint,
         )
         exp.teacher.to(self.device)

@@ -42,17 +42,18 @@ Conventions chosen here (the published code leaves them undefined or implicit):
   index rule to decide which members of a tie group straddling rank K are in the top K.
   (The published code uses ``np.argsort`` quicksort, whose order within ties is arbitrary.)
 * **Queries whose class has no photo in the gallery** get 0 for every metric and are
-  counted in the mean (SAKE's code would produce NaN for them via 0/0; sklearn >= 1.1
+  counted in the mean (SAKE's code would produce NaN for them via 0/0; recent sklearn
   returns 0 with a warning).
 * **K larger than the gallery.** ``p@K`` and ``map@K-yelamarthi`` divide by min(K, G),
   like SAKE's ``top = min(top, tot)``; ``map@K`` with K >= G equals ``map@all``.
 
-The functions at the bottom take the ranks of a query's positives (``ranks``: (n, P) int64,
-1-based, strictly increasing along a row) and, for the sklearn-style formulas, the tie-group
-counts ``ge`` (#items scoring >= that positive) and ``pos_ge`` (#positives scoring >= it);
-they return one value per query. :mod:`zsbir.evaluation.ranking` computes those inputs
-once per query chunk; :mod:`zsbir.evaluation.reference` re-implements every formula
-literally per query, for the tests.
+The functions at the bottom take the ranks of a query's positives (``ranks``: (n, P)
+int64, 1-based, increasing along a row; positives outside a top-K window may all carry
+G + 1) and, for the sklearn-style formulas, the tie-group counts ``ge`` (#items scoring
+>= that positive) and ``pos_ge`` (#positives scoring >= it); they return one value per
+query. :mod:`zsbir.evaluation.ranking` computes those inputs once per query chunk;
+:mod:`zsbir.evaluation.reference` re-implements every formula literally per query, for
+the tests.
 """
 
 from __future__ import annotations
@@ -151,10 +152,23 @@ class MetricSpec:
         return self.family == "sklearn_ap"
 
 
+# Variant spellings people use for a formula that has another name here.
+_VARIANT_ALIASES = {"sklearn": "sempcyc", "doodle2search": "sempcyc", "sake": "", "voc": "",
+                    "zsesbir": "zse"}
+
+
 def _suggest(name: str) -> str:
-    examples = ["map@all", "map@all-sklearn", "map@200", "map@200-sempcyc",
-                "map@200-yelamarthi", "p@100", "p@200", "p@100-zse"]
-    close = difflib.get_close_matches(name, examples + list(METRICS), n=3, cutoff=0.5)
+    canon = name.strip().lower()
+    close: list[str] = []
+    m = re.match(r"^(map|p)@(all|\d+)-([a-z0-9-]+)$", canon)
+    if m and m.group(3).replace("-", "") in _VARIANT_ALIASES:
+        alias = _VARIANT_ALIASES[m.group(3).replace("-", "")]
+        close.append(f"{m.group(1)}@{m.group(2)}" + (f"-{alias}" if alias else ""))
+    cut = re.match(r"^[a-z]*@(all|\d+)", canon)
+    k = cut.group(1) if cut and cut.group(1) != "all" else "200"
+    candidates = list(dict.fromkeys([p.replace("K", k) for p in METRICS] + ["p@100"]))
+    close += difflib.get_close_matches(canon, candidates, n=3, cutoff=0.5)
+    close = [c for c in dict.fromkeys(close) if _NAME_RE.match(c) and c != canon][:3]
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     return (f"unknown metric {name!r}.{hint} Known metrics: {', '.join(METRICS)} "
             "(K = a positive integer, e.g. map@200, p@100).")
@@ -196,7 +210,7 @@ def metric_info(name: str) -> str:
 
 # ---------------------------------------------------------------------------------------
 # Formulas as functions of the positives' ranks (vectorized over a block of queries).
-# ranks: (n, P) int64, 1-based, strictly increasing; ge/pos_ge: (n, P) int64 tie counts.
+# ranks: (n, P) int64, 1-based, increasing; ge/pos_ge: (n, P) int64 tie counts.
 # Every function returns (n,) float64.
 # ---------------------------------------------------------------------------------------
 

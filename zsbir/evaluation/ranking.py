@@ -1,35 +1,46 @@
 """The fast, exact ranking evaluator: every metric from one ranking per query chunk.
 
-Pipeline per chunk of queries (queries are processed grouped by class, so a chunk splits
-into a few segments sharing one positive set)::
+Per chunk of queries (queries are processed grouped by class, so a chunk splits into a few
+segments that share one positive set)::
 
-    scores (n, G) --sort values--> U (n, G)          one values-only sort per row
-    positives' scores (n, P) --sort--> ps            P = #gallery items of the class
-    searchsorted(U, ps)  -> #items scoring <= each positive
-    -> rank of every positive (ties by gallery index), tie-group counts
-    -> each metric: a small (n, P) function (zsbir.evaluation.metrics)
+    scores (n, G)          one matmul (cosine / euclidean) or xor + popcount (hamming)
+    sort each row's values one values-only sort per row (np.partition when only top-K
+                           metrics are asked)
+    positives' scores      (n, P), P = #gallery items of the query's class, sorted
+    binary search          #items scoring above each positive -> its rank
+    metrics                small (n, P) functions of those ranks (zsbir.evaluation.metrics)
 
 Every published formula depends on the ranking only through the ranks of the positives
-(plus, for the sklearn-style ones, the size of each positive's tie group), so after the
-single (n, G) sort all work is on (n, P) tensors. A values-only sort (numpy's SIMD sort,
-threaded over row blocks, on CPU; ``torch.sort`` elsewhere) is several times cheaper than
-an argsort; the positives' ranks come from binary searches of their scores in the sorted
-row. That is exact as long as no positive ties a negative: such rows (rare with float
-features, every row with Hamming distances) take the *keys* path, which sorts one integer
-key per item, ``(score code, gallery index, relevance bit)``, and reads the positives'
-ranks off the sorted keys. Hamming distances (integers in [0, B]) always use that path,
-with int32 keys when the code, index and relevance bits fit in 31 bits.
+(plus, for the sklearn-style ones, the size of each positive's tie group), so after the one
+(n, G) sort all work is on (n, P) arrays. A values-only sort (numpy's SIMD sort) is ~10x
+cheaper on CPU than ``torch.sort``, which also returns indices; a positive's rank is the
+number of items scoring above it (binary search in the sorted row) plus the positives
+before it. That is exact unless a negative scores exactly the same as a positive (float32
+scores of 17k items tie a few times per row): those few entries are counted directly, and
+rows with many (quantized scores) take the *keys* path, which sorts one unique integer key
+per item, ``score code << bits | gallery index``, and finds each positive's key in it.
+Hamming distances (integers in [0, B]) always take the keys path, with int32 keys when
+code and index fit in 31 bits.
 
 Tie rule (see :mod:`zsbir.evaluation.metrics`): descending score, ties by gallery index
 ascending, for rank-based formulas; sklearn-style formulas group equal scores. Scores are
 float32; -0.0 and +0.0 are the same score.
 
-Top-K-only requests (e.g. just ``p@100``) use the same single sort: on the 2-core
-development CPU a values-only SIMD sort of a 17,101-long row costs about what
-``torch.topk(k=100)`` does, and keeping one path keeps one set of tie rules.
+Exactness: the metrics are exact for the float32 scores ranked (tested to 1e-12 against
+the per-query references). The scores come from a BLAS matmul whose last bit can depend on
+how queries are chunked (about 0.3% of the entries at SK-SH size), which can reorder
+near-tied items and move an AP by ~1e-5; :func:`evaluate_scores` on a stored score matrix
+gives bit-reproducible numbers.
+
+On CPU the per-row work runs in numpy on a thread pool over row blocks (numpy releases the
+GIL). It does not use torch's intra-op threads for the many small (n, P) operations: on a
+busy 2-core machine their OpenMP barriers made those operations ~6x slower than
+single-threaded ones. torch computes the scores (BLAS matmul with its own threads). On
+other devices (CUDA) everything runs in torch (``torch.sort``, ``torch.searchsorted``), the
+same algorithm with a full sort, and only the (n, P) ranks come back to the CPU.
 
 Memory is bounded by processing ``chunk_size`` queries at a time; by default the chunk is
-chosen so the (chunk, G) work tensors stay within :data:`MEMORY_BUDGET_BYTES`.
+chosen so the (chunk, G) work arrays stay within :data:`MEMORY_BUDGET_BYTES`.
 """
 
 from __future__ import annotations
@@ -61,9 +72,8 @@ ArrayLike = torch.Tensor | np.ndarray
 
 #: Default bound on the (chunk, G) work tensors of one chunk.
 MEMORY_BUDGET_BYTES = 256 * 2**20
-# Bytes of work memory per (query, gallery item) cell: scores and their sorted copy (4 + 4),
-# keys for fallback rows and their sorted copy (8 + 8) or, for Hamming, the xor words and
-# popcounts (8 + 2).
+# Work memory per (query, gallery item) cell, generously: scores (4), their sorted copy (4),
+# int64 keys of fallback rows (8) and temporaries; Hamming: distances (4) and keys (4-8).
 _BYTES_PER_CELL = 24
 
 
@@ -73,7 +83,9 @@ class EvalResult:
 
     ``metrics``: metric -> mean over all queries. ``per_class``: metric -> query label ->
     mean over that class's queries (empty unless ``per_class=True``). ``formulas``: metric
-    -> one-line formula naming its source.
+    -> one-line formula naming its source. ``per_query``: metric -> (Q,) values in query
+    order (not part of :meth:`to_dict`). ``num_queries_without_positives``: queries whose
+    class has no gallery item (they score 0 and count in the means).
     """
 
     metrics: dict[str, float]
@@ -123,6 +135,8 @@ def _parallel(jobs: list[Callable[[], None]]) -> None:
             job()
         return
     if _POOL is None or _POOL._max_workers != workers:
+        if _POOL is not None:
+            _POOL.shutdown(wait=False)
         _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zsbir-eval")
     for f in [_POOL.submit(job) for job in jobs]:
         f.result()
@@ -159,65 +173,79 @@ def _np_float_codes(s: np.ndarray) -> np.ndarray:
 
 
 def _key_layout(g: int, code_bits: int | None) -> tuple[int, type]:
-    """Shift of the score code in a key ``code << shift | index << 1 | relevance``."""
+    """(shift, dtype) of the unique per-item key ``code << shift | gallery index``."""
     idx_bits = max(1, (g - 1).bit_length())
-    if code_bits is not None and code_bits + idx_bits + 1 <= 31:
-        return idx_bits + 1, np.int32
+    if code_bits is not None and code_bits + idx_bits <= 31:
+        return idx_bits, np.int32
     return 32, np.int64
 
 
-def _np_ranks_keys(codes: np.ndarray, pos_mask: np.ndarray, code_bits: int | None,
+def _np_ranks_keys(codes: np.ndarray, pos_idx: np.ndarray, code_bits: int | None,
                    need_groups: bool) -> Ranked:
-    """Exact ranks from one sorted integer key per item: (code, gallery index, relevance).
+    """Exact ranks from one unique integer key per item, ``(score code, gallery index)``.
 
     ``codes``: (m, G) integers, ascending = better; if ``code_bits`` is given they lie in
-    [0, 2**code_bits) and int32 keys are used when they fit. Returns (ranks, ge, pos_ge),
-    each (m, P) in rank order.
+    [0, 2**code_bits) and int32 keys are used when they fit. A positive's rank is 1 + the
+    number of keys below its key. Returns (ranks, ge, pos_ge), each (m, P) in rank order.
     """
     m, g = codes.shape
-    n_pos = int(pos_mask.sum())
     shift, dtype = _key_layout(g, code_bits)
-    low = ((np.arange(g, dtype=np.int64) << 1) | pos_mask).astype(dtype)
-    keys = (codes.astype(dtype) << shift) | low
+    keys = (codes.astype(dtype) << shift) | np.arange(g, dtype=dtype)
+    pos_keys = np.sort(keys[:, pos_idx], axis=1)  # rank order
     keys.sort(axis=1)
-    cols = np.nonzero(keys & 1)[1].reshape(m, n_pos)  # row-major: P hits per row
-    ranks = cols + 1
+    ranks = _np_searchsorted_rows(keys, pos_keys, "left") + 1
     if not need_groups:
         return ranks, None, None
-    sorted_codes = keys >> shift
-    pos_codes = np.take_along_axis(sorted_codes, cols, 1)
-    ge = _np_searchsorted_rows(sorted_codes, pos_codes, "right")
+    pos_codes = pos_keys >> shift
+    last_key = (pos_codes << shift) | dtype((1 << shift) - 1)  # largest key with that code
+    ge = _np_searchsorted_rows(keys, last_key, "right")
     _, pos_ge = _np_run_bounds(pos_codes)
     return ranks, ge, pos_ge
 
 
 def _np_ranks_float(s: np.ndarray, pos_idx: np.ndarray, neg_mask: np.ndarray,
-                    need_groups: bool) -> Ranked:
+                    need_groups: bool, top: int | None = None) -> Ranked:
     """Exact ranks of the positives of float score rows ``s`` (m, G).
 
     With the positives' scores in descending order, the i-th (0-based) has rank
     ``i + 1 + #negatives scoring > s_p + #negatives tied with it at a lower gallery index``.
-    The last term is 0 unless a negative ties a positive; such ties (a few per chunk with
-    float features) are counted directly, or, when there are many (quantized scores), the
-    rows take :func:`_np_ranks_keys`.
+    #negatives scoring > s_p comes from binary search in the row's sorted values. The last
+    term is 0 unless a negative ties a positive; such ties (a few per chunk with float
+    features) are counted directly, or, when there are many (quantized scores), the rows
+    take :func:`_np_ranks_keys`.
+
+    With ``top`` (every requested metric has K <= top), only the ``top`` largest values of
+    a row are sorted (``np.partition``); positives scoring below them get rank G + 1, and
+    positives at the boundary value are counted directly like ties.
     """
     m, g = s.shape
     n_pos = pos_idx.shape[0]
-    u = np.sort(s, axis=1)
-    if np.isnan(u[:, -1]).any():  # numpy sorts NaN last
+    if top is None or top >= g:
+        width = g
+        u = np.sort(s, axis=1)
+    else:
+        width = top
+        u = np.partition(s, g - top, axis=1)[:, g - top:]
+        u.sort(axis=1)
+    if np.isnan(u[:, -1]).any():  # numpy sorts (and partitions) NaN last
         raise ValueError("scores contain NaN")
     sp = s[:, pos_idx]  # (m, P), gallery-index order
     ps_up = np.sort(sp, axis=1)
     ps = ps_up[:, ::-1]  # rank order
-    le_all = _np_searchsorted_rows(u, ps_up, "right")[:, ::-1]  # #{s <= s_p}
+    le_all = _np_searchsorted_rows(u, ps_up, "right")[:, ::-1]  # #{u <= s_p}
+    gt_all = width - le_all  # #{s > s_p}, exact for s_p >= min(u)
     pos_gt, pos_ge = _np_run_bounds(ps)  # #positives scoring > s_p, >= s_p
     tied_pos = pos_ge - pos_gt
     # Items scoring s_p sit at u[lt_all:le_all]; a negative is among them iff that run is
     # longer than the positives' run, i.e. u[le_all - tied_pos - 1] == s_p.
     j = le_all - tied_pos - 1
     tie = (j >= 0) & (np.take_along_axis(u, np.maximum(j, 0), 1) == ps)
-    ranks = (g - le_all) - pos_gt + np.arange(1, n_pos + 1)
-    ge = (g - le_all + tied_pos) if need_groups else None
+    ranks = gt_all - pos_gt + np.arange(1, n_pos + 1)
+    if width < g:
+        floor = u[:, :1]
+        ranks[ps < floor] = g + 1  # outside the top `width`
+        tie |= ps == floor  # the boundary value may continue outside u: count directly
+    ge = (gt_all + tied_pos) if need_groups else None  # #{s >= s_p}
     if not need_groups:
         pos_ge = None
     rr, kk = np.nonzero(tie)
@@ -225,8 +253,7 @@ def _np_ranks_float(s: np.ndarray, pos_idx: np.ndarray, neg_mask: np.ndarray,
         return ranks, ge, pos_ge
     if rr.size > max(m, 16):  # many ties (quantized scores): exact keys for those rows
         rows = np.unique(rr)
-        r2, ge2, pge2 = _np_ranks_keys(_np_float_codes(s[rows]), ~neg_mask, None,
-                                       need_groups)
+        r2, ge2, pge2 = _np_ranks_keys(_np_float_codes(s[rows]), pos_idx, None, need_groups)
         ranks[rows] = r2
         if need_groups:
             ge[rows] = ge2
@@ -243,7 +270,7 @@ def _np_ranks_float(s: np.ndarray, pos_idx: np.ndarray, neg_mask: np.ndarray,
     earlier = np.arange(g)[None, :] < gidx[:, None]
     ranks[rr, kk] += (eq_all & neg_mask & earlier).sum(1)
     if need_groups:
-        ge[rr, kk] = g - le_all[rr, kk] + eq_all.sum(1)
+        ge[rr, kk] = gt_all[rr, kk] + eq_all.sum(1)
     return ranks, ge, pos_ge
 
 
@@ -271,21 +298,19 @@ def _t_float_codes(s: torch.Tensor) -> torch.Tensor:
     return ~(b ^ ((b >> 31) & 0x7FFFFFFF))
 
 
-def _t_ranks_keys(codes: torch.Tensor, pos_mask: torch.Tensor, code_bits: int | None,
+def _t_ranks_keys(codes: torch.Tensor, pos_idx: torch.Tensor, code_bits: int | None,
                   need_groups: bool) -> TRanked:
     m, g = codes.shape
-    n_pos = int(pos_mask.sum())
     shift, np_dtype = _key_layout(g, code_bits)
     dtype = torch.int32 if np_dtype is np.int32 else torch.int64
-    low = ((torch.arange(g, device=codes.device) << 1) | pos_mask.long()).to(dtype)
-    keys = torch.sort((codes.to(dtype) << shift) | low, dim=1).values
-    cols = (keys & 1).nonzero()[:, 1].view(m, n_pos)
-    ranks = cols + 1
+    keys = (codes.to(dtype) << shift) | torch.arange(g, device=codes.device, dtype=dtype)
+    pos_keys = torch.sort(keys.index_select(1, pos_idx), dim=1).values
+    keys = torch.sort(keys, dim=1).values
+    ranks = torch.searchsorted(keys, pos_keys) + 1
     if not need_groups:
         return ranks, None, None
-    sorted_codes = (keys >> shift).contiguous()
-    pos_codes = sorted_codes.gather(1, cols).contiguous()
-    ge = torch.searchsorted(sorted_codes, pos_codes, right=True)
+    pos_codes = pos_keys >> shift
+    ge = torch.searchsorted(keys, (pos_codes << shift) | ((1 << shift) - 1), right=True)
     _, pos_ge = _t_run_bounds(pos_codes)
     return ranks, ge, pos_ge
 
@@ -313,7 +338,7 @@ def _t_ranks_float(s: torch.Tensor, pos_idx: torch.Tensor, neg_mask: torch.Tenso
         return ranks, ge, pos_ge
     if rr.numel() > max(m, 16):
         rows = torch.unique(rr)
-        r2, ge2, pge2 = _t_ranks_keys(_t_float_codes(s.index_select(0, rows)), ~neg_mask,
+        r2, ge2, pge2 = _t_ranks_keys(_t_float_codes(s.index_select(0, rows)), pos_idx,
                                       None, need_groups)
         ranks[rows] = r2
         if need_groups:
@@ -324,7 +349,7 @@ def _t_ranks_float(s: torch.Tensor, pos_idx: torch.Tensor, neg_mask: torch.Tenso
     i = kk - pos_gt[rr, kk]
     eq_pos = sp.index_select(0, rr) == v[:, None]
     nth = (eq_pos.cumsum(1) == (i + 1)[:, None]) & eq_pos
-    gidx = pos_idx[nth.to(torch.uint8).argmax(1)]
+    gidx = pos_idx[nth.to(torch.int32).argmax(1)]
     eq_all = s.index_select(0, rr) == v[:, None]
     earlier = torch.arange(g, device=s.device)[None, :] < gidx[:, None]
     ranks[rr, kk] += (eq_all & neg_mask & earlier).sum(1)
@@ -354,13 +379,23 @@ def _np_words(codes: torch.Tensor) -> np.ndarray:
 
 def _np_hamming_words(qw: np.ndarray, gw: np.ndarray) -> np.ndarray:
     """Hamming distances (int32 (n, G)) of uint64 words: xor + ``np.bitwise_count``."""
-    n = qw.shape[0]
-    out = np.zeros((n, gw.shape[0]), dtype=np.int32)
+    n, g = qw.shape[0], gw.shape[0]
+    out = np.empty((n, g), dtype=np.int32)
+    gcols = [np.ascontiguousarray(gw[:, w]) for w in range(gw.shape[1])]
 
     def job(lo: int, hi: int) -> None:
-        acc = out[lo:hi]
-        for w in range(qw.shape[1]):
-            acc += np.bitwise_count(qw[lo:hi, w, None] ^ gw[None, :, w])
+        block = 32  # rows per step: the xor words stay in cache
+        x = np.empty((block, g), dtype=np.uint64)
+        c = np.empty((block, g), dtype=np.uint8)
+        for r in range(lo, hi, block):
+            k = min(block, hi - r)
+            for w, gcol in enumerate(gcols):
+                np.bitwise_xor(qw[r:r + k, w, None], gcol[None, :], out=x[:k])
+                np.bitwise_count(x[:k], out=c[:k])
+                if w == 0:
+                    out[r:r + k] = c[:k]
+                else:
+                    out[r:r + k] += c[:k]
 
     step = max(1, -(-n // _workers()))
     _parallel([lambda lo=lo: job(lo, min(n, lo + step)) for lo in range(0, n, step)])
@@ -519,13 +554,13 @@ def _parse_metrics(metrics: Sequence[str] | str) -> list[MetricSpec]:
     return list(specs.values())
 
 
-def _labels(x: ArrayLike, n: int, name: str) -> np.ndarray:
-    t = _to_tensor(x, name).cpu()
-    if t.ndim != 1 or t.shape[0] != n:
-        raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise ValueError(f"{name} must be integer labels, got {t.dtype}")
-    return t.to(torch.int64).numpy()
+def _labels(x: ArrayLike | Sequence[int], n: int, name: str) -> np.ndarray:
+    a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if a.ndim != 1 or a.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(a.shape)}")
+    if a.dtype.kind not in "iu":
+        raise ValueError(f"{name} must be integer labels, got {a.dtype}")
+    return a.astype(np.int64)
 
 
 def _run(scorer: _Scorer | _PrecomputedScorer, query_labels: ArrayLike,
@@ -543,6 +578,9 @@ def _run(scorer: _Scorer | _PrecomputedScorer, query_labels: ArrayLike,
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     need_groups = any(s.needs_tie_groups for s in specs)
     code_bits = scorer.code_bits
+    # Only top-K metrics, K well below G: partition instead of a full sort (numpy path).
+    ks = [s.k for s in specs if s.k is not None]
+    top = max(ks) if len(ks) == len(specs) and 4 * max(ks) <= ng else None
 
     order = np.argsort(ql, kind="stable")  # queries grouped by class
     sorted_labels = ql[order]
@@ -561,9 +599,9 @@ def _run(scorer: _Scorer | _PrecomputedScorer, query_labels: ArrayLike,
 
         def job() -> None:
             if scorer.integer:
-                store(dest, _np_ranks_keys(s, ~neg_mask, code_bits, need_groups))
+                store(dest, _np_ranks_keys(s, pos_idx, code_bits, need_groups))
             else:
-                store(dest, _np_ranks_float(s, pos_idx, neg_mask, need_groups))
+                store(dest, _np_ranks_float(s, pos_idx, neg_mask, need_groups, top))
 
         return job
 
@@ -596,7 +634,7 @@ def _run(scorer: _Scorer | _PrecomputedScorer, query_labels: ArrayLike,
             pos_t, neg_t = positives_t[label]
             seg = scores[a:b]
             if scorer.integer:
-                ranked_t = _t_ranks_keys(seg, ~neg_t, code_bits, need_groups)
+                ranked_t = _t_ranks_keys(seg, pos_t, code_bits, need_groups)
             else:
                 ranked_t = _t_ranks_float(seg, pos_t, neg_t, need_groups)
             store(rows[a:b], tuple(None if x is None else x.cpu().numpy() for x in ranked_t))

@@ -188,7 +188,7 @@ def reference_scores(query: np.ndarray, gallery: np.ndarray,
     if distance == "hamming":
         qb = np.unpackbits(np.asarray(query, dtype=np.uint8), axis=1)
         gb = np.unpackbits(np.asarray(gallery, dtype=np.uint8), axis=1)
-        return -(qb[:, None, :] != gb[None, :, :]).sum(-1).astype(dtype)
+        return -np.stack([(row != gb).sum(1) for row in qb]).astype(dtype)
     q = np.asarray(query, dtype=dtype)
     g = np.asarray(gallery, dtype=dtype)
     if distance == "cosine":

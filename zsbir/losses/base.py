@@ -11,7 +11,11 @@ from its manifest table (minus ``name`` and ``weight``) and called as
   ``"domain"`` (B,) int64 (0 photo, 1 sketch), ``"index"`` (B,) item indices. With the
   ``quadruplet`` sampler the batch is ordered in quadruplets
   ``[anchor sketch, positive photo, negative photo, negative sketch] * N``;
-- ``teacher``: (B, 1000) teacher logits for each item, or ``None`` without a teacher.
+- ``teacher``: the teacher signal, or ``None`` without a teacher: a dict with
+  ``"logits"`` (B, 1000) ImageNet logits for each item and, where the strategy has them,
+  ``"features"`` (B, F) the teacher's pooled features and ``"class_features"``
+  (n_seen, F) per-class mean teacher features. :func:`teacher_logits` also accepts a bare
+  logits tensor, which is what the distillation losses need.
 
 It returns a scalar tensor; the total loss is the manifest-weighted sum. ``requires``
 declares what the loss needs, so that validation rejects a manifest that cannot feed it:
@@ -36,8 +40,18 @@ class Loss(nn.Module):
 
     requires: ClassVar[frozenset[str]] = frozenset()
 
-    def forward(self, out: Outputs, batch: Batch, teacher: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, out: Outputs, batch: Batch, teacher: Teacher | None) -> torch.Tensor:
         raise NotImplementedError
+
+
+Teacher = dict[str, torch.Tensor]
+
+
+def teacher_logits(teacher: Teacher | torch.Tensor | None) -> torch.Tensor | None:
+    """The (B, 1000) logits of a teacher signal (a dict, or already a tensor)."""
+    if isinstance(teacher, dict):
+        return teacher["logits"]
+    return teacher
 
 
 def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from zsbir.losses.base import Batch, Loss, Outputs
+from zsbir.losses.base import Batch, Loss, Outputs, Teacher
 from zsbir.registry import losses
 
 
@@ -24,6 +24,6 @@ class CrossEntropy(Loss):
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = label_smoothing
 
-    def forward(self, out: Outputs, batch: Batch, teacher: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, out: Outputs, batch: Batch, teacher: Teacher | None) -> torch.Tensor:
         return F.cross_entropy(out["logits"].float(), batch["label"],
                                label_smoothing=self.label_smoothing)

@@ -18,7 +18,7 @@ import torch
 
 from zsbir.context import BuildContext
 from zsbir.data.base import PHOTO
-from zsbir.losses.base import Batch, Loss, Outputs, soft_cross_entropy
+from zsbir.losses.base import Batch, Loss, Outputs, Teacher, soft_cross_entropy, teacher_logits
 from zsbir.registry import losses
 
 __all__ = ["KnowledgePreservationLoss", "SakeLoss"]
@@ -45,11 +45,12 @@ class _SoftLabelLoss(Loss):
         """(B, C) logits whose softmax is the target distribution ``q_i``."""
         raise NotImplementedError
 
-    def forward(self, out: Outputs, batch: Batch, teacher: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, out: Outputs, batch: Batch, teacher: Teacher | None) -> torch.Tensor:
         if "imagenet_logits" not in out:
             raise KeyError(f"{type(self).__name__} needs out['imagenet_logits']: the model has "
                            "no ImageNet head (set model.imagenet_head)")
         student = out["imagenet_logits"].float()
+        teacher = teacher_logits(teacher)
         if self.needs_teacher:
             if teacher is None:
                 raise ValueError(f"{type(self).__name__} needs a teacher signal, got None")

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from zsbir.losses.base import Batch, Loss, Outputs
+from zsbir.losses.base import Batch, Loss, Outputs, Teacher
 from zsbir.registry import losses
 
 __all__ = ["DomainQuadrupletLoss", "quadruplet_distances"]
@@ -69,7 +69,7 @@ class DomainQuadrupletLoss(Loss):
         self.normalize = bool(normalize)
         self.squared = bool(squared)
 
-    def forward(self, out: Outputs, batch: Batch, teacher: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, out: Outputs, batch: Batch, teacher: Teacher | None) -> torch.Tensor:
         d_pos, d_neg_photo, d_neg_sketch = quadruplet_distances(
             out["embedding"], normalize=self.normalize, squared=self.squared)
         hinges = torch.stack([F.relu(d_pos - d_neg_photo + self.margin),

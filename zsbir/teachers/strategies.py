@@ -11,7 +11,9 @@
   split's files and the transform, and reused by later runs.
 
 Either serves any model with an ImageNet head; the losses (``sake``,
-``knowledge_preservation``) decide how logits become targets.
+``knowledge_preservation``) decide how logits become targets. A signal is a dict:
+``"logits"`` (B, 1000) and ``"features"`` (B, F), the teacher's pooled features (per item
+for ``online``, the class mean for ``class_mean``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from zsbir.registry import teachers
 
 log = logging.getLogger(__name__)
 
-#: embeds a split with the teacher: (network, split, domain) -> (N, 1000) logits, labels
+#: runs the teacher over a split: (network, split) -> (N, 1000) logits, (N, F) features,
+#: (N,) labels
 Embedder = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -44,7 +47,7 @@ class Teacher:
     def prepare(self, *, data: Any, embed: Embedder, fingerprint: dict[str, Any]) -> None:
         """Work done before training; ``embed`` runs the teacher over a split."""
 
-    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def to(self, device: torch.device) -> Teacher:
@@ -64,9 +67,10 @@ class OnlineTeacher(Teacher):
         return self
 
     @torch.inference_mode()
-    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.forward_calls += 1
-        return self.network(batch["image"], batch["domain"]).float()
+        features = self.network.backbone(batch["image"], batch["domain"])
+        return {"logits": self.network.head(features).float(), "features": features.float()}
 
 
 @teachers.register("class_mean")
@@ -91,6 +95,7 @@ class ClassMeanTeacher(Teacher):
         self.domains = domains
         self.cache = cache
         self.table: torch.Tensor | None = None
+        self.features: torch.Tensor | None = None
         self.cache_hit: bool | None = None
 
     def _key(self, fingerprint: dict[str, Any]) -> str:
@@ -101,35 +106,41 @@ class ClassMeanTeacher(Teacher):
         path = self.cache_dir / f"class_mean-{self._key(fingerprint)}.pt"
         if self.cache and path.is_file():
             state = torch.load(path, map_location="cpu", weights_only=True)
-            self.table, self.cache_hit = state["table"], True
+            self.table, self.features, self.cache_hit = state["table"], state["features"], True
             log.info("class_mean teacher: cache hit %s", path)
         else:
             from zsbir.data.base import PHOTO
 
             split = data.train.of_domain(PHOTO) if self.domains == "photo" else data.train
             assert self.network is not None
-            logits, labels = embed(self.network, split)
+            logits, features, labels = embed(self.network, split)
             table = torch.zeros(self.num_classes, logits.shape[1])
+            feats = torch.zeros(self.num_classes, features.shape[1])
             counts = torch.zeros(self.num_classes)
             table.index_add_(0, labels, logits.float())
+            feats.index_add_(0, labels, features.float())
             counts.index_add_(0, labels, torch.ones(len(labels)))
             missing = (counts == 0).nonzero().flatten().tolist()
             if missing:
                 raise ValueError(f"class_mean teacher: seen classes {missing} have no "
                                  f"{'photos' if self.domains == 'photo' else 'images'}")
             self.table, self.cache_hit = table / counts[:, None], False
+            self.features = feats / counts[:, None]
             if self.cache:
                 from zsbir.engine.checkpoint import atomic_save
 
-                atomic_save({"table": self.table, "key": self._key(fingerprint)}, path)
+                atomic_save({"table": self.table, "features": self.features,
+                             "key": self._key(fingerprint)}, path)
         self.network = None  # never needed again: no forward pass during training
 
     def to(self, device: torch.device) -> ClassMeanTeacher:
-        if self.table is not None:
-            self.table = self.table.to(device)
+        if self.table is not None and self.features is not None:
+            self.table, self.features = self.table.to(device), self.features.to(device)
         return self
 
-    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.table is None:
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.table is None or self.features is None:
             raise RuntimeError("class_mean teacher used before prepare()")
-        return self.table[batch["label"]]
+        label = batch["label"]
+        return {"logits": self.table[label], "features": self.features[label],
+                "class_features": self.features}
