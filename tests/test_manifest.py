@@ -3,10 +3,10 @@ resolved form."""
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from zsbir.manifest import ManifestError, apply_overrides, dump_toml, load, resolve
 

@@ -6,7 +6,11 @@ import pytest
 
 from zsbir import registry
 from zsbir.registry import (
-    DuplicateComponentError, PluginLoadError, UnknownComponentError, get_registry, losses,
+    DuplicateComponentError,
+    PluginLoadError,
+    UnknownComponentError,
+    get_registry,
+    losses,
 )
 
 PLUGIN_SRC = """

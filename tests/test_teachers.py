@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tests.test_model import LinearBackbone  # noqa: E402
 from zsbir.context import BuildContext
 from zsbir.data.base import ProtocolData, Split
 from zsbir.models.net import TeacherNet
 from zsbir.teachers.strategies import ClassMeanTeacher, OnlineTeacher
-from tests.test_model import LinearBackbone  # noqa: E402
 
 
 def make_data() -> ProtocolData:

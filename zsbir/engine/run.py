@@ -149,7 +149,7 @@ def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
     pos_rate = float(np.mean([counts.get(int(lab), 0) / len(g_lab) for lab in q_lab]))
     per_hasher: dict[str, Any] = {}
     first_ranking = None
-    for table, hasher in zip(m.hashers, exp.hashers):
+    for hasher in exp.hashers:
         hasher.fit(train_emb if train_emb is not None else g_emb, seed=m.run.seed)
         qc, gc = hasher.encode(q_emb), hasher.encode(g_emb)
         res = evaluate_retrieval(

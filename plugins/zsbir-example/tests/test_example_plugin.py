@@ -4,7 +4,6 @@ import importlib.metadata as md
 
 import pytest
 import torch
-
 from zsbir_example.losses import CrossDomainTriplet
 
 
