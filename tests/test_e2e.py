@@ -34,7 +34,9 @@ def tiny(tmp_path: Path, name: str, extra: list[str] = ()):
 @pytest.mark.slow
 def test_short_run_writes_everything(tmp_path):
     events = []
-    results = run_experiment(tiny(tmp_path, "a"), progress=events.append)
+    results = run_experiment(tiny(tmp_path, "a", ["evaluation.generalized=true",
+                                                  "evaluation.pbir=true"]),
+                             progress=events.append)
     run_dir = tmp_path / "a"
     for f in ("manifest.resolved.toml", "metrics.json", "features.npz", "retrievals.png",
               "log.txt", "checkpoints/last.pt", "checkpoints/final.pt"):
@@ -44,7 +46,12 @@ def test_short_run_writes_everything(tmp_path):
     assert set(per_hasher) == {"real", "itq8"}
     for entry in per_hasher.values():
         assert 0.0 <= entry["map@all"]["value"] <= 1.0 and entry["map@all"]["formula"]
-    assert 0 < metrics["chance"]["positive_rate"] < 1
+    assert 0 < metrics["chance"]["synthetic"] < 1
+    assert set(metrics["results"]) == {"synthetic", "synthetic-generalized", "synthetic-pbir"}
+    sizes = metrics["sizes"]
+    assert sizes["synthetic-generalized"]["gallery"] > sizes["synthetic"]["gallery"]
+    assert sizes["synthetic-pbir"]["queries"] + sizes["synthetic-pbir"]["gallery"] == \
+        sizes["synthetic"]["gallery"]
     assert metrics["train"]["epochs_run"] == 2
     assert results["num_queries"] == metrics["num_queries"]
     # checkpoints are plain data

@@ -195,8 +195,9 @@ def _print_results(results: dict[str, Any], run_dir: Path) -> None:
             table.add_row(proto, tag, *(f"{entry[n]['value']:.4f}" if n in entry else "-"
                                         for n in metric_names))
     console.print(table)
-    chance = results["chance"]["positive_rate"]
-    console.print(f"chance level (gallery positive rate): {chance:.4f}", highlight=False)
+    for task, chance in results["chance"].items():
+        console.print(f"chance level of {task} (gallery positive rate): {chance:.4f}",
+                      highlight=False)
     skipped = results.get("skipped_images", {}).get("count", 0)
     if skipped:
         console.print(f"[yellow]{skipped} unreadable image(s) skipped; listed in "

@@ -133,7 +133,9 @@ class EvalConfig:
     """``[evaluation]``: what is measured on the unseen classes."""
 
     metrics: list[str] = field(default_factory=lambda: ["map@all", "p@100"])
-    #: also score photo-to-photo retrieval (ZS-PBIR, SAKE Table 4)
+    #: also score generalized ZS-SBIR: seen-class photos join the gallery (SBTKNet Table 3)
+    generalized: bool = False
+    #: also score photo-to-photo retrieval among unseen photos (ZS-PBIR, SAKE Table 4)
     pbir: bool = False
     per_class: bool = False
     #: queries shown in the retrieval grid PNG (0 = no grid)

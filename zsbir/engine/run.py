@@ -131,61 +131,94 @@ def run_experiment(
 def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
                         progress: Callable[[dict[str, Any]], None] | None = None
                         ) -> dict[str, Any]:
-    """Embed the unseen queries and gallery, index them with every hasher, score."""
-    from zsbir.evaluation import evaluate_retrieval
+    """Embed the unseen queries and gallery, index them with every hasher, score.
 
-    m, data = exp.manifest, exp.data
+    Besides the protocol's own task (unseen sketches -> unseen photos), two more can be
+    asked for in ``[evaluation]``: ``generalized`` (GZS-SBIR: the gallery also holds the
+    seen classes' photos, SBTKNet Table 3) and ``pbir`` (ZS-PBIR, SAKE Table 4: the
+    unseen photos of each class are split in two by position; odd ones query even ones).
+    """
+    from zsbir.data.base import PHOTO, Split
+
+    m, data, ev = exp.manifest, exp.data, exp.manifest.evaluation
     t0 = time.perf_counter()
-    q_emb, q_kept, q_skip = embed_split(exp, data.query)
+    q_emb, q_kept, skipped = embed_split(exp, data.query)
     g_emb, g_kept, g_skip = embed_split(exp, data.gallery)
+    skipped += g_skip
     q_lab, g_lab = data.query.labels[q_kept], data.gallery.labels[g_kept]
+    name = m.protocol["name"]
+    tasks = {name: (q_emb, q_lab, g_emb, g_lab)}
+    if ev.generalized and not data.generalized:
+        seen = Split.concat(data.train.of_domain(PHOTO), data.val.of_domain(PHOTO))
+        s_emb, s_kept, s_skip = embed_split(exp, seen)
+        skipped += s_skip
+        tasks[f"{name}-generalized"] = (q_emb, q_lab, np.concatenate([g_emb, s_emb]),
+                                        np.concatenate([g_lab, seen.labels[s_kept]]))
+    if ev.pbir:
+        unseen = np.flatnonzero(g_lab >= len(data.seen_classes))
+        rank_in_class = np.zeros(len(unseen), dtype=np.int64)
+        for lab in np.unique(g_lab[unseen]):
+            members = g_lab[unseen] == lab
+            rank_in_class[members] = np.arange(members.sum())
+        qi, gi = unseen[rank_in_class % 2 == 1], unseen[rank_in_class % 2 == 0]
+        tasks[f"{name}-pbir"] = (g_emb[qi], g_lab[qi], g_emb[gi], g_lab[gi])
     embed_time = time.perf_counter() - t0
-    train_emb = None
+
+    fit_on = g_emb
     if any(t["name"] != "none" for t in m.hashers):
-        train_emb, _, _ = embed_split(exp, data.train)
-
-    positives = (q_lab[:, None] == np.unique(g_lab)[None, :]).any(1)
-    counts = {int(k): int(v) for k, v in zip(*np.unique(g_lab, return_counts=True))}
-    pos_rate = float(np.mean([counts.get(int(lab), 0) / len(g_lab) for lab in q_lab]))
-    per_hasher: dict[str, Any] = {}
-    first_ranking = None
+        fit_on, _, _ = embed_split(exp, data.train)  # SAKE: ITQ on training embeddings
     for hasher in exp.hashers:
-        hasher.fit(train_emb if train_emb is not None else g_emb, seed=m.run.seed)
-        qc, gc = hasher.encode(q_emb), hasher.encode(g_emb)
-        res = evaluate_retrieval(
-            qc, q_lab, gc, g_lab, m.evaluation.metrics,
-            distance="hamming" if hasher.binary else "cosine",
-            chunk_size=m.evaluation.chunk_size or None, device=exp.ctx.device,
-            per_class=m.evaluation.per_class,
-        )
-        entry = {name: {"value": float(v), "formula": res.formulas.get(name, "")}
-                 for name, v in res.metrics.items()}
-        if m.evaluation.per_class:
-            entry["per_class"] = {
-                name: {data.classes[int(k)]: float(v) for k, v in pc.items()}
-                for name, pc in res.per_class.items()}
-        per_hasher[hasher.tag] = entry
-        if first_ranking is None and not hasher.binary:
-            first_ranking = (qc, gc)
-        if progress:
-            progress({"evaluated": hasher.tag, "metrics": res.metrics})
+        hasher.fit(fit_on, seed=m.run.seed)
 
-    results: dict[str, Any] = {
-        "protocol": dict(m.protocol),
-        "results": {m.protocol["name"]: per_hasher},
-        "chance": {"positive_rate": pos_rate,
-                   "note": "expected mAP@all and P@K of a random ranking"},
-        "num_queries": int(len(q_lab)), "num_gallery": int(len(g_lab)),
-        "queries_without_positives": int((~positives).sum()),
-        "seconds": {"embed": embed_time, "evaluate_total": time.perf_counter() - t0},
-        "_eval_skipped": [list(s) for s in q_skip + g_skip],
-    }
+    results: dict[str, Any] = {"protocol": dict(m.protocol), "results": {}, "chance": {},
+                               "sizes": {}}
+    for task, (qe, ql, ge, gl) in tasks.items():
+        per_hasher = {}
+        for hasher in exp.hashers:
+            per_hasher[hasher.tag] = _score(exp, hasher, qe, ql, ge, gl)
+            if progress:
+                progress({"evaluated": f"{task} {hasher.tag}",
+                          "metrics": {k: v["value"] for k, v in per_hasher[hasher.tag].items()
+                                      if k != "per_class"}})
+        results["results"][task] = per_hasher
+        results["chance"][task] = positive_rate(ql, gl)
+        results["sizes"][task] = {"queries": int(len(ql)), "gallery": int(len(gl))}
+    results["chance_note"] = ("gallery positive rate: the expected mAP@all and P@K of a "
+                              "random ranking")
+    results["num_queries"], results["num_gallery"] = int(len(q_lab)), int(len(g_lab))
+    results["seconds"] = {"embed": embed_time, "evaluate_total": time.perf_counter() - t0}
+    results["_eval_skipped"] = [list(s) for s in skipped]
     if run_dir is not None:
         np.savez(run_dir / "features.npz", query_features=q_emb, query_labels=q_lab,
                  gallery_features=g_emb, gallery_labels=g_lab)
-        if m.evaluation.grid_queries > 0 and first_ranking is not None:
+        if ev.grid_queries > 0:
             results["grid"] = str(_grid(exp, q_emb, q_kept, g_emb, g_kept, run_dir))
     return results
+
+
+def positive_rate(query_labels: np.ndarray, gallery_labels: np.ndarray) -> float:
+    """Mean over queries of (#same-class gallery items / gallery size): chance level."""
+    labels, counts = np.unique(gallery_labels, return_counts=True)
+    per_label = dict(zip(labels.tolist(), counts.tolist()))
+    return float(np.mean([per_label.get(int(q), 0) for q in query_labels])
+                 / max(len(gallery_labels), 1))
+
+
+def _score(exp: Experiment, hasher: Any, qe: np.ndarray, ql: np.ndarray, ge: np.ndarray,
+           gl: np.ndarray) -> dict[str, Any]:
+    from zsbir.evaluation import evaluate_retrieval
+
+    ev = exp.manifest.evaluation
+    res = evaluate_retrieval(
+        hasher.encode(qe), ql, hasher.encode(ge), gl, ev.metrics,
+        distance="hamming" if hasher.binary else "cosine",
+        chunk_size=ev.chunk_size or None, device=exp.ctx.device, per_class=ev.per_class)
+    entry: dict[str, Any] = {name: {"value": float(v), "formula": res.formulas.get(name, "")}
+                             for name, v in res.metrics.items()}
+    if ev.per_class:
+        entry["per_class"] = {name: {exp.data.classes[int(k)]: float(v) for k, v in pc.items()}
+                              for name, pc in res.per_class.items()}
+    return entry
 
 
 def _grid(exp: Experiment, q_emb: np.ndarray, q_kept: np.ndarray, g_emb: np.ndarray,

@@ -1,0 +1,119 @@
+"""The ``rpkd`` teacher strategy: per-item teacher signals plus seen-class centers.
+
+RPKD (Tian et al., ACM MM 2021; only the abstract is public) needs, for every training
+batch, the frozen teacher's per-item ImageNet logits (``rpkd_instance``) and pooled
+features (``rpkd_contrastive``, ``rpkd_embedding_supervision``), exactly what zsbir's
+built-in ``online`` strategy gives, and the teacher's seen-class embedding centers
+(``rpkd_embedding_supervision``). This strategy reuses ``online`` by subclassing it and
+adds the centers, computed once before training and cached on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from zsbir.context import BuildContext
+from zsbir.models.net import TeacherNet
+from zsbir.teachers.strategies import OnlineTeacher
+
+__all__ = ["RpkdTeacher"]
+
+#: what ``prepare`` receives as ``embed``: ``embed(network, split)`` runs the teacher over a
+#: split (eval transform) -> (N, 1000) logits, (N, F) features, (N,) labels
+Embedder = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+log = logging.getLogger(__name__)
+
+#: bump when the cached content or its computation changes, so old files are not reused
+CACHE_FORMAT = 1
+
+
+class RpkdTeacher(OnlineTeacher):
+    """RPKD's teacher: per-item logits and features of a frozen pretrained network (as
+    ``online``), plus seen-class feature centers computed once before training.
+
+    Each call returns ``{"logits": (B, 1000), "features": (B, F), "class_features":
+    (n_seen, F)}``. The centers are the mean teacher feature of each seen class over the
+    training split (the same offline pass as the core's ``class_mean``: eval transform, no
+    augmentation), kept for the whole run; the per-item part runs the teacher on each
+    augmented batch.
+
+    The centers are cached in ``<cache_dir>/teacher/rpkd_centers-<key>.pt``, the key
+    hashing the teacher backbone, the protocol, the training files, the transform and
+    ``center_domains``; a later run (or a resumed one) with the same key reads them.
+
+    Args:
+        center_domains: which training images are averaged: "photo" (the photos only) or
+            "all" (photos and sketches).
+        cache: reuse (and write) the cached centers.
+    """
+
+    def __init__(self, network: TeacherNet, ctx: BuildContext,
+                 center_domains: Literal["photo", "all"] = "photo", cache: bool = True):
+        super().__init__(network)
+        if center_domains not in ("photo", "all"):
+            raise ValueError("teacher.center_domains must be 'photo' or 'all', got "
+                             f"{center_domains!r}")
+        self.num_classes = ctx.num_seen
+        self.cache_dir = Path(ctx.cache_dir) / "teacher"
+        self.center_domains = center_domains
+        self.cache = cache
+        self.centers: torch.Tensor | None = None
+        #: after prepare(): whether the centers came from the cache
+        self.cache_hit: bool | None = None
+
+    def cache_key(self, fingerprint: dict[str, Any]) -> str:
+        blob = json.dumps({**fingerprint, "strategy": "rpkd", "format": CACHE_FORMAT,
+                           "center_domains": self.center_domains},
+                          sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+    def prepare(self, *, data: Any, embed: Embedder, fingerprint: dict[str, Any]) -> None:
+        key = self.cache_key(fingerprint)
+        path = self.cache_dir / f"rpkd_centers-{key}.pt"
+        if self.cache and path.is_file():
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            centers = state.get("centers")
+            if isinstance(centers, torch.Tensor) and centers.shape[0] == self.num_classes:
+                self.centers, self.cache_hit = centers.float(), True
+                log.info("rpkd teacher: class centers from cache %s", path)
+                return
+            log.warning("rpkd teacher: ignoring unusable cache file %s", path)
+        from zsbir.data.base import PHOTO
+
+        split = data.train.of_domain(PHOTO) if self.center_domains == "photo" else data.train
+        _, features, labels = embed(self.network, split)
+        sums = torch.zeros(self.num_classes, features.shape[1])
+        counts = torch.zeros(self.num_classes)
+        sums.index_add_(0, labels.long(), features.float())
+        counts.index_add_(0, labels.long(), torch.ones(len(labels)))
+        missing = (counts == 0).nonzero().flatten().tolist()
+        if missing:
+            what = "photos" if self.center_domains == "photo" else "images"
+            raise ValueError(f"rpkd teacher: seen classes {missing} have no training {what} "
+                             "to compute their centers from")
+        self.centers, self.cache_hit = sums / counts[:, None], False
+        if self.cache:
+            from zsbir.engine.checkpoint import atomic_save
+
+            atomic_save({"centers": self.centers, "counts": counts, "key": key}, path)
+
+    def to(self, device: torch.device) -> RpkdTeacher:
+        super().to(device)
+        if self.centers is not None:
+            self.centers = self.centers.to(device)
+        return self
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.centers is None:
+            raise RuntimeError("rpkd teacher used before prepare()")
+        signal = super().__call__(batch)
+        signal["class_features"] = self.centers
+        return signal
