@@ -371,6 +371,47 @@ def evaluate(features: str, metrics: tuple[str, ...], hasher_names: tuple[str, .
     console.print(table)
 
 
+@main.group()
+def bench() -> None:
+    """Measure speed (figures are printed and written as JSON)."""
+
+
+@bench.command("train")
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@set_option
+@click.option("--steps", default=50, show_default=True, help="Timed steps (after warm-up).")
+@click.option("--warmup", default=5, show_default=True, help="Untimed steps first.")
+@click.option("--batch-size", type=int, help="Override train.batch_size.")
+@click.option("--synthetic-data", is_flag=True,
+              help="Feed one batch already on the device: compute only, no input pipeline.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False),
+              help="Also write the result to this JSON file.")
+def bench_train_cmd(manifest: str, overrides: tuple[str, ...], steps: int, warmup: int,
+                    batch_size: int | None, synthetic_data: bool, json_path: str | None) -> None:
+    """Time MANIFEST's real training step: images/s, step-time percentiles, data wait,
+    peak GPU memory, bottleneck."""
+    from zsbir.engine.bench import bench_train
+
+    extra = [f"train.batch_size={batch_size}"] if batch_size else []
+    m = _load_manifest(manifest, (*overrides, *extra))
+    result = bench_train(m, steps=steps, warmup=warmup, synthetic_data=synthetic_data)
+    rows = [("images/s", f"{result['images_per_s']:.1f}"),
+            ("step ms p50 / p90 / p99", "{p50:.1f} / {p90:.1f} / {p99:.1f}".format(
+                **result["step_ms"])),
+            ("data-wait fraction", f"{result['data_wait_fraction']:.2f}"),
+            ("peak GPU memory (GB)", "-" if result["peak_gpu_memory_gb"] is None
+             else f"{result['peak_gpu_memory_gb']:.2f}"),
+            ("bottleneck", result["bottleneck"]),
+            ("device", f"{result['device']} ({result['device_name']})"),
+            ("batch / image size", f"{result['batch_size']} / {result['image_size']}"),
+            ("amp / channels_last / compile",
+             f"{result['amp']} / {result['channels_last']} / {result['compile']}"),
+            ("workers", str(result["workers"]))]
+    _emit_table(("figure", "value"), rows, title=f"bench train: {manifest}")
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+
+
 def _hash_features(spec: str, q: Any, g: Any) -> tuple[str, Any, Any, str]:
     from zsbir.registry import hashers
 

@@ -126,6 +126,14 @@ class TrainConfig:
     #: clip the gradient norm (0 = off)
     grad_clip: float = 0.0
     log_every: int = 10
+    #: mixed precision: "auto" = bf16 autocast on CUDA, off on CPU (fp32 master weights,
+    #: losses computed in fp32)
+    amp: Literal["auto", "bf16", "off"] = "auto"
+    #: channels-last memory format: "auto" = on for CUDA
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    #: torch.compile the student and the online teacher ("reduce-overhead" adds CUDA graphs,
+    #: for small batches such as SAKE's 40)
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
 
 
 @dataclass

@@ -27,6 +27,14 @@ log = logging.getLogger(__name__)
 __all__ = ["TrainState", "Trainer", "aug_seed"]
 
 
+def speed_settings(train: Any, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, channels_last) from ``[train]`` and the device."""
+    cuda = device.type == "cuda"
+    amp = train.amp == "bf16" or (train.amp == "auto" and cuda)
+    return (torch.bfloat16 if amp else None,
+            train.channels_last == "on" or (train.channels_last == "auto" and cuda))
+
+
 def aug_seed(seed: int, epoch: int, step: int, position: int) -> int:
     """The augmentation seed of one batch position (independent of workers and resumes)."""
     return int(np.random.SeedSequence([seed, epoch, step, position]).generate_state(1)[0])
@@ -63,6 +71,15 @@ class Trainer:
         self.batches = BatchList()
         self.loader = make_loader(self.train_set, self.batches, self.workers,
                                   pin_memory=self.device.type == "cuda")
+        self.amp_dtype, self.channels_last = speed_settings(m.train, self.device)
+        if self.channels_last:
+            exp.model.to(memory_format=torch.channels_last)
+        self.forward = exp.model
+        if m.train.compile != "off":
+            self.forward = torch.compile(exp.model, mode=m.train.compile)
+            net = getattr(exp.teacher, "network", None)
+            if net is not None:
+                exp.teacher.network = torch.compile(net, mode=m.train.compile)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -147,6 +164,7 @@ class Trainer:
                 images += len(batch["image"])
             st["step"], st["global_step"] = step + 1, st["global_step"] + 1
             if n_sum and (st["global_step"] % cfg.log_every == 0 or step + 1 == len(batches)):
+                self._check_finite(sums)  # the only host sync: at log steps
                 elapsed = time.perf_counter() - t0
                 self.progress({"epoch": epoch, "step": step + 1, "steps": len(batches),
                                "loss": {k: float(v) / n_sum for k, v in sums.items()},
@@ -185,6 +203,14 @@ class Trainer:
         st["epoch"], st["step"] = epoch + 1, 0
         self.save()
 
+    def _check_finite(self, sums: dict[str, torch.Tensor]) -> None:
+        if not torch.isfinite(sums["total"]):
+            raise FloatingPointError(
+                f"the loss became non-finite before epoch {self.state['epoch']}, step "
+                f"{self.state['step']} (sums: "
+                + ", ".join(f"{k}={float(v):.4g}" for k, v in sums.items())
+                + "); lower the learning rate or check the inputs")
+
     def _drop_incomplete(self, batch: dict[str, Any], expected: np.ndarray) -> dict[str, Any]:
         """Quadruplet batches: drop every quadruplet that lost an item to a bad file."""
         if getattr(self.exp.sampler, "structure", "items") != "quadruplet" or "image" not in batch:
@@ -201,22 +227,19 @@ class Trainer:
         return {k: (v[idx] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
     def _step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """One optimization step; no host synchronization (terms stay on the device)."""
         exp = self.exp
-        b = to_device(batch, self.device, exp.manifest.data_cfg.normalize)
-        out = exp.model(b["image"], b["domain"])
-        teacher = exp.teacher(b) if exp.teacher is not None else None
+        b = to_device(batch, self.device, exp.manifest.data_cfg.normalize, self.channels_last)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            out = self.forward(b["image"], b["domain"])
+            teacher = exp.teacher(b) if exp.teacher is not None else None
         total = torch.zeros((), device=self.device)
         terms: dict[str, torch.Tensor] = {}
-        for name, weight, loss in exp.losses:
+        for name, weight, loss in exp.losses:  # losses compute in fp32
             value = loss(out, b, teacher)
             terms[name] = value.detach()
             total = total + weight * value
-        if not torch.isfinite(total):
-            raise FloatingPointError(
-                f"the loss became {float(total)} at epoch {self.state['epoch']}, step "
-                f"{self.state['step']} (terms: "
-                + ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
-                + "); lower the learning rate or check the inputs")
         exp.optimizer.zero_grad(set_to_none=True)
         total.backward()
         clip = exp.manifest.train.grad_clip

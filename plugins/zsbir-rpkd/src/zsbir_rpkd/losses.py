@@ -67,8 +67,10 @@ def _teacher_part(loss: str, teacher: Teacher | torch.Tensor | None, key: str) -
 
 
 class RpkdInstanceLoss(Loss):
-    """RPKD instance-level distillation: the student's ImageNet distribution matches the
-    teacher's, per item, at temperature tau.
+    """RPKD instance-level distillation: per-item KL to the teacher's ImageNet distribution.
+
+    The student's ImageNet distribution matches the teacher's, item by item, at
+    temperature tau.
 
     Only the abstract of Tian et al. (ACM MM 2021) is public; this is the plugin's formula:
     with ``s_i = out["imagenet_logits"][i]`` (student ImageNet head) and
@@ -111,8 +113,10 @@ class RpkdInstanceLoss(Loss):
 
 
 class RpkdContrastiveLoss(Loss):
-    """RPKD contrastive relationship distillation: each item's similarity distribution
-    over the other items of the batch matches between the student's and teacher's spaces.
+    """RPKD contrastive relationships: in-batch similarity distributions match the teacher's.
+
+    Each item's similarity distribution over the other items of the batch, in the
+    student's embedding space, matches the same distribution in the teacher's space.
 
     Only the abstract of Tian et al. (ACM MM 2021) is public; this is the plugin's formula:
     with student embeddings ``e_i = out["embedding"][i]`` and teacher features
@@ -155,8 +159,10 @@ class RpkdContrastiveLoss(Loss):
 
 
 class RpkdEmbeddingSupervisionLoss(Loss):
-    """RPKD embedding-induced supervision: the teacher feature's similarities to its k
-    nearest seen-class centers are a target for the student's classifier on those k classes.
+    """RPKD embedding-induced supervision: k nearest teacher class centers -> classifier.
+
+    The teacher feature's similarities to its k nearest seen-class centers are a target
+    for the student's seen-class classifier restricted to those k classes.
 
     Only the abstract of Tian et al. (ACM MM 2021) is public; this is the plugin's formula:
     with teacher class centers ``c_1..c_C`` (``teacher["class_features"]``, the mean teacher

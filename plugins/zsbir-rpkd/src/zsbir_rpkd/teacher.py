@@ -36,14 +36,18 @@ CACHE_FORMAT = 1
 
 
 class RpkdTeacher(OnlineTeacher):
-    """RPKD's teacher: per-item logits and features of a frozen pretrained network (as
-    ``online``), plus seen-class feature centers computed once before training.
+    """RPKD's teacher: per-item logits and features (as online) plus seen-class centers.
+
+    Per item, the logits and pooled features of a frozen pretrained network (as
+    ``online``); per seen class, a feature center computed once before training.
 
     Each call returns ``{"logits": (B, 1000), "features": (B, F), "class_features":
     (n_seen, F)}``. The centers are the mean teacher feature of each seen class over the
     training split (the same offline pass as the core's ``class_mean``: eval transform, no
     augmentation), kept for the whole run; the per-item part runs the teacher on each
-    augmented batch.
+    augmented batch. (RPKD, Tian et al., ACM MM 2021: only the abstract is public; it names
+    the "class embedding centers from the teacher" and this strategy takes them to be these
+    per-class means.)
 
     The centers are cached in ``<cache_dir>/teacher/rpkd_centers-<key>.pt``, the key
     hashing the teacher backbone, the protocol, the training files, the transform and
