@@ -126,12 +126,23 @@ def build(manifest: Manifest, run_dir: Path | None = None) -> Experiment:
     fingerprint = {
         "protocol": manifest.protocol,
         "train_files": _digest(data.train.sources),
-        "teacher_backbone": (manifest.teacher or {}).get("backbone") or manifest.backbone,
+        "teacher_backbone": _with_file_stamp(
+            (manifest.teacher or {}).get("backbone") or manifest.backbone),
         "transform": eval_tf.describe(),
         "normalize": d.normalize,
     }
     return Experiment(manifest, ctx, data, model, teacher, losses, sampler, optimizer,
                       scheduler, hashers, train_tf, eval_tf, fingerprint)
+
+
+def _with_file_stamp(table: dict[str, Any]) -> dict[str, Any]:
+    """A backbone table plus its weights file's size and mtime, so that a file replaced
+    at the same path invalidates caches keyed by the teacher."""
+    weights = table.get("weights")
+    if not weights or not Path(weights).expanduser().is_file():
+        return dict(table)
+    st = Path(weights).expanduser().stat()
+    return {**table, "weights_stamp": [st.st_size, st.st_mtime_ns]}
 
 
 def _digest(items: list[str]) -> str:

@@ -543,6 +543,14 @@ def _cross_checks(core: dict[str, Any], comps: dict[str, Any], classes: dict[str
             continue
         needs = getattr(comp.obj, "requires", frozenset())
         path = f"losses[{i}]"
+        keys = getattr(comp.obj, "teacher_keys", frozenset())
+        t_comp = classes.get("teacher")
+        provides = getattr(t_comp.obj, "provides", None) if t_comp is not None else None
+        if teacher is not None and provides is not None and not keys <= provides:
+            problems.append(Problem(path, f"loss {loss['name']!r} reads the teacher signal's "
+                                          f"{', '.join(sorted(keys - provides))}, which teacher "
+                                          f"{teacher['name']!r} does not provide "
+                                          f"(it provides {', '.join(sorted(provides))})"))
         if "teacher" in needs and teacher is None:
             problems.append(Problem(path, f"loss {loss['name']!r} needs a teacher signal: "
                                           "add a [teacher] table (e.g. name = \"online\")"))

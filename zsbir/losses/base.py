@@ -19,7 +19,8 @@ from its manifest table (minus ``name`` and ``weight``) and called as
 
 It returns a scalar tensor; the total loss is the manifest-weighted sum. ``requires``
 declares what the loss needs, so that validation rejects a manifest that cannot feed it:
-``"teacher"``, ``"imagenet_head"``, ``"quadruplet"``.
+``"teacher"``, ``"imagenet_head"``, ``"quadruplet"``; and ``teacher_keys`` the keys of the
+teacher signal it reads, checked against the teacher strategy's ``provides``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ class Loss(nn.Module):
     """Base class of registered losses; see the module docstring for the contract."""
 
     requires: ClassVar[frozenset[str]] = frozenset()
+    #: keys of the teacher signal the loss reads; validation checks the manifest's teacher
+    #: strategy ``provides`` them
+    teacher_keys: ClassVar[frozenset[str]] = frozenset()
 
     def forward(self, out: Outputs, batch: Batch, teacher: Teacher | None) -> torch.Tensor:
         raise NotImplementedError

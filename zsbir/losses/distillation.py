@@ -30,6 +30,7 @@ class _SoftLabelLoss(Loss):
     zero, finite gradient), never NaN. Subclasses implement :meth:`target_logits`."""
 
     requires: ClassVar[frozenset[str]] = frozenset({"teacher", "imagenet_head"})
+    teacher_keys: ClassVar[frozenset[str]] = frozenset({"logits"})
     #: whether :meth:`target_logits` uses the ``teacher`` argument
     needs_teacher: bool = True
 

@@ -23,7 +23,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -41,6 +41,8 @@ Embedder = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 class Teacher:
     """Base class: ``prepare`` once before training, then ``teacher(batch)`` per step."""
 
+    #: the keys of the signal it returns (checked against each loss's ``teacher_keys``)
+    provides: ClassVar[frozenset[str]] = frozenset({"logits"})
     #: number of teacher forward passes made while training (tests count them)
     forward_calls: int = 0
 
@@ -58,6 +60,8 @@ class Teacher:
 class OnlineTeacher(Teacher):
     """Per-item logits from a frozen pretrained network on the augmented batch
     (SAKE, Liu et al., ICCV 2019: t_i, the teacher signal of Sec. 3.2)."""
+
+    provides: ClassVar[frozenset[str]] = frozenset({"logits", "features"})
 
     def __init__(self, network: TeacherNet):
         self.network = network
@@ -83,6 +87,8 @@ class ClassMeanTeacher(Teacher):
         domains: which training images are averaged: "photo" (the paper) or "all".
         cache: reuse the table from ``cache_dir/teacher`` when its key matches.
     """
+
+    provides: ClassVar[frozenset[str]] = frozenset({"logits", "features", "class_features"})
 
     def __init__(self, network: TeacherNet, ctx: BuildContext,
                  domains: Literal["photo", "all"] = "photo",

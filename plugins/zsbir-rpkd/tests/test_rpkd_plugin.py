@@ -137,3 +137,15 @@ def test_smoke_run_on_synthetic(tmp_path, one_thread):
         assert all(math.isfinite(e["loss"][name]) for e in ends), name
     # the class centers were computed once and cached under run.cache_dir
     assert len(list((tmp_path / "cache" / "teacher").glob("rpkd_centers-*.pt"))) == 1
+
+
+def test_validation_checks_the_teacher_provides_class_centers():
+    """rpkd_embedding_supervision reads class_features: the online teacher lacks them."""
+    from zsbir.manifest import ManifestError, load, resolve
+
+    raw = load(PLUGIN / "examples" / "rpkd_tuberlin.toml")
+    raw["teacher"] = {"name": "online"}
+    with pytest.raises(ManifestError) as info:
+        resolve(raw)
+    assert any("class_features" in str(p) and "'online'" in str(p)
+               for p in info.value.problems)

@@ -88,6 +88,7 @@ class RpkdInstanceLoss(Loss):
     """
 
     requires: ClassVar[frozenset[str]] = frozenset({"teacher", "imagenet_head"})
+    teacher_keys: ClassVar[frozenset[str]] = frozenset({"logits"})
 
     def __init__(self, tau: float = 4.0):
         super().__init__()
@@ -134,6 +135,7 @@ class RpkdContrastiveLoss(Loss):
     """
 
     requires: ClassVar[frozenset[str]] = frozenset({"teacher"})
+    teacher_keys: ClassVar[frozenset[str]] = frozenset({"features"})
 
     def __init__(self, tau: float = 0.1):
         super().__init__()
@@ -186,6 +188,7 @@ class RpkdEmbeddingSupervisionLoss(Loss):
     """
 
     requires: ClassVar[frozenset[str]] = frozenset({"teacher"})
+    teacher_keys: ClassVar[frozenset[str]] = frozenset({"features", "class_features"})
 
     def __init__(self, k: int = 10, tau: float = 0.1, student_temperature: float = 1.0,
                  ctx: BuildContext | None = None):

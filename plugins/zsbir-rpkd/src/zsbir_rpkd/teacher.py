@@ -15,7 +15,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -38,6 +38,8 @@ CACHE_FORMAT = 1
 class RpkdTeacher(OnlineTeacher):
     """RPKD's teacher: per-item logits and features (as online) plus seen-class centers.
 
+    ``provides`` tells zsbir's validator which signal keys the losses can read.
+
     Per item, the logits and pooled features of a frozen pretrained network (as
     ``online``); per seen class, a feature center computed once before training.
 
@@ -58,6 +60,8 @@ class RpkdTeacher(OnlineTeacher):
             "all" (photos and sketches).
         cache: reuse (and write) the cached centers.
     """
+
+    provides: ClassVar[frozenset[str]] = frozenset({"logits", "features", "class_features"})
 
     def __init__(self, network: TeacherNet, ctx: BuildContext,
                  center_domains: Literal["photo", "all"] = "photo", cache: bool = True):
