@@ -50,3 +50,28 @@ def test_registered_through_entry_point():
     comp = losses.component("cross_domain_triplet")
     assert comp.obj is CrossDomainTriplet
     assert comp.package == "zsbir-example"
+
+
+def test_used_from_a_manifest(tmp_path):
+    """A manifest names the plugin's loss beside a built-in one; the run trains with it."""
+    import json
+    from pathlib import Path
+
+    from zsbir.engine.run import run_experiment
+    from zsbir.manifest import apply_overrides, load, resolve
+
+    quickstart = Path(__file__).resolve().parents[3] / "examples" / "quickstart.toml"
+    raw = load(quickstart)
+    raw["losses"].append({"name": "cross_domain_triplet", "margin": 0.3, "weight": 0.5})
+    raw = apply_overrides(raw, [
+        f"run.output_dir={json.dumps(str(tmp_path))}", "protocol.num_classes=6",
+        "protocol.num_unseen=2", "protocol.photos_per_class=4", "protocol.sketches_per_class=4",
+        "protocol.image_size=32", "data.image_size=32", "data.workers=0", "model.embed_dim=8",
+        "train.epochs=1", "train.batch_size=8", "sampler.sketches_per_batch=4",
+        "hashers[1].bits=8", "evaluation.grid_queries=0"])
+    m = resolve(raw)
+    assert m.losses[1] == {"name": "cross_domain_triplet", "weight": 0.5, "margin": 0.3,
+                           "normalize": True}
+    results = run_experiment(m)
+    loss = results["train"]["history"][0]["loss"]
+    assert loss["cross_domain_triplet"] >= 0 and "ce" in loss
