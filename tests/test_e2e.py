@@ -87,3 +87,36 @@ def test_resume_mid_epoch_matches_uninterrupted(tmp_path):
 def test_resume_needs_a_run_dir(tmp_path):
     with pytest.raises(RunDirError, match="not a zsbir run directory"):
         load_resumable(tmp_path)
+
+
+@pytest.mark.slow
+def test_index_and_search_a_photo_folder(tmp_path):
+    """A finished run indexes a folder of photos and ranks them for a sketch."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from zsbir.cli import main
+    from zsbir.data.synthetic import render
+
+    run_experiment(tiny(tmp_path, "idx"))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for c in range(3):
+        for i in range(3):
+            Image.fromarray(render(c, 0, i, 5, 32)).save(photos / f"c{c}_{i}.png")
+    (photos / "bad.png").write_bytes(b"nope")
+    Image.fromarray(render(1, 1, 0, 5, 32)).save(tmp_path / "sketch.png")
+    runner = CliRunner()
+    res = runner.invoke(main, ["index", str(tmp_path / "idx"), str(photos), "-o",
+                               str(tmp_path / "i.npz"), "--hasher", "itq8"],
+                        catch_exceptions=False)
+    assert res.exit_code == 0 and "indexed 9 photos (itq8)" in res.output
+    assert "bad.png" in res.output
+    res = runner.invoke(main, ["search", str(tmp_path / "i.npz"), str(tmp_path / "sketch.png"),
+                               "--top", "4", "--json"], catch_exceptions=False)
+    assert res.exit_code == 0
+    out = json.loads(res.output)
+    ranked = out[0]["results"]
+    assert len(ranked) == 4 and all(Path(p).parent == photos for p, _ in ranked)
+    distances = [d for _, d in ranked]
+    assert distances == sorted(distances)  # Hamming distances, ascending

@@ -1,0 +1,126 @@
+"""Index a photo collection with a trained run, and search it with sketches.
+
+``zsbir index RUN_DIR PHOTOS/ -o photos.index.npz`` embeds every image under a folder
+with the run's evaluated weights (``checkpoints/final.pt``) and encodes it with one of the
+run's fitted hashers (real-valued cosine, or binary codes searched by Hamming distance);
+``zsbir search photos.index.npz sketch.png`` ranks the collection for a sketch through
+faiss (:func:`zsbir.hashing.search.search`). The index file is plain numpy data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from zsbir.build import resolve_device
+from zsbir.data.base import PHOTO, SKETCH, Split, read_image_file
+from zsbir.data.loading import ImageDataset, Transform, collate, to_device
+from zsbir.engine.checkpoint import load_checkpoint
+from zsbir.manifest import resolve
+from zsbir.models.net import RetrievalNet
+from zsbir.registry import backbones, hashers
+
+__all__ = ["TrainedModel", "build_index", "load_trained", "search_index"]
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
+
+
+class TrainedModel:
+    """A run's evaluated network, transform and fitted hashers, ready to embed images."""
+
+    def __init__(self, run_dir: str | Path, device: str = "auto"):
+        run_dir = Path(run_dir)
+        final = run_dir / "checkpoints" / "final.pt"
+        if not final.is_file():
+            raise FileNotFoundError(f"{str(run_dir)!r} has no checkpoints/final.pt: only a "
+                                    "finished `zsbir run` can index photos")
+        ckpt = load_checkpoint(final)
+        self.manifest = resolve(ckpt["manifest"], str(final))
+        self.device = resolve_device(device)
+        table = {k: v for k, v in self.manifest.backbone.items() if k != "name"}
+        # the trained weights replace any pretrained ones: build the bare architecture
+        table.update(pretrained=False, weights=None)
+        factory = backbones.get(self.manifest.backbone["name"])
+        backbone = factory(**{k: v for k, v in table.items() if v is not None})
+        m = self.manifest.model
+        head = "none" if m.imagenet_head == "none" else "random"  # shapes only
+        self.model = RetrievalNet(backbone, len(ckpt["classes"]["seen"]), m.embed_dim,
+                                  m.heads_on, head, m.dropout)
+        self.model.load_state_dict(ckpt["model"])
+        self.model.to(self.device).eval()
+        self.hashers = []
+        for entry, spec in zip(ckpt["hashers"], self.manifest.hashers):
+            h = hashers.get(entry["name"])(**{k: v for k, v in spec.items() if k != "name"})
+            h.load_state_dict(entry["state"])
+            self.hashers.append(h)
+        self.transform = Transform(self.manifest.data_cfg.image_size)
+
+    def hasher(self, tag: str | None) -> Any:
+        if tag is None:
+            return self.hashers[0]
+        for h in self.hashers:
+            if h.tag == tag:
+                return h
+        raise ValueError(f"the run has no hasher {tag!r}; it has "
+                         f"{', '.join(h.tag for h in self.hashers)}")
+
+    @torch.inference_mode()
+    def embed(self, paths: list[str], domain: int, batch_size: int = 64
+              ) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+        """Embeddings of the readable images, their paths, and (path, error) skipped."""
+        split = Split(list(paths), np.zeros(len(paths)), np.full(len(paths), domain))
+        ds = ImageDataset(split, read_image_file, self.transform, "skip")
+        feats, kept, skipped = [], [], []
+        for i in range(0, len(paths), batch_size):
+            batch = collate([ds[j] for j in range(i, min(i + batch_size, len(paths)))])
+            skipped += batch["skipped"]
+            if "image" not in batch:
+                continue
+            b = to_device(batch, self.device, self.manifest.data_cfg.normalize)
+            feats.append(self.model(b["image"], b["domain"])["embedding"].float().cpu())
+            kept += [paths[j] for j in batch["index"].tolist()]
+        emb = torch.cat(feats).numpy() if feats else np.zeros((0, self.model.embed_dim))
+        return emb, kept, skipped
+
+
+def load_trained(run_dir: str | Path, device: str = "auto") -> TrainedModel:
+    return TrainedModel(run_dir, device)
+
+
+def build_index(run_dir: str | Path, photo_dir: str | Path, out: str | Path,
+                hasher: str | None = None, device: str = "auto") -> dict[str, Any]:
+    """Embed every image under ``photo_dir`` and save codes + paths to ``out`` (.npz)."""
+    photo_dir = Path(photo_dir)
+    if not photo_dir.is_dir():
+        raise FileNotFoundError(f"no folder {str(photo_dir)!r}")
+    paths = sorted(str(p) for p in photo_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise FileNotFoundError(f"no images under {str(photo_dir)!r}")
+    tm = load_trained(run_dir, device)
+    h = tm.hasher(hasher)
+    emb, kept, skipped = tm.embed(paths, PHOTO)
+    np.savez(out, codes=h.encode(emb), paths=np.array(kept), binary=h.binary,
+             hasher=h.tag, run_dir=str(Path(run_dir).resolve()))
+    return {"indexed": len(kept), "skipped": skipped, "hasher": h.tag, "out": str(out)}
+
+
+def search_index(index_path: str | Path, sketches: list[str], top: int = 10,
+                 device: str = "auto") -> list[dict[str, Any]]:
+    """Rank the indexed photos for each sketch: ``[{query, results: [(path, score)]}]``
+    (score: cosine similarity, or Hamming distance for binary codes)."""
+    from zsbir.hashing.search import search
+
+    with np.load(index_path) as idx:
+        codes, paths = idx["codes"], idx["paths"].tolist()
+        binary, tag, run_dir = bool(idx["binary"]), str(idx["hasher"]), str(idx["run_dir"])
+    tm = load_trained(run_dir, device)
+    emb, kept, skipped = tm.embed(list(sketches), SKETCH)
+    if skipped:
+        raise ValueError("cannot read sketch " + "; ".join(f"{p}: {e}" for p, e in skipped))
+    q = tm.hasher(tag).encode(emb)
+    scores, order = search(q, codes, min(top, len(paths)), binary=binary)
+    return [{"query": s, "results": [(paths[j], float(v)) for j, v in zip(row, vals)]}
+            for s, row, vals in zip(kept, order, scores)]
