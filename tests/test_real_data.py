@@ -29,7 +29,19 @@ def tiny_tree(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_tiny_cross_entropy_run_on_real_sketchy(shared_dir, tmp_path):
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, two OpenMP threads that wait for
+    each other while other jobs hold a core run several times slower than one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_tiny_cross_entropy_run_on_real_sketchy(shared_dir, tmp_path, one_thread):
     src = shared_dir / "data" / "sketchy-mini-seen"
     if not src.is_dir():
         pytest.skip(f"{src} is absent")

@@ -150,16 +150,17 @@ def _apply(pose: np.ndarray, pts: np.ndarray) -> np.ndarray:
 
 
 def _to_px(pts: np.ndarray, size: int) -> list[tuple[float, float]]:
-    """[-1, 1] coords -> supersampled pixel coords, as PIL wants them."""
-    px = (pts + 1.0) * (0.5 * size * _SS)
+    """[-1, 1] coords (y up) -> supersampled pixel coords (y down), as PIL wants them."""
+    px = (np.array([1.0, -1.0]) * pts + 1.0) * (0.5 * size * _SS)
     return [tuple(p) for p in px.tolist()]
 
 
 # ------------------------------------------------------------------------ photos
 @functools.lru_cache(maxsize=8)
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates ``xx, yy`` in the [-1, 1] frame (y up) of :func:`_to_px`."""
     v = (np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1
-    return np.meshgrid(v, v)  # xx, yy
+    return np.meshgrid(v, -v)
 
 
 def _hsv(h: float, s: float, v: float) -> np.ndarray:
@@ -185,8 +186,8 @@ def _background(rng: np.random.Generator, size: int, hue: float, value: float) -
     h1 = (hue + rng.uniform(0.2, 0.8)) % 1
     h2 = (h1 + rng.uniform(-0.15, 0.15)) % 1
     gap = rng.uniform(0.25, 0.45)
-    v = value - gap if (value - gap >= 0.15) and (value + gap > 1 or rng.random() < 0.5) \
-        else min(value + gap, 1.0)
+    darker = value - gap >= 0.15 and (value + gap > 1 or rng.random() < 0.5)
+    v = value - gap if darker else min(value + gap, 1.0)
     c1 = _hsv(h1, rng.uniform(0.1, 0.7), np.clip(v + rng.uniform(-0.1, 0.1), 0.1, 1))
     c2 = _hsv(h2, rng.uniform(0.1, 0.7), np.clip(v + rng.uniform(-0.2, 0.2), 0.1, 1))
     kind = rng.integers(4)
@@ -243,8 +244,9 @@ def _render_photo(rng: np.random.Generator, family: str, inner: str, size: int) 
     if holes:
         obj = obj * (1 - _mask(holes, size))
     # drop shadow: the object's mask shifted away from the light, darkening the background
-    shift = rng.uniform(0.04, 0.1) * np.array([math.cos(a := rng.uniform(0, 2 * np.pi)),
-                                                 math.sin(a)])
+    dist = rng.uniform(0.04, 0.1)
+    ang = rng.uniform(0, 2 * np.pi)
+    shift = dist * np.array([math.cos(ang), math.sin(ang)])
     shadow_pose = pose.copy()
     shadow_pose[2] += shift
     shadow = _mask([_apply(shadow_pose, outline)], size)
@@ -268,7 +270,7 @@ def _render_photo(rng: np.random.Generator, family: str, inner: str, size: int) 
 
 
 # ------------------------------------------------------------------------ sketches
-def _resample(poly: np.ndarray, step: float) -> tuple[np.ndarray, float]:
+def _resample(poly: np.ndarray, step: float) -> np.ndarray:
     """A closed polygon resampled to points ``step`` apart along its perimeter; keeps the
     vertices' arc positions so corners stay sharp."""
     closed = np.vstack([poly, poly[:1]])
@@ -276,13 +278,13 @@ def _resample(poly: np.ndarray, step: float) -> tuple[np.ndarray, float]:
     cum = np.concatenate([[0.0], np.cumsum(seg)])
     perim = float(cum[-1])
     t = np.union1d(np.linspace(0, perim, max(8, int(perim / step)), endpoint=False), cum[:-1])
-    return np.stack([np.interp(t, cum, closed[:, 0]), np.interp(t, cum, closed[:, 1])], 1), perim
+    return np.stack([np.interp(t, cum, closed[:, 0]), np.interp(t, cum, closed[:, 1])], 1)
 
 
 def _stroke(rng: np.random.Generator, poly: np.ndarray, amp: float) -> np.ndarray:
-    """One jittery pass around a closed polygon (image coords), starting anywhere, ending
+    """One jittery pass around a closed polygon ([-1, 1] frame), starting anywhere, ending
     with an overshoot or a gap, wobbling with low-frequency noise plus a tremor."""
-    pts, _ = _resample(poly, 0.05)
+    pts = _resample(poly, 0.05)
     n = len(pts)
     start = int(rng.integers(n))
     extent = rng.uniform(0.9, 1.12)
@@ -307,7 +309,7 @@ def _render_sketch(rng: np.random.Generator, family: str, inner: str, size: int)
     outline = _FAMILY_SPECS[family][0]
     pose = _pose(rng)
     amp = rng.uniform(0.015, 0.035)
-    width = int(rng.integers(3, 6))  # at _SS x: 1.5 to 2.5 px
+    width = int(rng.integers(3, 6))  # pen width in pixels at _SS x: 1.5 to 2.5 px
     ink = int(rng.integers(0, 50))
     im = Image.new("L", (size * _SS, size * _SS), 255)
     draw = ImageDraw.Draw(im)
