@@ -449,6 +449,7 @@ def test_component_pages_list_every_registered_name():
             if hasattr(entry, "parameters"):
                 for p in entry.parameters():
                     assert f"| `{p.name}` |" in page, f"{kind}/{name}: parameter {p.name}"
+    assert "| `root` | str | **required** | dataset folder" in hook.render_kind("protocols")
     index = hook.render_index()
     assert all(f"({kind}.md)" in index for kind in KINDS)
 
@@ -468,21 +469,38 @@ def test_a_new_component_appears_without_editing_docs():
     finally:
         del losses._components["zz_doc_probe"]
     section = page[page.index("### `zz_doc_probe`"):]
-    assert "| `scale` | float | `0.5` |" in section
-    assert "| `mode` | 'a' \\| 'b' | `'a'` |" in section
+    assert "| `scale` | float | `0.5` |  |" in section
+    assert "| `mode` | 'a' \\| 'b' | `\"a\"` |  |" in section
     assert "`ctx`" not in section.split("###")[1]  # injected: not a manifest key
     assert "A probe component" in section
+
+
+def test_api_pages_cover_every_module():
+    hook = _hook()
+    documented = {m for mods in hook.api_modules().values() for m in mods}
+    package = ROOT / "zsbir"
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        if not parts or parts[0] in hook.API_EXCLUDE or any(p.startswith("_") for p in parts):
+            continue
+        assert "zsbir." + ".".join(parts) in documented, f"{path} has no API page"
+    assert hook.render_api_page("manifest", ["zsbir.manifest"]).startswith("::: zsbir.manifest")
 
 
 def test_nav_has_one_page_per_kind():
     from zsbir.registry import KINDS
 
     hook = _hook()
-    config = {"nav": [{"Reference": [{"Components": hook.NAV_PLACEHOLDER}]}]}
+    config = {"nav": [{"Reference": [{"Components": hook.NAV_PLACEHOLDER},
+                                     {"API": hook.API_PLACEHOLDER}]}]}
     hook.on_config(config)
     pages = config["nav"][0]["Reference"][0]["Components"]
     assert [list(p.values())[0] for p in pages[1:]] == \
         [f"reference/components/{k}.md" for k in KINDS]
+    api = config["nav"][0]["Reference"][1]["API"]
+    assert {"zsbir.manifest": "reference/api/manifest.md"} in api
 
 
 @pytest.mark.slow

@@ -72,7 +72,8 @@ class DataConfig:
     """``[data]``: image decoding, augmentation and loading."""
 
     image_size: int = 224
-    #: data-loader worker processes; -1 = one per available core (at most 8)
+    #: data-loader worker processes; -1 = automatic (CUDA: one per core, at most 8;
+    #: CPU: one, so that decoding overlaps compute without starving it)
     workers: int = -1
     #: SAKE's recipe: with this probability, a random affine transform + flip
     augment_prob: float = 0.7

@@ -1,9 +1,11 @@
-"""mkdocs hook: the component reference, generated from zsbir's registries at build time.
+"""mkdocs hook: the component and API references, generated at build time.
 
 ``on_config`` fills the "Components" section of the nav with one page per registry kind
-(``zsbir.registry.KINDS``); ``on_files`` adds those pages (``reference/components/*.md``),
-rendered by :func:`render_kind` from the registries, so a component registered in the code
-or by an installed plugin appears without editing the docs. ``on_page_content`` turns the
+(``zsbir.registry.KINDS``) and the "API" section with one page per module or subpackage of
+``zsbir``; ``on_files`` adds those pages (``reference/components/*.md``, rendered by
+:func:`render_kind` from the registries, and ``reference/api/*.md``, mkdocstrings
+directives from :func:`api_modules`), so a component registered in the code or by an
+installed plugin, or a new module, appears without editing the docs. ``on_page_content`` turns the
 Sphinx roles the docstrings use (``:func:`zsbir.manifest.load```) into code, linked when
 mkdocstrings documents the target.
 
@@ -15,12 +17,20 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import inspect
+import json
 import re
 from pathlib import Path
 from typing import Any
 
 COMPONENTS_DIR = "reference/components"
 NAV_PLACEHOLDER = f"{COMPONENTS_DIR}/index.md"
+API_DIR = "reference/api"
+API_PLACEHOLDER = f"{API_DIR}/index.md"
+#: API pages come first in this order, then any other module alphabetically
+API_ORDER = ("manifest", "registry", "build", "context", "evaluation", "hashing", "engine",
+             "data", "models", "losses", "teachers", "semantics", "report")
+#: not API: the CLI has its own reference; ``components`` only imports the built-ins
+API_EXCLUDE = ("cli", "components")
 
 #: manifest section of each kind, and what the section is
 _SECTION_NOTES = {
@@ -90,17 +100,49 @@ def _section_line(kind: str) -> str:
     return "; ".join(parts) + "."
 
 
-def parameter_rows(comp: Any) -> list[tuple[str, str, str]]:
-    """(name, type, default) of the parameters a manifest may set, as `zsbir describe`."""
+def toml_literal(value: Any) -> str:
+    """A default as a manifest spells it (``true``, ``"photo"``, ``[0.9, 0.999]``);
+    ``None`` (nothing set) as ``(unset)``."""
+    if value is None:
+        return "(unset)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (str, Path)):
+        return json.dumps(str(value))
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_literal(v) for v in value) + "]"
+    return repr(value)
+
+
+def parameter_docs(doc: str) -> dict[str, str]:
+    """Parameter descriptions from a Google-style ``Args:`` section (empty without griffe)."""
+    try:
+        from griffe import Docstring, DocstringSectionKind, parse_google
+    except ImportError:  # pragma: no cover - griffe ships with mkdocstrings-python
+        return {}
+    out: dict[str, str] = {}
+    for section in parse_google(Docstring(doc), warnings=False):
+        if section.kind is DocstringSectionKind.parameters:
+            out.update((p.name, " ".join(p.description.split())) for p in section.value)
+    return out
+
+
+def parameter_rows(comp: Any) -> list[tuple[str, str, str, str]]:
+    """(name, type, default, description) of the parameters a manifest may set, as
+    `zsbir describe` shows them; defaults spelled as in TOML."""
     from zsbir.manifest import _hints, _type_name
 
     hints = _hints(comp.obj)
+    described = parameter_docs(comp.doc)
     rows = []
     for p in comp.parameters():
         tp = hints.get(p.name, p.annotation)
         type_text = _type_name(tp) if tp is not inspect.Parameter.empty else "any"
-        default = "required" if p.default is inspect.Parameter.empty else repr(p.default)
-        rows.append((p.name, type_text, default))
+        default = ("required" if p.default is inspect.Parameter.empty
+                   else toml_literal(p.default))
+        rows.append((p.name, type_text, default, described.get(p.name, "")))
     return rows
 
 
@@ -150,9 +192,10 @@ def render_component(comp: Any, *, mkdocstrings: bool = True) -> str:
         lines += [f"Batch structure: `{structure}`.", ""]
     rows = parameter_rows(comp)
     if rows:
-        lines += ["| parameter | type | default |", "|---|---|---|"]
-        lines += [f"| `{n}` | {_cell(t)} | `{_cell(d)}` |" if d != "required"
-                  else f"| `{n}` | {_cell(t)} | **required** |" for n, t, d in rows]
+        lines += ["| parameter | type | default | description |", "|---|---|---|---|"]
+        lines += [f"| `{n}` | {_cell(t)} | "
+                  + ("**required**" if d == "required" else f"`{_cell(d)}`")
+                  + f" | {_cell(_plain(text))} |" for n, t, d, text in rows]
     else:
         lines.append("No parameters besides `name`.")
     lines.append("")
@@ -160,7 +203,8 @@ def render_component(comp: Any, *, mkdocstrings: bool = True) -> str:
         lines += [f"::: {path}", "    options:", "      show_root_heading: false",
                   "      show_root_toc_entry: false", "      members: false",
                   "      show_bases: false", "      show_signature: false",
-                  "      show_source: false", "      heading_level: 4", ""]
+                  "      show_source: false", "      show_docstring_parameters: false",
+                  "      heading_level: 4", ""]
     elif comp.doc:
         lines += ["```text", comp.doc, "```", ""]
     return "\n".join(lines)
@@ -257,27 +301,82 @@ def _plain(text: str) -> str:
 _ROLE_MD = re.compile(r":(func|mod|class|data|meth|attr|exc|obj):`~?([^`]+)`")
 
 
+# ------------------------------------------------------------------------- API pages
+def api_modules() -> dict[str, list[str]]:
+    """Top-level module or subpackage of ``zsbir`` -> the modules its API page documents."""
+    import pkgutil
+
+    import zsbir
+
+    out: dict[str, list[str]] = {}
+    for info in pkgutil.iter_modules(zsbir.__path__):
+        if info.name in API_EXCLUDE or info.name.startswith("_"):
+            continue
+        name = f"zsbir.{info.name}"
+        if info.ispkg:
+            package = __import__(name, fromlist=["_"])
+            subs = sorted(f"{name}.{m.name}" for m in pkgutil.iter_modules(package.__path__)
+                          if not m.name.startswith("_"))
+            out[info.name] = [name, *subs]
+        else:
+            out[info.name] = [name]
+    rank = {n: i for i, n in enumerate(API_ORDER)}
+    return dict(sorted(out.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0])))
+
+
+def _module_summary(name: str) -> str:
+    import importlib
+
+    doc = inspect.getdoc(importlib.import_module(name)) or ""
+    return _plain(doc.strip().split("\n\n")[0].replace("\n", " ")) if doc else ""
+
+
+def render_api_page(top: str, modules: list[str]) -> str:
+    """``::: module`` directives for one top-level module, or a package and its modules."""
+    if len(modules) == 1:
+        return f"::: {modules[0]}\n    options:\n      heading_level: 1\n"
+    package, subs = modules[0], modules[1:]
+    out = [f"# `{package}`", "", f"::: {package}", "    options:", "      members: false",
+           "      show_root_heading: false", "      show_root_toc_entry: false", ""]
+    for sub in subs:
+        out += [f"::: {sub}", ""]
+    return "\n".join(out)
+
+
+def render_api_index() -> str:
+    out = ["# API", "", "Generated from the docstrings of the `zsbir` package when this site "
+           "was built, one page per module or subpackage.", "",
+           "| module | summary |", "|---|---|"]
+    for top, modules in api_modules().items():
+        for name in modules:
+            out.append(f"| [`{name}`]({top}.md) | {_cell(_module_summary(name))} |")
+    return "\n".join(out) + "\n"
+
+
 # ------------------------------------------------------------------------- mkdocs events
+def _replace_nav(items: list[Any], placeholder: str, pages: list[Any]) -> bool:
+    for i, item in enumerate(items):
+        if isinstance(item, dict):
+            (title, value), = item.items()
+            if value == placeholder:
+                items[i] = {title: pages}
+                return True
+            if isinstance(value, list) and _replace_nav(value, placeholder, pages):
+                return True
+    return False
+
+
 def on_config(config: Any) -> Any:
-    """Replace the nav entry for ``reference/components/index.md`` by one page per kind."""
+    """Replace the nav entries of the two generated sections by their pages."""
     from zsbir.registry import KINDS
 
-    pages = [{"Overview": NAV_PLACEHOLDER}]
-    pages += [{_title(k): f"{COMPONENTS_DIR}/{k}.md"} for k in KINDS]
-
-    def walk(items: list[Any]) -> bool:
-        for i, item in enumerate(items):
-            if isinstance(item, dict):
-                (title, value), = item.items()
-                if value == NAV_PLACEHOLDER:
-                    items[i] = {title: pages}
-                    return True
-                if isinstance(value, list) and walk(value):
-                    return True
-        return False
-
+    components = [{"Overview": NAV_PLACEHOLDER}]
+    components += [{_title(k): f"{COMPONENTS_DIR}/{k}.md"} for k in KINDS]
+    api = [{"Overview": API_PLACEHOLDER}]
+    api += [{f"zsbir.{top}": f"{API_DIR}/{top}.md"} for top in api_modules()]
     if config.get("nav"):
-        walk(config["nav"])
+        _replace_nav(config["nav"], NAV_PLACEHOLDER, components)
+        _replace_nav(config["nav"], API_PLACEHOLDER, api)
     return config
 
 
@@ -290,6 +389,10 @@ def on_files(files: Any, config: Any) -> Any:
     for kind in KINDS:
         files.append(File.generated(config, f"{COMPONENTS_DIR}/{kind}.md",
                                     content=render_kind(kind)))
+    files.append(File.generated(config, API_PLACEHOLDER, content=render_api_index()))
+    for top, modules in api_modules().items():
+        files.append(File.generated(config, f"{API_DIR}/{top}.md",
+                                    content=render_api_page(top, modules)))
     return files
 
 
@@ -307,4 +410,6 @@ def _role(match: re.Match[str]) -> str:
 
 
 def on_page_content(html: str, **kwargs: Any) -> str:
+    # mkdocs-click prints click >= 8.2's "no default" sentinel as a default value
+    html = html.replace("<code>Sentinel.UNSET</code>", "")
     return _ROLE_HTML.sub(_role, html)

@@ -146,15 +146,19 @@ class BatchList:
         return len(self.batches)
 
 
-def worker_count(requested: int) -> int:
-    """-1: one worker per available core, at most 8 (0 on a single core)."""
+def worker_count(requested: int, device: torch.device | None = None) -> int:
+    """-1 (automatic): with CUDA, one worker per available core (at most 8); on the CPU,
+    where decoding competes with the model for the same cores, one worker to overlap
+    input and compute (none on a single core)."""
     if requested >= 0:
         return requested
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - macOS
         cores = os.cpu_count() or 1
-    return 0 if cores <= 1 else min(cores, 8)
+    if cores <= 1:
+        return 0
+    return min(cores, 8) if device is not None and device.type == "cuda" else 1
 
 
 def make_loader(dataset: ImageDataset, batches: BatchList | Sequence[Sequence[Any]],

@@ -23,7 +23,7 @@ def _run(exp: Any, split: Split, fn: Callable[[dict[str, Any]], torch.Tensor]
     ds = ImageDataset(split, exp.data.reader, exp.eval_transform, cfg.on_corrupt)
     bs = cfg.eval_batch_size
     batches = [list(range(i, min(i + bs, len(split)))) for i in range(0, len(split), bs)]
-    loader = make_loader(ds, batches, worker_count(cfg.workers),
+    loader = make_loader(ds, batches, worker_count(cfg.workers, exp.ctx.device),
                          pin_memory=exp.ctx.device.type == "cuda")
     outs, kept, skipped = [], [], []
     with torch.inference_mode():

@@ -65,7 +65,7 @@ class Trainer:
         self.state = TrainState.fresh()
         m = exp.manifest
         self.device = exp.ctx.device
-        self.workers = worker_count(m.data_cfg.workers)
+        self.workers = worker_count(m.data_cfg.workers, exp.ctx.device)
         self.train_set = ImageDataset(exp.data.train, exp.data.reader, exp.train_transform,
                                       m.data_cfg.on_corrupt)
         self.batches = BatchList()
