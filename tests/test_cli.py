@@ -78,3 +78,16 @@ def test_evaluate_features_json(tmp_path):
     res = CliRunner().invoke(main, ["evaluate", "--features", str(tmp_path / "f.npz"),
                                     "--metric", "map@everything"])
     assert res.exit_code == 2
+
+
+def test_component_rejecting_its_parameters_is_a_clean_error(tmp_path):
+    """Caught while building, before training: exit 1 naming the component, no traceback;
+    the directory of a run that never trained can be used again at once."""
+    args = ["run", str(EXAMPLES / "quickstart.toml"), "--set", "train.batch_size=16",
+            "--set", f"run.output_dir={json.dumps(str(tmp_path))}"]
+    for _ in range(2):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 1, res.output
+        assert "sampler 'mixed': sketches_per_batch (32) must be within 0..batch_size (16)" \
+            in " ".join(res.output.split())
+        assert "Traceback" not in res.output and "already holds" not in res.output

@@ -8,7 +8,8 @@ Each fenced ``bash``/``sh``/``console``/``shell``, ``toml`` and ``python`` block
 
 - ``run``: every line is a ``zsbir`` command, run with click's ``CliRunner`` in the page's
   sandbox; ``zsbir run MANIFEST`` lines are run as ``zsbir validate MANIFEST`` (training
-  takes minutes) unless the marker says ``full``; ``zsbir run --resume`` lines are not run.
+  takes minutes) and ``zsbir run --resume`` lines are not run, unless the marker says
+  ``full``.
   ``exit=N`` expects that exit status (default 0).
 - ``shell``: the block runs in ``bash -euo pipefail`` in the page's sandbox.
 - ``python``: the block is executed; ``setup`` (a hidden multi-line comment,
@@ -278,11 +279,10 @@ def _run_cli(block: Block, sb: Sandbox) -> str:
     outputs = []
     for cmd in _commands(block.code):
         args = cmd[1:]
-        if args[:1] == ["run"]:
+        if args[:1] == ["run"] and "full" not in block.options:
             if "--resume" in args:
-                continue  # needs a finished run: not executed by convention
-            if "full" not in block.options:
-                args = ["validate"] + [a for a in args[1:] if a not in ("-q", "--quiet")]
+                continue  # needs an interrupted run: not executed by convention
+            args = ["validate"] + [a for a in args[1:] if a not in ("-q", "--quiet")]
         widths = cli.console.width, cli.err_console.width
         cli.console.width = cli.err_console.width = 1000  # no wrapping in the captured text
         try:
@@ -370,8 +370,13 @@ def _check_toml(block: Block, sb: Sandbox) -> None:
 
 
 def _execute(block: Block, sb: Sandbox) -> None:
-    if block.kind in ("skip", None) or _skip_reason(block):
+    if block.kind in ("skip", None):
         return
+    reason = _skip_reason(block)
+    if reason:
+        if block.kind in EXECUTED:
+            sb.output = None  # an output block after this one has nothing to compare
+        pytest.skip(reason)
     if block.kind == "run":
         sb.output = _run_cli(block, sb)
     elif block.kind == "shell":
@@ -383,7 +388,8 @@ def _execute(block: Block, sb: Sandbox) -> None:
     elif block.kind in ("manifest", "fragment", "pyproject", "toml"):
         _check_toml(block, sb)
     elif block.kind == "output":
-        assert sb.output is not None, f"{block.id}: nothing ran before this output block"
+        if sb.output is None:
+            pytest.skip("the block whose output this shows was skipped")
         got = _normalize(sb.output, sb.path)
         if "contains" in block.options:
             for line in block.code.splitlines():
@@ -408,21 +414,20 @@ def test_block(block: Block, sandboxes, tmp_path_factory):
         sb.done += 1
         try:
             _execute(earlier, sb)
+        except pytest.skip.Exception:
+            pass
         except BaseException as exc:  # noqa: BLE001 - reported on the block that needs it
             sb.failed[sb.done - 1] = f"{earlier.id}: {exc}"
     if sb.failed:
         pytest.fail("an earlier block of this page failed: "
                     + "; ".join(sb.failed.values()))
-    if block.kind == "skip":
-        sb.done = index + 1
-        pytest.skip(f"shown only: {block.options.get('reason', '')}")
-    reason = _skip_reason(block)
-    if reason:
-        sb.done = index + 1
-        pytest.skip(reason)
     sb.done = index + 1
+    if block.kind == "skip":
+        pytest.skip(f"shown only: {block.options.get('reason', '')}")
     try:
         _execute(block, sb)
+    except pytest.skip.Exception:
+        raise
     except BaseException:
         sb.failed[index] = f"{block.id} failed"
         raise

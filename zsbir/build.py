@@ -20,11 +20,16 @@ from zsbir.data.base import ProtocolData
 from zsbir.data.loading import Transform
 from zsbir.manifest import Manifest
 from zsbir.models.net import RetrievalNet, TeacherNet
-from zsbir.registry import get_registry
+from zsbir.registry import _singular, get_registry
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Experiment", "build", "call_component", "resolve_device"]
+__all__ = ["BuildError", "Experiment", "build", "call_component", "resolve_device"]
+
+
+class BuildError(ValueError):
+    """A component rejected its manifest parameters while being built (before training);
+    the message names the manifest section and the component."""
 
 
 @dataclass
@@ -66,7 +71,12 @@ def call_component(kind: str, table: dict[str, Any], ctx: BuildContext,
     accepted = inspect.signature(obj).parameters
     extra = {"ctx": ctx, **injected}
     params.update({k: v for k, v in extra.items() if k in accepted})
-    return obj(**params)
+    try:
+        return obj(**params)
+    except (ValueError, TypeError) as exc:
+        if isinstance(exc, BuildError) or type(exc).__module__ != "builtins":
+            raise  # a specific error (protocol, weights, ...) already says what is wrong
+        raise BuildError(f"{_singular(kind)} {table['name']!r}: {exc}") from exc
 
 
 def build(manifest: Manifest, run_dir: Path | None = None) -> Experiment:

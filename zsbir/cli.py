@@ -19,6 +19,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from zsbir import __version__
@@ -29,13 +30,14 @@ err_console = Console(stderr=True)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from zsbir.build import BuildError
     from zsbir.data.loading import CorruptImageError
     from zsbir.engine.run import RunDirError
     from zsbir.models.backbone import WeightsNotFoundError
     from zsbir.registry import RegistryError
 
     errors: list[type[BaseException]] = [CorruptImageError, RunDirError, WeightsNotFoundError,
-                                         RegistryError, FileNotFoundError]
+                                         RegistryError, FileNotFoundError, BuildError]
     try:
         from zsbir.data.protocols import ProtocolError
 
@@ -55,17 +57,18 @@ class ZsbirGroup(click.Group):
             _print_manifest_error(exc)
             sys.exit(2)
         except _user_errors() as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             sys.exit(1)
 
 
 def _print_manifest_error(exc: ManifestError) -> None:
     n = len(exc.problems)
-    err_console.print(f"[bold red]{exc.source}[/]: {n} problem{'s' if n != 1 else ''}",
-                      highlight=False)
+    err_console.print(f"[bold red]{escape(exc.source)}[/]: {n} "
+                      f"problem{'s' if n != 1 else ''}", highlight=False)
     for p in exc.problems:
-        err_console.print(f"  [red]-[/] [bold]{p.path}[/]: {p.message}" if p.path
-                          else f"  [red]-[/] {p.message}", highlight=False)
+        msg = escape(p.message)
+        err_console.print(f"  [red]-[/] [bold]{escape(p.path)}[/]: {msg}" if p.path
+                          else f"  [red]-[/] {msg}", highlight=False)
 
 
 def _emit_table(columns: Sequence[str], rows: Sequence[Sequence[str]],

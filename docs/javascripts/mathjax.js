@@ -1,6 +1,8 @@
 // MathJax configuration for pymdownx.arithmatex (generic mode), as mkdocs-material documents.
 window.MathJax = {
+  loader: { load: ["[tex]/boldsymbol"] },
   tex: {
+    packages: { "[+]": ["boldsymbol"] },
     inlineMath: [["\\(", "\\)"]],
     displayMath: [["\\[", "\\]"]],
     processEscapes: true,

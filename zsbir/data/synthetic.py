@@ -15,7 +15,7 @@ The two domains differ the way real photos and sketches do:
 - a **sketch** is sparse, jittery, near-black strokes on white: the outline drawn in one
   or two strokes that overshoot or leave a gap, with a slightly distorted shape.
 
-Within a class, position, scale, rotation (up to 35 degrees either way), aspect and
+Within a class, position, scale, rotation (up to 25 degrees either way), aspect and
 (sketches) stroke width and jitter vary. Every image is a key,
 ``"synthetic:<seed>:<class>:<domain>:<instance>:<size>"`` (``class`` indexes
 :data:`CLASS_NAMES`, ``domain`` is ``PHOTO``/``SKETCH``), rendered by :func:`render` from
@@ -49,7 +49,7 @@ __all__ = [
 KEY_PREFIX = "synthetic"
 _SS = 2  # supersampling factor for anti-aliased drawing
 _MIN_SIZE, _MAX_SIZE = 16, 512
-_MAX_TILT = 35.0  # degrees of rotation either way
+_MAX_TILT = 25.0  # degrees of rotation either way
 
 
 # ------------------------------------------------------------------------ class catalogue
@@ -210,10 +210,11 @@ def _background(rng: np.random.Generator, size: int, hue: float, value: float) -
     else:  # linear gradient
         ang = rng.uniform(0, 2 * np.pi)
         w = (0.5 + 0.5 * (xx * np.cos(ang) + yy * np.sin(ang)))[..., None]
+    w = 0.5 + (w - 0.5) * rng.uniform(0.3, 0.8)  # tone the texture down
     bg = c1 * (1 - w) + c2 * w
     # per-pixel grain from a child generator, so the draws after it do not depend on size
     grain_rng = np.random.default_rng(int(rng.integers(2**62)))
-    grain = grain_rng.normal(0, rng.uniform(0.01, 0.06), size=(size, size, 1))
+    grain = grain_rng.normal(0, rng.uniform(0.005, 0.03), size=(size, size, 1))
     return bg + grain
 
 

@@ -57,7 +57,10 @@ def load_resumable(run_dir: Path) -> Manifest:
 
 def _prepare_dir(run_dir: Path, manifest: Manifest, resume: bool) -> None:
     if not resume:
-        if (run_dir / RESOLVED).exists() and not manifest.run.overwrite:
+        # a directory whose run never saved a checkpoint (it failed while building) holds
+        # nothing to protect: it is reused; one with checkpoints or results is not
+        started = (run_dir / "checkpoints").is_dir() or (run_dir / "metrics.json").exists()
+        if started and not manifest.run.overwrite:
             raise RunDirError(
                 f"run directory {str(run_dir)!r} already holds a run; resume it with "
                 f"`zsbir run --resume {run_dir}`, choose another run.name, or set "
