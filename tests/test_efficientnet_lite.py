@@ -180,3 +180,32 @@ def test_frozen_teacher_and_svd_heads(lite0, photos):
     assert top1[0] in CATS and top1[1] in COFFEE, top1
     rel = float((approx - t).norm() / t.norm())
     assert rel < 0.3, rel
+
+
+def test_class_mean_teacher_on_lite0(lite0, photos, tmp_path):
+    """lite0 as SBTKNet's offline teacher: per-class mean logits over the photos only."""
+    import numpy as np
+
+    from zsbir.context import BuildContext
+    from zsbir.data.base import ProtocolData, Split
+    from zsbir.teachers.strategies import ClassMeanTeacher
+
+    x = _as_zsbir_feeds(photos)
+    inputs = {"cat.jpg": x[0], "coffee.jpg": x[1], "sketch.png": x[0]}
+    train = Split(list(inputs), np.array([0, 1, 0]), np.array([0, 0, 1]))
+    empty = Split([], np.zeros(0), np.zeros(0))
+    data = ProtocolData("fake", ["cat", "coffee"], ["x"], train, empty, empty, empty)
+    seen = []
+
+    def embed(network, split):
+        seen.extend(split.sources)
+        with torch.no_grad():
+            feats = network.backbone(torch.stack([inputs[s] for s in split.sources]))
+        return network.head(feats), feats, torch.as_tensor(split.labels)
+
+    teacher = ClassMeanTeacher(TeacherNet(lite0),
+                               BuildContext(seen_classes=["cat", "coffee"], cache_dir=tmp_path))
+    teacher.prepare(data=data, embed=embed, fingerprint={"weights": "lite0"})
+    assert seen == ["cat.jpg", "coffee.jpg"]  # photos only
+    top1 = teacher({"label": torch.tensor([0, 1])})["logits"].argmax(1).tolist()
+    assert top1[0] in CATS and top1[1] in COFFEE, top1

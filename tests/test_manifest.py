@@ -134,6 +134,7 @@ def test_invalid_toml_and_missing_file(tmp_path):
         load(tmp_path / "nope.toml")
 
 
-@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.toml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(EXAMPLES.rglob("*.toml")),
+                         ids=lambda p: str(p.relative_to(EXAMPLES)))
 def test_every_example_manifest_validates(path):
     resolve(load(path), str(path))
