@@ -1,0 +1,333 @@
+"""Benchmark: what each method buys on real sketches and photos (sketchy-mini-seen).
+
+Data: ``../shared/data/sketchy-mini-seen`` (104 real Sketchy classes, 25 photos + 25
+sketches each, 128 px) read by the ordinary ``folder`` protocol with ``num_unseen = 20``
+drawn by ``protocol.seed = 0``: 84 seen classes train, the 20 unseen classes are scored
+(500 sketch queries against 500 photos; chance = 1/20). Backbone: EfficientNet-Lite0
+with ImageNet weights (student and teacher), 128 px. Rows (manifests in examples/real/):
+
+(a) ImageNet features, no training. ``train.epochs`` must be >= 1, so this row does not go
+    through training at all: the script builds the (b) experiment with
+    :func:`zsbir.build.build` and calls :func:`zsbir.engine.run.evaluate_experiment` on it
+    untrained (no steps with lr 0: BatchNorm statistics would still move). Two variants:
+    ``a-pooled`` the backbone's pooled 1280-d features (the model replaced by its backbone
+    alone), ``a-svd`` the SVD-initialized 512-d embedding every row (b)-(d) starts from;
+(b) L_B only: ``lb.toml``; (c) L_B + L_T: ``lb_lt.toml`` (online teacher, lambda2 = 0);
+(d) SAKE: ``sake.toml`` (L_B + L_SAKE, WordNet, lambda2 = 0.3);
+(e) SBTKNet: ``sbtknet.toml`` (quadruplet + CE + class-mean knowledge preservation).
+
+Each trained row is an ordinary ``run_experiment`` per seed (``run.seed``; the class split
+stays fixed), its metrics read from the run's ``metrics.json``: unseen-class mAP@all (VOC)
+and P@25 as mean and standard deviation over seeds (sample std, n - 1), the chance level,
+wall time (build + train + evaluate) and training images/s (the run's own epochs: data
+path, teacher and losses included; validation and evaluation excluded).
+
+Speed (``--speed-steps``): zsbir's training step with its data path (files decoded and
+augmented by the loader workers, :func:`zsbir.engine.bench.bench_train`) against a plain
+PyTorch loop over preloaded tensors (decoded and normalized once) with the same model,
+loss (CE), optimizer, batch (40), image size (128) and memory format (the manifests set
+``train.channels_last = "on"``: 1.45x faster on this CPU), in alternating blocks.
+
+Threads: ``--threads 1`` by default. On the shared 2-core machine, with other jobs
+holding a core, two OpenMP threads waiting on each other ran lite0 training 1.4-5x slower
+than one thread (measured before these runs); both sides of the speed comparison use the
+same setting.
+
+Usage (from the repository root)::
+
+    python benchmarks/real_sketchy_mini.py --seeds 0                   # one seed, all rows
+    python benchmarks/real_sketchy_mini.py --seeds 0 1 2 --reuse       # add seeds 1 and 2
+    python benchmarks/real_sketchy_mini.py --rows a b --seeds 0 --speed-steps 0
+
+``--reuse`` reads a run whose ``metrics.json`` already exists instead of rerunning it.
+Recorded figures: benchmarks/README.md ("Real data").
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "real"
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "sketchy-mini-seen"
+MANIFESTS = {"b": "lb.toml", "c": "lb_lt.toml", "d": "sake.toml", "e": "sbtknet.toml"}
+LABELS = {
+    "a-pooled": "(a) ImageNet features, pooled 1280-d, no training",
+    "a-svd": "(a) ImageNet features, SVD 512-d embedding, no training",
+    "b": "(b) L_B only (CE)",
+    "c": "(c) L_B + L_T (online teacher, lambda2 = 0)",
+    "d": "(d) SAKE: L_B + L_SAKE (WordNet, lambda2 = 0.3)",
+    "e": "(e) SBTKNet: quadruplet + CE + class-mean KP",
+}
+METRICS = ("map@all", "p@25")
+
+
+def manifest_for(row: str, seed: int, args: argparse.Namespace) -> Any:
+    """The resolved manifest of a row, pointed at ``--data`` and ``--out``."""
+    from zsbir.manifest import apply_overrides, load, resolve
+
+    path = EXAMPLES / MANIFESTS["b" if row.startswith("a") else row]
+    raw = load(path)
+    raw = apply_overrides(raw, [
+        f"run.output_dir={json.dumps(str(args.out))}", f"run.name=\"{row}_seed{seed}\"",
+        f"run.seed={seed}", f"protocol.root={json.dumps(str(args.data))}",
+        *args.overrides])
+    return resolve(raw, str(path))
+
+
+def _summary(metrics: dict[str, Any], wall: float) -> dict[str, Any]:
+    task = metrics["protocol"]["name"]
+    res = metrics["results"][task]["real"]
+    out: dict[str, Any] = {m: res[m]["value"] for m in METRICS}
+    out["chance"] = metrics["chance"][task]
+    out["wall_s"] = wall
+    hist = metrics.get("train", {}).get("history", [])
+    rates = [h["images_per_s"] for h in hist if h.get("images_per_s")]
+    # equal images per epoch: the overall rate is the harmonic mean of the epochs' rates
+    out["images_per_s"] = statistics.harmonic_mean(rates) if rates else None
+    out["loss"] = [h["loss"] for h in hist]
+    out["val_accuracy"] = [h.get("val_accuracy") for h in hist]
+    out["grid"] = metrics.get("grid")
+    return out
+
+
+class PooledFeatures(torch.nn.Module):
+    """The backbone alone, its pooled features served as the retrieval embedding."""
+
+    def __init__(self, backbone: torch.nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, image: torch.Tensor, domain: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
+        return {"embedding": self.backbone(image, domain)}
+
+
+def run_untrained(seed: int, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Row (a): the (b) network built and evaluated without any training step."""
+    from zsbir.build import build
+    from zsbir.engine.run import evaluate_experiment, run_dir_of
+
+    out = {}
+    for variant in ("a-pooled", "a-svd"):
+        m = manifest_for(variant, seed, args)
+        run_dir = run_dir_of(m)
+        done = run_dir / "metrics.json"
+        if args.reuse and done.is_file():
+            saved = json.loads(done.read_text())
+            out[variant] = _summary(saved, saved["wall_s"])
+            continue
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "manifest.resolved.toml").write_text(m.to_toml())
+        t0 = time.perf_counter()
+        exp = build(m, run_dir)
+        if variant == "a-pooled":
+            exp.model = PooledFeatures(exp.model.backbone)
+        metrics = evaluate_experiment(exp, run_dir)
+        metrics.pop("_eval_skipped", None)
+        wall = time.perf_counter() - t0
+        metrics["wall_s"] = wall
+        metrics["note"] = ("untrained: zsbir.build.build + evaluate_experiment, "
+                           f"embedding = {'pooled features' if variant == 'a-pooled' else 'SVD'}")
+        done.write_text(json.dumps(metrics, indent=2, default=float))
+        out[variant] = _summary(metrics, wall)
+    return out
+
+
+def run_trained(row: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Rows (b)-(e): an ordinary run of the row's manifest."""
+    from zsbir.engine.run import run_dir_of, run_experiment
+
+    m = manifest_for(row, seed, args)
+    done = run_dir_of(m) / "metrics.json"
+    if args.reuse and done.is_file():
+        saved = json.loads(done.read_text())
+        return _summary(saved, saved.get("wall_s", float("nan")))
+    if run_dir_of(m).exists():
+        shutil.rmtree(run_dir_of(m))  # a previous, unfinished or replaced run
+    t0 = time.perf_counter()
+
+    def progress(e: dict[str, Any]) -> None:
+        if "epoch_end" in e:
+            loss = ", ".join(f"{k} {v:.3f}" for k, v in e["loss"].items())
+            print(f"    epoch {e['epoch_end']}: {loss}; val acc "
+                  f"{e.get('val_accuracy', float('nan')):.3f}; {e['images_per_s']:.1f} img/s "
+                  f"[{time.perf_counter() - t0:.0f} s]", flush=True)
+
+    metrics = run_experiment(m, progress=progress)
+    wall = time.perf_counter() - t0
+    metrics["wall_s"] = wall
+    done.write_text(json.dumps(metrics, indent=2, default=float))
+    return _summary(metrics, wall)
+
+
+# ------------------------------------------------------------------------------ speed
+def plain_loop_images_per_s(m: Any, steps: int, warmup: int, channels_last: bool) -> float:
+    """A plain PyTorch loop over preloaded tensors: same model, CE, optimizer, batch, size
+    and memory format."""
+    from PIL import Image
+
+    from zsbir.build import build
+    from zsbir.data.loading import IMAGENET_MEAN, IMAGENET_STD
+
+    exp = build(m)
+    model, opt = exp.model, exp.optimizer
+    bs, size = m.train.batch_size, m.data_cfg.image_size
+    split = exp.data.train
+    rng = np.random.default_rng(0)
+    pick = rng.choice(len(split), size=min(len(split), bs * 4), replace=False)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    imgs = np.stack([np.asarray(exp.data.reader(split.sources[i]).convert("RGB")
+                                .resize((size, size), Image.BILINEAR)) for i in pick])
+    x_all = ((torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255 - mean) / std)
+    # the memory format zsbir's step uses (train.channels_last): NCHW-contiguous, or NHWC
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x_all = x_all.contiguous(memory_format=fmt)
+    model.to(memory_format=fmt)
+    y_all = torch.from_numpy(split.labels[pick])
+    d_all = torch.from_numpy(split.domains[pick])
+    model.train()
+    n_batches = len(pick) // bs
+    t_start, images = 0.0, 0
+    for i in range(warmup + steps):
+        if i == warmup:
+            t_start = time.perf_counter()
+        j = (i % n_batches) * bs
+        x, y, d = x_all[j:j + bs], y_all[j:j + bs], d_all[j:j + bs]
+        loss = torch.nn.functional.cross_entropy(model(x, d)["logits"], y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= warmup:
+            images += bs
+    return images / (time.perf_counter() - t_start)
+
+
+def speed(args: argparse.Namespace) -> dict[str, Any]:
+    """Alternating blocks: zsbir's step with its data path, then the plain loop."""
+    from zsbir.engine.bench import bench_train
+
+    m = manifest_for("b", 0, args)
+    zs, plain = [], []
+    cl = False
+    for _ in range(args.speed_blocks):
+        r = bench_train(m, steps=args.speed_steps, warmup=args.speed_warmup)
+        zs.append(r["images_per_s"])
+        cl = bool(r["channels_last"])
+        print(f"  zsbir step + data path: {zs[-1]:.1f} images/s (data wait "
+              f"{r['data_wait_fraction']:.0%}, {r['workers']} workers, channels_last "
+              f"{cl})", flush=True)
+        plain.append(plain_loop_images_per_s(m, args.speed_steps, args.speed_warmup, cl))
+        print(f"  plain loop, preloaded:  {plain[-1]:.1f} images/s", flush=True)
+    return {"zsbir_images_per_s": zs, "plain_images_per_s": plain, "channels_last": cl,
+            "steps": args.speed_steps, "warmup": args.speed_warmup,
+            "batch_size": m.train.batch_size, "image_size": m.data_cfg.image_size}
+
+
+# ------------------------------------------------------------------------------ table
+def _ms(vals: list[float]) -> str:
+    if len(vals) == 1:
+        return f"{vals[0]:.3f}"
+    return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}"
+
+
+def table(results: dict[str, dict[int, dict[str, Any]]]) -> str:
+    lines = ["| row | seeds | mAP@all (VOC) | P@25 | chance | wall s | train images/s |",
+             "|---|---|---|---|---|---|---|"]
+    for row, per_seed in results.items():
+        runs = list(per_seed.values())
+        if not runs:
+            continue
+        rates = [r["images_per_s"] for r in runs if r["images_per_s"]]
+        rate = f"{statistics.mean(rates):.1f}" if rates else "-"
+        lines.append(
+            f"| {LABELS[row]} | {len(runs)} | {_ms([r['map@all'] for r in runs])} | "
+            f"{_ms([r['p@25'] for r in runs])} | {runs[0]['chance']:.3f} | "
+            f"{statistics.mean(r['wall_s'] for r in runs):.0f} | {rate} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--rows", nargs="+", default=["a", "b", "c", "d", "e"],
+                   choices=["a", "b", "c", "d", "e"])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "real_sketchy_mini")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--reuse", action="store_true",
+                   help="read runs that already have metrics.json instead of rerunning")
+    p.add_argument("--speed-steps", type=int, default=12,
+                   help="timed steps per block of the speed comparison (0: skip it)")
+    p.add_argument("--speed-warmup", type=int, default=2)
+    p.add_argument("--speed-blocks", type=int, default=2)
+    p.add_argument("--grid-copy", type=Path, default=None,
+                   help="copy the best trained run's retrievals.png here")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="manifest override for every row")
+    p.add_argument("--json", type=Path, default=None, help="write all figures here")
+    args = p.parse_args()
+    if not args.data.is_dir():
+        sys.exit(f"data folder {args.data} is absent (needs ../shared/data/sketchy-mini-seen)")
+    torch.set_num_threads(args.threads)
+    import zsbir.models.efficientnet_lite  # noqa: F401 - registers the backbones
+
+    machine = platform.processor() or platform.machine()
+    print(f"# real_sketchy_mini: {datetime.date.today()}, {machine}, {os.cpu_count()} cores, "
+          f"load {os.getloadavg()[0]:.1f}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} thread(s); seeds {args.seeds}", flush=True)
+    results: dict[str, dict[int, dict[str, Any]]] = {}
+    for seed in args.seeds:
+        for row in args.rows:
+            print(f"== {row} seed {seed} (load {os.getloadavg()[0]:.1f})", flush=True)
+            if row == "a":
+                for variant, res in run_untrained(seed, args).items():
+                    results.setdefault(variant, {})[seed] = res
+                    print(f"  {variant}: mAP@all {res['map@all']:.4f} P@25 {res['p@25']:.4f} "
+                          f"({res['wall_s']:.0f} s)", flush=True)
+            else:
+                res = run_trained(row, seed, args)
+                results.setdefault(row, {})[seed] = res
+                print(f"  {row}: mAP@all {res['map@all']:.4f} P@25 {res['p@25']:.4f} "
+                      f"chance {res['chance']:.3f} ({res['wall_s']:.0f} s, "
+                      f"{res['images_per_s'] or 0:.1f} img/s)", flush=True)
+    order = [r for r in ("a-pooled", "a-svd", "b", "c", "d", "e") if r in results]
+    results = {r: results[r] for r in order}
+    print("\n" + table(results), flush=True)
+    figures: dict[str, Any] = {"results": results, "load_at_end": os.getloadavg()[0]}
+    if args.speed_steps > 0:
+        print(f"\n== speed (batch 40, 128 px, {args.speed_steps} steps a block; load "
+              f"{os.getloadavg()[0]:.1f})", flush=True)
+        figures["speed"] = sp = speed(args)
+        print(f"zsbir step with data path: {statistics.mean(sp['zsbir_images_per_s']):.1f} "
+              f"images/s; plain loop over preloaded tensors: "
+              f"{statistics.mean(sp['plain_images_per_s']):.1f} images/s", flush=True)
+    trained = [(statistics.mean(r["map@all"] for r in results[row].values()), row)
+               for row in results if row in MANIFESTS]
+    if trained:
+        best_row = max(trained)[1]
+        grid = next(iter(results[best_row].values()))["grid"]
+        print(f"best trained row: {best_row}; retrieval grid: {grid}")
+        if args.grid_copy and grid:
+            shutil.copyfile(grid, args.grid_copy)
+            print(f"copied to {args.grid_copy}")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()
