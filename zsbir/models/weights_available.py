@@ -13,14 +13,16 @@ import importlib.util
 import re
 from pathlib import Path
 
+from zsbir.models.cse_resnet import TIMM_NAME as SE_RESNET50
+
 __all__ = ["TIMM_WEIGHTS", "weights_available"]
 
 #: registered backbone -> the timm model whose cached ImageNet weights it loads
 TIMM_WEIGHTS: dict[str, str] = {
     "resnet18": "resnet18",
     "resnet50": "resnet50",
-    "cse_resnet50": "legacy_seresnet50",
-    "se_resnet50": "legacy_seresnet50",
+    "cse_resnet50": SE_RESNET50,
+    "se_resnet50": SE_RESNET50,
 }
 _LITE = re.compile(r"efficientnet_lite([0-2])")
 
