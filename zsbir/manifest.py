@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from zsbir.constraints import constraints_of
 from zsbir.registry import INJECTED, Component, RegistryError, get_registry
 
 if sys.version_info >= (3, 11):
@@ -334,6 +335,17 @@ def check_type(value: Any, tp: Any, path: str, problems: list[Problem]) -> Any:
     if tp is inspect.Parameter.empty or tp is Any:
         return value
     origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        base, *meta = typing.get_args(tp)
+        sub: list[Problem] = []
+        out = check_type(value, base, path, sub)
+        problems.extend(sub)
+        if not sub:
+            for c in constraints_of(tuple(meta)):
+                msg = c.check(out)
+                if msg:
+                    problems.append(Problem(path, msg))
+        return out
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
             sub: list[Problem] = []
@@ -374,6 +386,8 @@ def check_type(value: Any, tp: Any, path: str, problems: list[Problem]) -> Any:
     if tp is int:
         if not isinstance(value, int) or isinstance(value, bool):
             problems.append(Problem(path, f"expected int, got {_value_repr(value)}"))
+        elif not -(2**63) <= value < 2**63:
+            problems.append(Problem(path, f"integer out of the 64-bit range: {value}"))
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -392,7 +406,7 @@ def check_type(value: Any, tp: Any, path: str, problems: list[Problem]) -> Any:
 def _hints(obj: Any) -> dict[str, Any]:
     target = obj.__init__ if inspect.isclass(obj) and not dataclasses.is_dataclass(obj) else obj
     try:
-        return typing.get_type_hints(target)
+        return typing.get_type_hints(target, include_extras=True)
     except Exception:  # noqa: BLE001 - unresolvable annotations: fall back to raw ones
         return {}
 

@@ -52,12 +52,16 @@ T = TypeVar("T")
 KINDS: tuple[str, ...] = (
     "protocols",
     "backbones",
+    "heads",
+    "networks",
     "losses",
     "teachers",
+    "steps",
     "samplers",
     "optimizers",
     "schedulers",
     "hashers",
+    "rerankers",
 )
 
 #: Parameters the toolkit supplies itself (never written in a manifest), per kind.
@@ -71,6 +75,10 @@ INJECTED: dict[str, frozenset[str]] = {
     "optimizers": frozenset({"ctx", "params"}),
     "schedulers": frozenset({"ctx", "optimizer", "epochs", "steps_per_epoch"}),
     "hashers": frozenset({"ctx"}),
+    "heads": frozenset({"ctx", "backbone", "num_classes"}),
+    "networks": frozenset({"ctx"}),
+    "steps": frozenset({"ctx"}),
+    "rerankers": frozenset({"ctx"}),
 }
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+\-]*$")
@@ -354,6 +362,10 @@ samplers = _REGISTRIES["samplers"]
 optimizers = _REGISTRIES["optimizers"]
 schedulers = _REGISTRIES["schedulers"]
 hashers = _REGISTRIES["hashers"]
+heads = _REGISTRIES["heads"]
+networks = _REGISTRIES["networks"]
+steps = _REGISTRIES["steps"]
+rerankers = _REGISTRIES["rerankers"]
 
 
 def get_registry(kind: str) -> Registry:

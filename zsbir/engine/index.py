@@ -33,7 +33,7 @@ class TrainedModel:
 
     def __init__(self, run_dir: str | Path, device: str = "auto"):
         run_dir = Path(run_dir)
-        final = run_dir / "checkpoints" / "final.pt"
+        final = run_dir if run_dir.is_file() else run_dir / "checkpoints" / "final.pt"
         if not final.is_file():
             raise FileNotFoundError(f"{str(run_dir)!r} has no checkpoints/final.pt: only a "
                                     "finished `zsbir run` can index photos")
@@ -57,6 +57,17 @@ class TrainedModel:
             h.load_state_dict(entry["state"])
             self.hashers.append(h)
         self.transform = Transform(self.manifest.data_cfg.image_size)
+        self.classes = ckpt["classes"]
+
+    @torch.inference_mode()
+    def embed_images(self, images: list[Any], domain: int) -> np.ndarray:
+        """Embeddings (N, d) of decoded images (PIL, converted to RGB here)."""
+        if not images:
+            return np.zeros((0, self.model.embed_dim), dtype=np.float32)
+        batch = collate([{"image": self.transform(im.convert("RGB")), "index": i, "label": 0,
+                          "domain": domain} for i, im in enumerate(images)])
+        b = to_device(batch, self.device, self.manifest.data_cfg.normalize)
+        return self.model(b["image"], b["domain"])["embedding"].float().cpu().numpy()
 
     def hasher(self, tag: str | None) -> Any:
         if tag is None:

@@ -1,0 +1,126 @@
+"""Parameter constraints declared next to the parameter, checked by ``zsbir validate``.
+
+A component (or a core manifest section) declares a range or a rule in its annotation::
+
+    from typing import Annotated
+    from zsbir.constraints import Range
+
+    def itq(bits: Annotated[int, Range(ge=1, le=4096)] = 64): ...
+
+:func:`zsbir.manifest.check_type` checks the base type first and then every constraint,
+reporting ``hashers[1].bits: must be >= 1, got -7`` with the key path. Constraints are
+plain frozen dataclasses, so ``zsbir describe`` can print them (``str(constraint)``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Constraint", "ExistingPath", "Length", "Pattern", "Range"]
+
+
+class Constraint:
+    """Base class: ``check(value)`` returns an error message or ``None``."""
+
+    def check(self, value: Any) -> str | None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Range(Constraint):
+    """A numeric range: any of ``ge``, ``gt``, ``le``, ``lt``."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def check(self, value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None  # the type check reports it
+        if self.ge is not None and value < self.ge:
+            return f"must be >= {_num(self.ge)}, got {value}"
+        if self.gt is not None and value <= self.gt:
+            return f"must be > {_num(self.gt)}, got {value}"
+        if self.le is not None and value > self.le:
+            return f"must be <= {_num(self.le)}, got {value}"
+        if self.lt is not None and value >= self.lt:
+            return f"must be < {_num(self.lt)}, got {value}"
+        return None
+
+    def __str__(self) -> str:
+        parts = [f"{op} {_num(v)}" for op, v in ((">=", self.ge), (">", self.gt),
+                                                 ("<=", self.le), ("<", self.lt))
+                 if v is not None]
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Length(Constraint):
+    """A list's length: ``exactly`` n items, or between ``min`` and ``max``."""
+
+    min: int | None = None
+    max: int | None = None
+    exactly: int | None = None
+
+    def check(self, value: Any) -> str | None:
+        if not isinstance(value, (list, tuple, str)):
+            return None
+        n = len(value)
+        if self.exactly is not None and n != self.exactly:
+            return f"must have exactly {self.exactly} item(s), got {n}"
+        if self.min is not None and n < self.min:
+            return f"must have at least {self.min} item(s), got {n}"
+        if self.max is not None and n > self.max:
+            return f"must have at most {self.max} item(s), got {n}"
+        return None
+
+    def __str__(self) -> str:
+        if self.exactly is not None:
+            return f"length {self.exactly}"
+        return f"length {self.min or 0}..{self.max if self.max is not None else ''}"
+
+
+@dataclass(frozen=True)
+class Pattern(Constraint):
+    """A string matching a regular expression (``what`` names it in the error)."""
+
+    regex: str
+    what: str = ""
+
+    def check(self, value: Any) -> str | None:
+        if isinstance(value, str) and not re.fullmatch(self.regex, value):
+            return f"must be {self.what or 'a string matching ' + self.regex}, got {value!r}"
+        return None
+
+    def __str__(self) -> str:
+        return self.what or f"matches {self.regex}"
+
+
+@dataclass(frozen=True)
+class ExistingPath(Constraint):
+    """A path that must exist (``kind``: "dir", "file" or "any"); empty means unset."""
+
+    kind: str = "any"
+
+    def check(self, value: Any) -> str | None:
+        if not isinstance(value, str) or not value:
+            return None
+        p = Path(value).expanduser()
+        ok = {"dir": p.is_dir, "file": p.is_file}.get(self.kind, p.exists)()
+        return None if ok else f"no such {self.kind if self.kind != 'any' else 'path'}: {value!r}"
+
+    def __str__(self) -> str:
+        return f"an existing {self.kind if self.kind != 'any' else 'path'}"
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else str(v)
+
+
+def constraints_of(metadata: tuple[Any, ...]) -> list[Constraint]:
+    """The constraints among an ``Annotated`` type's metadata."""
+    return [m for m in metadata if isinstance(m, Constraint)]
