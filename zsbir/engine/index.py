@@ -60,14 +60,19 @@ class TrainedModel:
         self.classes = ckpt["classes"]
 
     @torch.inference_mode()
+    def embed_batch(self, batch: dict[str, Any]) -> np.ndarray:
+        """Embeddings (N, d) of a batch from :func:`zsbir.data.loading.collate` (uint8
+        images as the loader yields them; normalized here on the model's device)."""
+        return self.embed_batch(batch)
+
+    @torch.inference_mode()
     def embed_images(self, images: list[Any], domain: int) -> np.ndarray:
         """Embeddings (N, d) of decoded images (PIL, converted to RGB here)."""
         if not images:
             return np.zeros((0, self.model.embed_dim), dtype=np.float32)
         batch = collate([{"image": self.transform(im.convert("RGB")), "index": i, "label": 0,
                           "domain": domain} for i, im in enumerate(images)])
-        b = to_device(batch, self.device, self.manifest.data_cfg.normalize)
-        return self.model(b["image"], b["domain"])["embedding"].float().cpu().numpy()
+        return self.embed_batch(batch)
 
     def hasher(self, tag: str | None) -> Any:
         if tag is None:
