@@ -59,6 +59,8 @@ class QuadrupletSampler(Sampler):
     """
 
     structure: ClassVar[str] = "quadruplet"
+    #: a quadruplet is never split across data-parallel processes
+    unit: ClassVar[int] = 4
 
     def __init__(self, labels: np.ndarray, domains: np.ndarray, batch_size: int, seed: int,
                  same_negative_class: bool = False, drop_last: bool = False):

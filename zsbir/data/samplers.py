@@ -16,7 +16,7 @@ import numpy as np
 from zsbir.data.base import PHOTO, SKETCH
 from zsbir.registry import samplers
 
-__all__ = ["MixedSampler", "RandomSampler", "Sampler", "epoch_rng"]
+__all__ = ["MixedSampler", "RandomSampler", "Sampler", "epoch_rng", "sampler_unit"]
 
 
 def epoch_rng(seed: int, epoch: int, stream: int = 0) -> np.random.Generator:
@@ -25,9 +25,12 @@ def epoch_rng(seed: int, epoch: int, stream: int = 0) -> np.random.Generator:
 
 
 class Sampler:
-    """Base class. ``structure`` tells losses how a batch is ordered."""
+    """Base class. ``structure`` tells losses how a batch is ordered; ``unit`` is how many
+    consecutive items a loss reads together, which data-parallel training never splits
+    across processes (:func:`zsbir.engine.distributed.shard_batches`)."""
 
     structure: ClassVar[str] = "items"
+    unit: ClassVar[int] = 1
 
     def __init__(self, labels: np.ndarray, domains: np.ndarray, batch_size: int, seed: int):
         if batch_size < 1:
@@ -44,6 +47,25 @@ class Sampler:
 
     def epoch(self, epoch: int) -> list[np.ndarray]:
         raise NotImplementedError
+
+    def epoch_shard(self, epoch: int, rank: int, world: int) -> list[np.ndarray]:
+        """Process ``rank`` of ``world``'s contiguous slice of each of ``epoch``'s batches:
+        the same global batches on every process, cut at ``unit`` boundaries."""
+        from zsbir.engine.distributed import shard_batches
+
+        return shard_batches(self.epoch(epoch), rank, world, sampler_unit(self),
+                             self.batch_size)
+
+
+def sampler_unit(sampler: object) -> int:
+    """Items per indivisible group of a sampler's batches: its ``unit`` attribute, else 4
+    for ``structure = "quadruplet"`` (plugin samplers need not derive from
+    :class:`Sampler`), else 1."""
+    unit = getattr(sampler, "unit", 1)
+    unit = unit if isinstance(unit, int) and unit >= 1 else 1
+    if getattr(sampler, "structure", "items") == "quadruplet" and unit % 4:
+        return 4
+    return unit
 
 
 @samplers.register("random")

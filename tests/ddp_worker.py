@@ -1,0 +1,90 @@
+"""A worker process for tests/test_distributed.py (not a test module itself).
+
+``python tests/ddp_worker.py primitives OUT_DIR`` under RANK/WORLD_SIZE/MASTER_* checks
+the collective helpers of zsbir.engine.distributed against single-process references and
+exits non-zero (with the assertion) on any mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def primitives(out: Path) -> None:
+    from zsbir.engine import distributed as D
+
+    env = D.init_distributed("cpu")
+    r, w = env.rank, env.world
+    assert env.backend == "gloo" and D.world_size() == w and D.is_main() == (r == 0)
+
+    # variable-length gather, in rank order, numpy and tensors
+    parts = [np.arange((k + 1) * 6, dtype=np.float32).reshape(-1, 2) + 100 * k
+             for k in range(w)]
+    got = D.gather_concat(parts[r])
+    np.testing.assert_array_equal(got, np.concatenate(parts))
+    got_t = D.gather_concat(torch.from_numpy(parts[r]).long())
+    assert torch.equal(got_t, torch.from_numpy(np.concatenate(parts)).long())
+    empty = D.gather_concat(np.zeros((0 if r == 0 else 2, 3), np.int64))
+    assert empty.shape == (2 * (w - 1), 3)
+    assert D.broadcast_object({"from": r, "list": [r] * 3}) == {"from": 0, "list": [0, 0, 0]}
+    means = D.mean_across_ranks({"a": torch.tensor(float(r)), "b": torch.tensor(2.0)})
+    assert abs(float(means["a"]) - (w - 1) / 2) < 1e-6 and float(means["b"]) == 2.0
+
+    # CpuSyncBatchNorm on a slice == BatchNorm on the global batch (values and gradients)
+    g = torch.Generator().manual_seed(0)
+    x_all = torch.randn(8, 3, 4, 4, generator=g) * 3 + 1
+    upstream = torch.randn(8, 3, 4, 4, generator=g)
+    ref = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5, generator=g)
+        ref.bias.uniform_(-1, 1, generator=g)
+    bn = D.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(3)), torch.device("cpu"))[0]
+    assert isinstance(bn, D.CpuSyncBatchNorm)
+    bn.load_state_dict(ref.state_dict())
+    x_ref = x_all.clone().requires_grad_(True)
+    y_ref = ref(x_ref)  # one training-mode call: one running-statistics update
+    (y_ref * upstream).sum().backward()
+    sl = D.shard_range(8, r, w)
+    x = x_all[sl.start:sl.stop].clone().requires_grad_(True)
+    y = bn(x)
+    (y * upstream[sl.start:sl.stop]).sum().backward()
+    np.testing.assert_allclose(y.detach(), y_ref[sl.start:sl.stop].detach(),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(x.grad, x_ref.grad[sl.start:sl.stop], rtol=1e-4, atol=1e-5)
+    gw = D.gather_concat(bn.weight.grad[None]).sum(0)  # each rank holds its share
+    np.testing.assert_allclose(gw, ref.weight.grad, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(bn.running_mean, ref.running_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
+
+    # DDP with the slice-weighting hook: an uneven trailing batch (5 items over 2 ranks)
+    # gives every rank the gradient of the whole batch's mean loss
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    single = nn.Linear(4, 2)
+    single.load_state_dict(model.state_dict())
+    xb, yb = torch.randn(5, 4, generator=g), torch.randn(5, 2, generator=g)
+    nn.functional.mse_loss(single(xb), yb).backward()
+    ddp, state = D.wrap_ddp(model, torch.device("cpu"))
+    idx = D.shard_batch(np.arange(5), r, w)
+    state.weight = D.slice_weight(5, len(idx), w)
+    nn.functional.mse_loss(ddp(xb[idx]), yb[idx]).backward()
+    for p, q in zip(model.parameters(), single.parameters()):
+        np.testing.assert_allclose(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+    (out / f"rank{r}.json").write_text(json.dumps({"ok": True, "rank": r}))
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    mode, out_dir = sys.argv[1], Path(sys.argv[2])
+    torch.set_num_threads(1)
+    if mode == "primitives":
+        primitives(out_dir)
+    else:
+        raise SystemExit(f"unknown mode {mode!r} (rank {os.environ.get('RANK')})")
