@@ -61,6 +61,7 @@ __all__ = [
     "EvalResult",
     "MEMORY_BUDGET_BYTES",
     "evaluate_retrieval",
+    "evaluate_score_fn",
     "evaluate_scores",
     "pairwise_scores",
     "hamming_distances",
@@ -520,6 +521,29 @@ class _PrecomputedScorer:
         return self.s.index_select(0, torch.from_numpy(rows).to(self.s.device))
 
 
+class _FunctionScorer:
+    """Scores computed on demand: ``fn(rows) -> (len(rows), G)`` (higher = closer)."""
+
+    integer = False
+    code_bits = None
+    distance = "precomputed"
+
+    def __init__(self, fn: Callable[[np.ndarray], ArrayLike], num_query: int,
+                 num_gallery: int, device: torch.device) -> None:
+        self.fn, self.device = fn, device
+        self.num_query, self.num_gallery = num_query, num_gallery
+
+    def chunk(self, rows: np.ndarray) -> torch.Tensor:
+        s = _to_tensor(self.fn(rows), "scores")
+        if tuple(s.shape) != (len(rows), self.num_gallery):
+            raise ValueError(f"score function gave shape {tuple(s.shape)} for {len(rows)} "
+                             f"rows, expected ({len(rows)}, {self.num_gallery})")
+        s = s.to(device=self.device, dtype=torch.float32)
+        if not _all_finite(s):
+            raise ValueError("scores contain NaN or infinite values")
+        return s
+
+
 def pairwise_scores(query: ArrayLike, gallery: ArrayLike, distance: Distance = "cosine",
                     device: str | torch.device = "cpu") -> torch.Tensor:
     """The full (Q, G) float32 score matrix the evaluator ranks (higher = closer).
@@ -563,7 +587,7 @@ def _labels(x: ArrayLike | Sequence[int], n: int, name: str) -> np.ndarray:
     return a.astype(np.int64)
 
 
-def _run(scorer: _Scorer | _PrecomputedScorer, query_labels: ArrayLike,
+def _run(scorer: _Scorer | _PrecomputedScorer | _FunctionScorer, query_labels: ArrayLike,
          gallery_labels: ArrayLike, metrics: Sequence[str] | str, chunk_size: int | None,
          device: torch.device, per_class: bool, use_numpy: bool) -> EvalResult:
     specs = _parse_metrics(metrics)
@@ -720,5 +744,31 @@ def evaluate_scores(
     """
     dev = torch.device(device)
     scorer = _PrecomputedScorer(scores, dev)
+    return _run(scorer, query_labels, gallery_labels, metrics, chunk_size, dev, per_class,
+                use_numpy=dev.type == "cpu")
+
+
+def evaluate_score_fn(
+    score_fn: Callable[[np.ndarray], torch.Tensor | np.ndarray],
+    query_labels: torch.Tensor | np.ndarray,
+    gallery_labels: torch.Tensor | np.ndarray,
+    metrics: Sequence[str] = ("map@all", "p@100"),
+    *,
+    chunk_size: int | None = None,
+    device: str | torch.device = "cpu",
+    per_class: bool = False,
+) -> EvalResult:
+    """:func:`evaluate_scores` with the scores computed chunk by chunk:
+    ``score_fn(rows)`` returns the (len(rows), G) scores (higher = closer) of the queries
+    ``rows`` (an int64 index array), so the full (Q, G) matrix never exists. A query's
+    scores must not depend on which other rows are asked with it (rerankers:
+    :meth:`zsbir.rerankers.Reranker.score_rows`).
+    """
+    dev = torch.device(device)
+    ql = query_labels.detach().cpu().numpy() if isinstance(query_labels, torch.Tensor) \
+        else np.asarray(query_labels)
+    gl = gallery_labels.detach().cpu().numpy() if isinstance(gallery_labels, torch.Tensor) \
+        else np.asarray(gallery_labels)
+    scorer = _FunctionScorer(score_fn, len(ql), len(gl), dev)
     return _run(scorer, query_labels, gallery_labels, metrics, chunk_size, dev, per_class,
                 use_numpy=dev.type == "cpu")
