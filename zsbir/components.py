@@ -1,5 +1,6 @@
 """Imports every module that registers a built-in component (once, on first lookup)."""
 
+from zsbir import rerankers  # noqa: F401
 from zsbir.data import protocols, quadruplet, samplers, synthetic  # noqa: F401
 from zsbir.engine import optim  # noqa: F401
 from zsbir.hashing import hashers  # noqa: F401
