@@ -145,6 +145,7 @@ def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
 
     m, data, ev = exp.manifest, exp.data, exp.manifest.evaluation
     t0 = time.perf_counter()
+    stacked = _stack_views(exp)  # rerankers that need the model: also embed image views
     q_emb, q_kept, skipped = embed_split(exp, data.query)
     g_emb, g_kept, g_skip = embed_split(exp, data.gallery)
     skipped += g_skip
@@ -166,6 +167,10 @@ def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
         qi, gi = unseen[rank_in_class % 2 == 1], unseen[rank_in_class % 2 == 0]
         tasks[f"{name}-pbir"] = (g_emb[qi], g_lab[qi], g_emb[gi], g_lab[gi])
     embed_time = time.perf_counter() - t0
+    if stacked:  # plain embeddings from here on; tasks keep every view for the rerankers
+        exp.model = exp.model.model
+        d = q_emb.shape[1] // len(stacked)
+        q_emb, g_emb = q_emb[:, :d], g_emb[:, :d]
 
     fit_on = g_emb
     if any(t["name"] != "none" for t in m.hashers):
@@ -175,14 +180,18 @@ def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
 
     results: dict[str, Any] = {"protocol": dict(m.protocol), "results": {}, "chance": {},
                                "sizes": {}}
+    rerank_seconds: dict[str, float] = {}
     for task, (qe, ql, ge, gl) in tasks.items():
         per_hasher = {}
+        views, (qe, ge) = (qe, ge), (qe[:, :q_emb.shape[1]], ge[:, :q_emb.shape[1]])
         for hasher in exp.hashers:
             per_hasher[hasher.tag] = _score(exp, hasher, qe, ql, ge, gl)
             if progress:
                 progress({"evaluated": f"{task} {hasher.tag}",
                           "metrics": {k: v["value"] for k, v in per_hasher[hasher.tag].items()
                                       if k != "per_class"}})
+        per_hasher.update(_score_rerankers(exp, task, *views, ql, gl, stacked, progress,
+                                           rerank_seconds, results))
         results["results"][task] = per_hasher
         results["chance"][task] = positive_rate(ql, gl)
         results["sizes"][task] = {"queries": int(len(ql)), "gallery": int(len(gl))}
@@ -190,6 +199,8 @@ def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
                               "random ranking")
     results["num_queries"], results["num_gallery"] = int(len(q_lab)), int(len(g_lab))
     results["seconds"] = {"embed": embed_time, "evaluate_total": time.perf_counter() - t0}
+    if rerank_seconds:
+        results["seconds"]["rerankers"] = rerank_seconds
     results["_eval_skipped"] = [list(s) for s in skipped]
     if run_dir is not None:
         np.savez(run_dir / "features.npz", query_features=q_emb, query_labels=q_lab,
@@ -222,6 +233,85 @@ def _score(exp: Experiment, hasher: Any, qe: np.ndarray, ql: np.ndarray, ge: np.
         entry["per_class"] = {name: {exp.data.classes[int(k)]: float(v) for k, v in pc.items()}
                               for name, pc in res.per_class.items()}
     return entry
+
+
+class _ViewStack(torch.nn.Module):
+    """The model, its embedding concatenated with the embeddings of image views
+    (:data:`zsbir.rerankers.VIEWS`): (B, (1 + V) d), the plain embedding first."""
+
+    def __init__(self, model: torch.nn.Module, views: list[str]):
+        super().__init__()
+        self.model, self.views = model, views
+
+    def forward(self, image: torch.Tensor, domain: torch.Tensor) -> dict[str, torch.Tensor]:
+        from zsbir.rerankers import VIEWS
+
+        out = [self.model(image, domain)["embedding"]]
+        out += [self.model(VIEWS[v](image), domain)["embedding"] for v in self.views]
+        return {"embedding": torch.cat(out, dim=1)}
+
+
+def _stack_views(exp: Experiment) -> list[str]:
+    """If a reranker ``needs_model``, wrap ``exp.model`` so the embedding passes also embed
+    every view any reranker asks for; returns the column blocks' names (``"plain"`` first),
+    or ``[]`` when nothing was wrapped."""
+    views: list[str] = []
+    for r in getattr(exp, "rerankers", []):
+        if getattr(r, "needs_model", False):
+            views += [v for v in r.views if v not in views]
+    if not views:
+        return []
+    exp.model = _ViewStack(exp.model, views)
+    return ["plain", *views]
+
+
+def _score_rerankers(exp: Experiment, task: str, qe: np.ndarray, ge: np.ndarray,
+                     ql: np.ndarray, gl: np.ndarray, stacked: list[str],
+                     progress: Callable[[dict[str, Any]], None] | None,
+                     seconds: dict[str, float], results: dict[str, Any]) -> dict[str, Any]:
+    """Every reranker on every real-valued hasher's codes: ``"<hasher>+<reranker>"``
+    entries (binary hashers are skipped, with a note). ``qe``/``ge`` hold all the views
+    (blocks of columns named by ``stacked``, the plain embedding first) when some
+    reranker needs the model. Fitting sees the unlabeled gallery (and queries), never a label."""
+    from zsbir.evaluation import evaluate_score_fn
+
+    rerankers, ev = getattr(exp, "rerankers", []), exp.manifest.evaluation
+    out: dict[str, Any] = {}
+    if not rerankers:
+        return out
+    d = qe.shape[1] // max(len(stacked), 1)
+    for hasher in exp.hashers:
+        if hasher.binary:
+            results.setdefault("notes", []).append(
+                f"rerankers skipped on binary hasher {hasher.tag}: they re-rank "
+                "real-valued embeddings")
+            continue
+        for r in rerankers:
+            key = f"{hasher.tag}+{r.tag}"
+            t0 = time.perf_counter()
+            if r.needs_model:  # (N, views, d): the plain view, then r.views in order
+                cols = [0] + [stacked.index(v) for v in r.views]
+                q = np.stack([hasher.encode(qe[:, c * d:(c + 1) * d]) for c in cols], 1)
+                g = np.stack([hasher.encode(ge[:, c * d:(c + 1) * d]) for c in cols], 1)
+            else:
+                q, g = hasher.encode(qe[:, :d]), hasher.encode(ge[:, :d])
+            r.fit(g, queries=q if r.uses_queries else None)
+            res = evaluate_score_fn(r.score_rows(q, g), ql, gl, ev.metrics,
+                                    chunk_size=ev.chunk_size or None,
+                                    device=exp.ctx.device, per_class=ev.per_class)
+            seconds[f"{task} {key}"] = time.perf_counter() - t0
+            entry: dict[str, Any] = {n: {"value": float(v), "formula": res.formulas.get(n, "")}
+                                     for n, v in res.metrics.items()}
+            if ev.per_class:
+                entry["per_class"] = {n: {exp.data.classes[int(k)]: float(v)
+                                          for k, v in pc.items()}
+                                      for n, pc in res.per_class.items()}
+            out[key] = entry
+            if progress:
+                progress({"evaluated": f"{task} {key}",
+                          "metrics": {k: v["value"] for k, v in entry.items()
+                                      if k != "per_class"}})
+    return out
 
 
 def _grid(exp: Experiment, q_emb: np.ndarray, q_kept: np.ndarray, g_emb: np.ndarray,
