@@ -38,7 +38,6 @@ import io
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -508,22 +507,105 @@ def test_nav_has_one_page_per_kind():
     assert {"zsbir.manifest": "reference/api/manifest.md"} in api
 
 
-@pytest.mark.slow
-def test_mkdocs_build_strict(tmp_path):
-    """`mkdocs build --strict`: broken links, anchors, references or nav entries fail."""
+@pytest.fixture(scope="module")
+def built_site(tmp_path_factory) -> Path:
+    """The site as `mkdocs build --strict` makes it (once per test module)."""
     missing = [m for m in ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python",
                            "mkdocs_click") if importlib.util.find_spec(m.split(".")[0]) is None]
     if missing:
         pytest.skip(f"docs toolchain not installed ({', '.join(missing)}): "
                     "pip install -e '.[dev]'")
-    site = tmp_path / "site"
+    hook = _hook()
+    try:
+        hook.katex_dir()
+    except hook.MathError as exc:
+        pytest.skip(f"cannot render the equations: {exc}")
+    site = tmp_path_factory.mktemp("site")
     env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
     proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d",
                            str(site)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout
-    losses = (site / "reference" / "components" / "losses" / "index.html").read_text("utf-8")
+    return site
+
+
+@pytest.mark.slow
+def test_mkdocs_build_strict(built_site: Path):
+    """`mkdocs build --strict`: broken links, anchors, references or nav entries fail."""
+    losses = (built_site / "reference" / "components" / "losses.html").read_text("utf-8")
     assert "domain_quadruplet" in losses and "lambda2" in losses
-    cli = (site / "reference" / "cli" / "index.html").read_text("utf-8")
+    cli = (built_site / "reference" / "cli.html").read_text("utf-8")
     assert "--resume" in cli and "validate" in cli
-    shutil.rmtree(site, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_site_reads_offline(built_site: Path):
+    """No page loads anything from the network; pages are files (file:// navigation), and
+    every equation is KaTeX HTML rendered at build time (no raw \\( left)."""
+    pages = sorted(built_site.rglob("*.html"))
+    assert len(pages) > 20
+    remote = re.compile(r"""<(?:script|link|img)\b[^>]*\b(?:src|href)=["']https?://""")
+    for page in pages:
+        text = page.read_text("utf-8")
+        assert not remote.search(text), f"{page} loads something from the network"
+        assert "arithmatex\">\\(" not in text and "arithmatex\">\\[" not in text, \
+            f"{page} has an equation left unrendered"
+    # use_directory_urls = false: page.html, not page/index.html (a folder under file://)
+    assert (built_site / "methods" / "sake.html").is_file()
+    assert not (built_site / "methods" / "sake").exists()
+    sake = (built_site / "methods" / "sake.html").read_text("utf-8")
+    assert sake.count('class="katex"') >= 5
+    assert (built_site / "assets" / "katex" / "katex.min.css").is_file()
+    assert list((built_site / "assets" / "katex" / "fonts").glob("KaTeX_Main-*.woff2"))
+
+
+def _chromium() -> Any:
+    from shutil import which
+
+    try:
+        from selenium import webdriver
+    except ImportError:
+        pytest.skip("selenium is not installed (pip install -e '.[dev]')")
+    browser = next(filter(None, map(which, ("chromium", "chromium-browser", "google-chrome"))),
+                   None)
+    driver = which("chromedriver")
+    if browser is None or driver is None:
+        pytest.skip("headless Chromium is not installed (apt-get install chromium "
+                    "chromium-driver)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--allow-file-access-from-files"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(options=opts, service=webdriver.ChromeService(driver))
+
+
+@pytest.mark.slow
+def test_equations_render_in_a_browser_from_file_urls(built_site: Path):
+    """Headless Chromium opens two built pages from file:// (no network, no server): the
+    equations are KaTeX output styled by the bundled stylesheet, no raw TeX is visible,
+    and a link to another page opens that page (not a directory listing)."""
+    from selenium.webdriver.common.by import By
+
+    driver = _chromium()
+    try:
+        for rel in ("methods/sake.html", "protocols-and-metrics.html"):
+            driver.get((built_site / rel).as_uri())
+            maths = driver.find_elements(By.CSS_SELECTOR, ".arithmatex .katex-html")
+            assert maths, f"{rel}: no KaTeX output"
+            assert all(m.is_displayed() for m in maths[:5])
+            text = driver.find_element(By.TAG_NAME, "article").text
+            assert "\\(" not in text and "\\frac" not in text, f"{rel}: raw TeX is shown"
+            family = driver.execute_script(
+                "return getComputedStyle(document.querySelector('.katex')).fontFamily")
+            assert "KaTeX_Main" in family, f"{rel}: KaTeX's stylesheet not applied ({family})"
+            hidden = driver.execute_script(
+                "return getComputedStyle(document.querySelector('.katex-mathml')).position")
+            assert hidden == "absolute", f"{rel}: MathML fallback shown as text"
+        link = driver.find_element(By.CSS_SELECTOR, "a[href$='getting-started.html']")
+        driver.execute_script("arguments[0].click()", link)  # the nav may be collapsed
+        assert driver.current_url.startswith("file://")
+        assert driver.current_url.endswith("/getting-started.html")
+        assert "Getting started" in driver.find_element(By.TAG_NAME, "h1").text
+    finally:
+        driver.quit()

@@ -42,12 +42,17 @@ _SECTION_NOTES = {
     "optimizers": "The optimizer over the model's (and the losses') trainable parameters.",
     "schedulers": "The learning-rate schedule, stepped once per epoch.",
     "hashers": "How embeddings are indexed for retrieval: real-valued or binary codes.",
+    "heads": "What sits on the backbone's features: the retrieval embedding and classifiers.",
+    "networks": "Frozen networks that produce a teacher's signal (logits and/or features).",
+    "steps": "What one training step does: forward, teacher signal, weighted losses.",
+    "rerankers": "Test-time re-ranking of the gallery, scored beside the plain ranking.",
 }
 
 _TITLES = {
     "protocols": "Protocols", "backbones": "Backbones", "losses": "Losses",
     "teachers": "Teachers", "samplers": "Samplers", "optimizers": "Optimizers",
-    "schedulers": "Schedulers", "hashers": "Hashers",
+    "schedulers": "Schedulers", "hashers": "Hashers", "heads": "Heads",
+    "networks": "Networks", "steps": "Steps", "rerankers": "Rerankers",
 }
 
 
@@ -64,10 +69,24 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _section_of(kind: str) -> tuple[str, bool, bool, Any, dict[str, Any]] | None:
-    from zsbir.manifest import COMPONENT_SECTIONS
+#: where the nested component kinds' tables usually sit (core API, issue 14)
+_NESTED_HOME = {"heads": "model.head", "networks": "teacher.network", "steps": "train.step"}
 
-    for key, (k, is_list, required, default, reserved) in COMPONENT_SECTIONS.items():
+
+def _section_of(kind: str) -> tuple[str, bool, bool, Any, dict[str, Any]] | None:
+    """(key, is a list, required, default table, reserved keys) of a top-level section."""
+    import zsbir.manifest as zm
+
+    sections = zm.COMPONENT_SECTIONS
+    keys = getattr(zm, "COMPONENT_KEYS", None)
+    reserved_all = getattr(zm, "RESERVED", {})
+    for key, spec in sections.items():
+        if len(spec) == 5:  # (kind, is_list, required, default, reserved)
+            k, is_list, required, default, reserved = spec
+        else:  # (is_list, required, default); kind from COMPONENT_KEYS
+            k = (keys or {}).get(key)
+            is_list, required, default = spec
+            reserved = reserved_all.get(key, {})
         if k == kind:
             return key, is_list, required, default, reserved
     return None
@@ -82,7 +101,7 @@ def _section_line(kind: str) -> str:
         key, is_list, required, default, reserved = sec
         header = f"[[{key}]]" if is_list else f"[{key}]"
         need = "required" if required else "optional"
-        if default is not None:
+        if default:
             names = [t["name"] for t in (default if isinstance(default, list) else [default])]
             need += f"; default {', '.join(f'`{n}`' for n in names)}"
         parts.append(f"manifest table `{header}` ({need})")
@@ -92,6 +111,9 @@ def _section_line(kind: str) -> str:
             elif rkey == "backbone":
                 parts.append("an optional `[teacher.backbone]` table names the teacher's "
                              "network (default: the student's `[backbone]` table)")
+    elif kind in _NESTED_HOME:
+        parts.append(f"manifest table `[{_NESTED_HOME[kind]}]` (a component nested in "
+                     "another one's table)")
     parts.append(f"entry-point group `zsbir.{kind}`")
     injected = sorted(INJECTED.get(kind, ()))
     if injected:
@@ -183,9 +205,12 @@ def render_component(comp: Any, *, mkdocstrings: bool = True) -> str:
         origin.append(f"`{path}`")
     origin.append(f"source `{_source(comp)}`")
     lines += [" · ".join(origin), ""]
-    requires = sorted(getattr(obj, "requires", ()) or ())
-    if requires:
-        lines += ["Needs: " + ", ".join(f"`{r}`" for r in requires)
+    raw_requires = getattr(obj, "requires", ()) or ()
+    if callable(raw_requires) and not isinstance(raw_requires, (set, frozenset)):
+        # depends on the component's parameters (zsbir.registry.declared)
+        lines += ["Needs: depends on its parameters (checked by `zsbir validate`).", ""]
+    elif raw_requires:
+        lines += ["Needs: " + ", ".join(f"`{r}`" for r in sorted(raw_requires))
                   + " (checked by `zsbir validate`).", ""]
     structure = getattr(obj, "structure", None)
     if comp.kind == "samplers" and isinstance(structure, str):
@@ -377,6 +402,10 @@ def on_config(config: Any) -> Any:
     if config.get("nav"):
         _replace_nav(config["nav"], NAV_PLACEHOLDER, components)
         _replace_nav(config["nav"], API_PLACEHOLDER, api)
+    css = f"{KATEX_CSS_DIR}/katex.min.css"
+    extra_css = config.get("extra_css")
+    if extra_css is not None and css not in extra_css:
+        extra_css.append(css)
     return config
 
 
@@ -412,4 +441,114 @@ def _role(match: re.Match[str]) -> str:
 def on_page_content(html: str, **kwargs: Any) -> str:
     # mkdocs-click prints click >= 8.2's "no default" sentinel as a default value
     html = html.replace("<code>Sentinel.UNSET</code>", "")
+    html = render_math(html, where=getattr(kwargs.get("page"), "file", None))
     return _ROLE_HTML.sub(_role, html)
+
+
+# ------------------------------------------------------------------- equations (KaTeX)
+# Equations are rendered to HTML when the site is built (KaTeX run by node), so a page
+# shows them without JavaScript or network, from a file:// path too. The KaTeX npm
+# package is installed once into .cache/docs (npm; `.ci/run` does it before building).
+KATEX_VERSION = "0.16.22"
+ROOT = Path(__file__).resolve().parents[2]
+KATEX_PREFIX = ROOT / ".cache" / "docs"
+KATEX_CSS_DIR = "assets/katex"
+# pymdownx.arithmatex (generic): <span class="arithmatex">\(...\)</span>, and
+# <div class="arithmatex">\[...\]</div> for display equations
+_MATH = re.compile(r'<(span|div) class="arithmatex">\s*\\([(\[])(.*?)\\[)\]]\s*</\1>', re.S)
+_NODE_RENDER = r"""
+const katex = require(process.argv[1]);
+let input = "";
+process.stdin.on("data", (d) => { input += d; });
+process.stdin.on("end", () => {
+  const out = JSON.parse(input).map(([tex, display]) => {
+    try {
+      return [katex.renderToString(tex, {displayMode: display, throwOnError: true,
+                                         output: "htmlAndMathml", strict: "ignore"}), null];
+    } catch (e) { return [null, String(e.message || e)]; }
+  });
+  process.stdout.write(JSON.stringify(out));
+});
+"""
+
+
+class MathError(RuntimeError):
+    """KaTeX is missing, or an equation does not parse."""
+
+
+def katex_dir() -> Path:
+    """The KaTeX npm package (``$ZSBIR_KATEX_DIR``, or installed into .cache/docs with
+    npm on first use)."""
+    import os
+    import shutil
+    import subprocess
+
+    env = os.environ.get("ZSBIR_KATEX_DIR")
+    path = Path(env) if env else KATEX_PREFIX / "node_modules" / "katex"
+    if (path / "dist" / "katex.min.css").is_file():
+        return path
+    npm = shutil.which("npm")
+    if env is None and npm and shutil.which("node"):
+        KATEX_PREFIX.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--prefix",
+                               str(KATEX_PREFIX), f"katex@{KATEX_VERSION}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if proc.returncode == 0 and (path / "dist" / "katex.min.css").is_file():
+            return path
+        raise MathError(f"npm could not install katex@{KATEX_VERSION}: {proc.stdout[-500:]}")
+    raise MathError(
+        f"KaTeX not found at {path}: the docs render equations at build time with node and "
+        f"the katex npm package; install them (apt-get install nodejs npm; npm install "
+        f"--prefix {KATEX_PREFIX} katex@{KATEX_VERSION}) or set ZSBIR_KATEX_DIR")
+
+
+def katex_render(items: list[tuple[str, bool]]) -> list[str]:
+    """HTML of each ``(tex, display)``, rendered by KaTeX in one node process."""
+    import shutil
+    import subprocess
+
+    if not items:
+        return []
+    node = shutil.which("node")
+    if node is None:
+        raise MathError("node is not installed: the docs render equations with KaTeX "
+                        "(apt-get install nodejs)")
+    proc = subprocess.run([node, "-e", _NODE_RENDER, str(katex_dir())],
+                          input=json.dumps(items), capture_output=True, text=True,
+                          timeout=120)
+    if proc.returncode != 0:
+        raise MathError(f"KaTeX failed: {proc.stderr[-500:]}")
+    out = []
+    for (tex, _), (html, err) in zip(items, json.loads(proc.stdout)):
+        if err is not None:
+            raise MathError(f"equation {tex!r}: {err}")
+        out.append(html)
+    return out
+
+
+def render_math(html: str, where: Any = None) -> str:
+    """Every arithmatex equation of a page replaced by KaTeX's HTML."""
+    import html as html_lib
+
+    matches = list(_MATH.finditer(html))
+    if not matches:
+        return html
+    items = [(html_lib.unescape(m.group(3)).strip(), m.group(2) == "[") for m in matches]
+    try:
+        rendered = iter(katex_render(items))
+    except MathError as exc:
+        raise MathError(f"{where or 'a page'}: {exc}") from None
+    return _MATH.sub(lambda m: (f'<{m.group(1)} class="arithmatex">{next(rendered)}'
+                                f"</{m.group(1)}>"), html)
+
+
+def on_post_build(config: Any) -> None:
+    """KaTeX's stylesheet and fonts into the site (``assets/katex``)."""
+    import shutil
+
+    src = katex_dir() / "dist"
+    dst = Path(config["site_dir"]) / KATEX_CSS_DIR
+    (dst / "fonts").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src / "katex.min.css", dst / "katex.min.css")
+    for font in (src / "fonts").glob("*.woff2"):
+        shutil.copy2(font, dst / "fonts" / font.name)
