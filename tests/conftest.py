@@ -58,3 +58,26 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"../shared is absent ({SHARED}); real-data tests need it")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished tiny synthetic run (test_e2e's TINY settings: ResNet-18 from scratch,
+    32 px, 2 epochs; real-valued and 8-bit ITQ hashers), trained once per session."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("_zsbir_test_e2e",
+                                                  Path(__file__).with_name("test_e2e.py"))
+    e2e = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(e2e)
+    from zsbir.engine.run import run_experiment
+    from zsbir.manifest import apply_overrides, load, resolve
+
+    out = tmp_path_factory.mktemp("tiny-run")
+    raw = apply_overrides(load(e2e.EXAMPLES / "quickstart.toml"),
+                          [*e2e.TINY, f"run.output_dir={json.dumps(str(out))}", "run.name=run"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ZSBIR_CACHE", str(tmp_path_factory.mktemp("tiny-run-cache")))
+        run_experiment(resolve(raw))
+    return out / "run"

@@ -107,16 +107,18 @@ def test_index_and_search_a_photo_folder(tmp_path):
     (photos / "bad.png").write_bytes(b"nope")
     Image.fromarray(render(1, 1, 0, 5, 32)).save(tmp_path / "sketch.png")
     runner = CliRunner()
-    res = runner.invoke(main, ["index", str(tmp_path / "idx"), str(photos), "-o",
-                               str(tmp_path / "i.npz"), "--hasher", "itq8"],
+    res = runner.invoke(main, ["index", "build", str(tmp_path / "idx"), str(photos),
+                               str(tmp_path / "i.index"), "--hasher", "itq8", "--workers", "0"],
                         catch_exceptions=False)
-    assert res.exit_code == 0 and "indexed 9 photos (itq8)" in res.output
+    assert res.exit_code == 0 and "9 photos embedded" in res.output
     assert "bad.png" in res.output
-    res = runner.invoke(main, ["search", str(tmp_path / "i.npz"), str(tmp_path / "sketch.png"),
-                               "--top", "4", "--json"], catch_exceptions=False)
+    res = runner.invoke(main, ["search", str(tmp_path / "i.index"),
+                               str(tmp_path / "sketch.png"), "--top", "4", "--json"],
+                        catch_exceptions=False)
     assert res.exit_code == 0
     out = json.loads(res.output)
-    ranked = out[0]["results"]
-    assert len(ranked) == 4 and all(Path(p).parent == photos for p, _ in ranked)
-    distances = [d for _, d in ranked]
+    assert out["score"] == "Hamming distance"
+    ranked = out["queries"][0]["results"]
+    assert len(ranked) == 4 and all(Path(r["path"]).parent == photos for r in ranked)
+    distances = [r["score"] for r in ranked]
     assert distances == sorted(distances)  # Hamming distances, ascending

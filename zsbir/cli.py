@@ -26,7 +26,7 @@ from zsbir import __version__
 from zsbir.manifest import ManifestError
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # one-line errors in pipes too
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -38,6 +38,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [CorruptImageError, RunDirError, WeightsNotFoundError,
                                          RegistryError, FileNotFoundError, BuildError]
+    from zsbir.search.errors import SearchError
+
+    errors.append(SearchError)
     try:
         from zsbir.data.protocols import ProtocolError
 
@@ -374,44 +377,16 @@ def evaluate(features: str, metrics: tuple[str, ...], hasher_names: tuple[str, .
     console.print(table)
 
 
-@main.command()
-@click.argument("run_dir", type=click.Path(file_okay=False))
-@click.argument("photo_dir", type=click.Path(file_okay=False))
-@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
-              help="The index file to write (.npz).")
-@click.option("--hasher", help="Which of the run's hashers encodes (its tag, e.g. itq64); "
-                               "default: the first.")
-@click.option("--device", default="auto", show_default=True)
-def index(run_dir: str, photo_dir: str, out: str, hasher: str | None, device: str) -> None:
-    """Embed every image under PHOTO_DIR with the trained run in RUN_DIR."""
-    from zsbir.engine.index import build_index
+def _add_search_commands() -> None:
+    """``zsbir index build|update``, ``zsbir search``, ``zsbir serve``
+    (:mod:`zsbir.search.commands`)."""
+    from zsbir.search.commands import index, search, serve
 
-    info = build_index(run_dir, photo_dir, out, hasher, device)
-    for path, err in info["skipped"]:
-        err_console.print(f"[yellow]skipped[/] {path}: {err}", highlight=False)
-    console.print(f"indexed {info['indexed']} photos ({info['hasher']}) -> {info['out']}",
-                  highlight=False)
+    for cmd in (index, search, serve):
+        main.add_command(cmd)
 
 
-@main.command()
-@click.argument("index_file", type=click.Path(dir_okay=False))
-@click.argument("sketches", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--top", default=10, show_default=True, help="Results per sketch.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.option("--device", default="auto", show_default=True)
-def search(index_file: str, sketches: tuple[str, ...], top: int, as_json: bool,
-           device: str) -> None:
-    """Rank the photos of INDEX_FILE for each SKETCH image."""
-    from zsbir.engine.index import search_index
-
-    results = search_index(index_file, list(sketches), top, device)
-    if as_json:
-        click.echo(json.dumps(results, indent=2))
-        return
-    for r in results:
-        _emit_table(("rank", "photo", "score"),
-                    [(str(i + 1), p, f"{v:.4f}") for i, (p, v) in enumerate(r["results"])],
-                    title=r["query"])
+_add_search_commands()
 
 
 @main.group()

@@ -1,0 +1,251 @@
+"""Search an index directory from Python: ``zsbir.Index.open(path).search(sketch)``.
+
+>>> idx = zsbir.Index.open("my-photos.index")          # doctest: +SKIP
+>>> idx.search("cat.png", top=5)                        # doctest: +SKIP
+[SearchResult(id=12, path='/photos/cat/1.jpg', score=0.81, label='cat', rank=1), ...]
+
+A query is a sketch image (a path, a ``PIL.Image``, or ``bytes`` of a PNG/JPEG file) or
+vector strokes (QuickDraw's ``drawing`` field, rendered by :mod:`zsbir.search.strokes`).
+Scores are cosine similarities (descending) for real-valued indexes and Hamming distances
+(ascending) for binary ones (:attr:`Index.score_name`). Ties are ordered by photo path, so
+a result never depends on the order photos were added in.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from zsbir.search.errors import SearchError
+from zsbir.search.store import (
+    MODEL_NAME,
+    connect,
+    encode,
+    gallery_embeddings,
+    load_faiss,
+    read_meta,
+)
+
+__all__ = ["Index", "SearchResult"]
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """One ranked photo: its id in the index, absolute path, score and folder label."""
+
+    id: int
+    path: str
+    score: float
+    label: str | None
+    rank: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _ranked(index: Any, q: np.ndarray, k: int, binary: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` (values, positions) per query, ordered by (score, position); a tie group at
+    the cut-off is completed by asking faiss for more (as :func:`zsbir.hashing.search.search`)."""
+    n = index.ntotal
+    k = min(k, n)
+    if k == 0:
+        return np.zeros((q.shape[0], 0)), np.zeros((q.shape[0], 0), np.int64)
+    k_eff = min(n, 2 * k)
+    out_v, out_l = [], []
+    for row in q:
+        kk = k_eff
+        while True:
+            v, lab = index.search(row[None], kk)
+            v, lab = v[0], lab[0]
+            ok = lab >= 0  # IVF: fewer than kk found in the probed lists
+            v, lab = v[ok], lab[ok]
+            order = np.lexsort((lab, v if binary else -v))
+            v, lab = v[order], lab[order]
+            if kk >= n or len(v) <= k or v[k - 1] != v[-1]:
+                break
+            kk = min(n, 2 * kk)
+        out_v.append(v[:k])
+        out_l.append(lab[:k].astype(np.int64))
+    return out_v, out_l
+
+
+class Index:
+    """An open index directory: the model, the faiss index and the photo table in memory."""
+
+    def __init__(self, path: str | Path, device: str = "auto"):
+        from zsbir.engine.index import load_trained
+
+        self.path = Path(path)
+        self._con = connect(self.path)
+        self.meta = read_meta(self._con)
+        model_file = self.path / self.meta.get("model_file", MODEL_NAME)
+        if not model_file.is_file():
+            raise SearchError(f"index {str(self.path)!r} lacks its model ({model_file.name})")
+        self.model = load_trained(model_file, device)
+        self.hasher = self.model.hasher(self.meta["hasher"])
+        self.binary = bool(self.meta["binary"])
+        self.root = Path(self.meta["photo_root"])
+        self._fx = load_faiss(self.path, self._con, self.model)
+        self._pos = {int(i): p for p, i in enumerate(self._fx.ids)}
+        self._lock = threading.Lock()
+        self._rerankers: dict[str, Any] = {}
+
+    @classmethod
+    def open(cls, path: str | Path, device: str = "auto") -> Index:
+        """Load an index made by ``zsbir index build`` (searching needs nothing else)."""
+        return cls(path, device)
+
+    # ------------------------------------------------------------------ description
+    @property
+    def name(self) -> str:
+        return str(self.meta.get("name", self.path.name))
+
+    @property
+    def score_name(self) -> str:
+        return "Hamming distance" if self.binary else "cosine similarity"
+
+    @property
+    def labels(self) -> list[str]:
+        return sorted({lab for lab in self._fx.labels if lab is not None})
+
+    def __len__(self) -> int:
+        return len(self._fx.ids)
+
+    def describe(self) -> dict[str, Any]:
+        """Plain data for people: name, size, model, hasher, score, search structure."""
+        m = self.model.manifest
+        run = getattr(getattr(m, "run", None), "name", None) or Path(
+            self.meta.get("run_dir", "?")).name
+        backbone = (getattr(m, "backbone", None) or {}).get("name", "?")
+        return {"name": self.name, "size": len(self), "model": f"{run} ({backbone})",
+                "hasher": self.meta["hasher"], "score": self.score_name,
+                "ann": self.meta["ann"], "labels": self.labels,
+                "recall_at_10": self.meta.get("recall_at_10")}
+
+    def photo(self, photo_id: int) -> Path | None:
+        """The file of an indexed photo (``None`` for an id the index does not hold)."""
+        pos = self._pos.get(int(photo_id))
+        return None if pos is None else self.root / self._fx.paths[pos]
+
+    # ----------------------------------------------------------------------- search
+    def query_image(self, query: Any) -> Any:
+        """A sketch as a PIL image (see the module docstring for the accepted forms)."""
+        from PIL import Image
+
+        from zsbir.search.strokes import render_strokes
+
+        if isinstance(query, Image.Image):
+            return query.convert("RGB")
+        if isinstance(query, list):
+            return render_strokes(query)
+        try:
+            if isinstance(query, (bytes, bytearray)):
+                with Image.open(io.BytesIO(query)) as im:
+                    im.load()
+                    return _flatten(im)
+            if isinstance(query, (str, Path)):
+                with Image.open(query) as im:
+                    im.load()
+                    return _flatten(im)
+        except FileNotFoundError as exc:
+            raise SearchError(f"no sketch file {str(query)!r}") from exc
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            if isinstance(query, (bytes, bytearray)):
+                raise SearchError("the uploaded sketch is not an image PIL can read (PNG, "
+                                  f"JPEG, ...): {type(exc).__name__}") from exc
+            raise SearchError(f"cannot read sketch {str(query)!r} as an image: {exc}") from exc
+        raise SearchError(f"a query is an image, a path, bytes or strokes, not "
+                          f"{type(query).__name__}")
+
+    def search(self, query: Any, top: int = 10, label: str | None = None,
+               rerank: str | None = None) -> list[SearchResult]:
+        """The ``top`` photos for one sketch (image, path, bytes or strokes)."""
+        return self.search_many([query], top, label, rerank)[0]
+
+    def search_many(self, queries: list[Any], top: int = 10, label: str | None = None,
+                    rerank: str | None = None) -> list[list[SearchResult]]:
+        """:meth:`search` for several sketches at once (one batch through the model)."""
+        from zsbir.data.base import SKETCH
+
+        if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+            raise SearchError(f"top must be a positive integer, got {top!r}")
+        if label is not None and label not in set(self._fx.labels):
+            known = ", ".join(self.labels[:20]) or "none: the photos sit in one folder"
+            raise SearchError(f"no photos labelled {label!r} in the index (labels: {known})")
+        images = [self.query_image(q) for q in queries]
+        with self._lock:
+            emb = self.model.embed_images(images, SKETCH)
+            if rerank is not None:
+                return self._reranked(emb, top, label, rerank)
+            codes = encode(self.hasher, emb)
+            if label is None:
+                values, positions = _ranked(self._fx.index, codes, top, self.binary)
+            else:
+                values, positions = self._search_label(codes, top, label)
+        return [self._records(v, p) for v, p in zip(values, positions)]
+
+    def _records(self, values: np.ndarray, positions: np.ndarray) -> list[SearchResult]:
+        fx = self._fx
+        return [SearchResult(int(fx.ids[p]), str(self.root / fx.paths[p]),
+                             int(v) if self.binary else float(v), fx.labels[p], r + 1)
+                for r, (v, p) in enumerate(zip(values, positions))]
+
+    def _search_label(self, codes: np.ndarray, top: int, label: str
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact search among the photos of one label (in path order: ties by path)."""
+        from zsbir.hashing.search import search
+
+        subset = np.flatnonzero(np.array([lab == label for lab in self._fx.labels]))
+        gallery = encode(self.hasher, gallery_embeddings(self._con, self._fx.ids[subset]))
+        values, idx = search(codes, gallery, top, binary=self.binary)
+        return values, subset[idx]
+
+    def _reranked(self, emb: np.ndarray, top: int, label: str | None, name: str
+                  ) -> list[list[SearchResult]]:
+        from zsbir.search.rerank import make_reranker, rerank_search
+
+        if self.binary:
+            raise SearchError("--rerank needs a real-valued index (this one holds "
+                              f"{self.meta['hasher']} binary codes)")
+        positions = (np.arange(len(self)) if label is None else
+                     np.flatnonzero(np.array([lab == label for lab in self._fx.labels])))
+        if name not in self._rerankers:  # kept: a fitted reranker is reused
+            self._rerankers[name] = make_reranker(name)
+        values, idx = rerank_search(self._rerankers[name], emb, self._gallery(positions), top)
+        return [self._records(v, positions[i]) for v, i in zip(values, idx)]
+
+    def _gallery(self, positions: np.ndarray) -> np.ndarray:
+        """Unit-norm gallery vectors: reconstructed from a flat index, else read back."""
+        index = self._fx.index
+        if self.meta["ann"] == "flat" and len(positions) == len(self):
+            return index.reconstruct_n(0, index.ntotal)
+        return encode(self.hasher, gallery_embeddings(self._con, self._fx.ids[positions]))
+
+    def close(self) -> None:
+        self._con.close()
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Index({str(self.path)!r}, photos={len(self)}, hasher={self.meta['hasher']!r},"
+                f" ann={self.meta['ann']!r})")
+
+
+def _flatten(im: Any) -> Any:
+    """RGB on white: a transparent PNG (a canvas export) would otherwise turn black."""
+    from PIL import Image
+
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return im.convert("RGB")

@@ -1,0 +1,158 @@
+"""The command line of the photo search: ``zsbir index build|update``, ``zsbir search``,
+``zsbir serve`` (added to :data:`zsbir.cli.main`). Heavy imports happen inside the
+commands, so ``zsbir --help`` stays fast."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+__all__ = ["index", "search", "serve"]
+
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+
+device_option = click.option("--device", default="auto", show_default=True,
+                             help="cpu, cuda, cuda:N or auto.")
+workers_option = click.option("--workers", default=-1, show_default=True,
+                              help="Image-decoding worker processes (-1: automatic).")
+batch_option = click.option("--batch-size", default=64, show_default=True,
+                            type=click.IntRange(min=1), help="Photos per embedded batch.")
+
+
+@click.group()
+def index() -> None:
+    """Build or update a photo index (a self-contained directory) for sketch search."""
+
+
+def _print_summary(s: Any, index_dir: str) -> None:
+    from zsbir.progress import format_seconds
+
+    for path, reason in s.skipped:
+        err_console.print(f"[yellow]skipped[/] {escape(path)}: {escape(reason)}",
+                          highlight=False)
+    if s.stale_lock:
+        err_console.print(f"[yellow]note:[/] removed a stale write lock of pid "
+                          f"{s.stale_lock.get('pid')} (no longer running)", highlight=False)
+    what = "resumed: " if s.resumed else ""
+    console.print(
+        f"{what}{s.embedded} photos embedded ({s.new} new, {s.changed} changed), "
+        f"{s.unchanged} unchanged, {s.removed} removed, {len(s.skipped)} skipped; "
+        f"{s.total} photos in {escape(index_dir)} "
+        f"({format_seconds(s.seconds)}, {s.photos_per_s:.1f} photos/s)", highlight=False)
+    if s.recall_at_10 is not None:
+        console.print(f"IVF search: nprobe {s.nprobe}, recall@10 against exact search "
+                      f"{s.recall_at_10:.3f}", highlight=False)
+
+
+@index.command("build")
+@click.argument("run_dir", type=click.Path())
+@click.argument("photo_dir", type=click.Path())
+@click.argument("index_dir", type=click.Path(file_okay=False))
+@click.option("--hasher", help="Which of the run's hashers encodes the photos (its tag, e.g. "
+                               "itq64 for binary codes); default: the run's first.")
+@click.option("--ann", type=click.Choice(["flat", "ivf"]), default="flat", show_default=True,
+              help="flat: exact search; ivf: inverted lists (for more than ~100,000 photos; "
+                   "its recall@10 against exact search is measured and reported).")
+@click.option("--name", help="A name shown by `zsbir serve` (default: INDEX_DIR's name).")
+@device_option
+@batch_option
+@workers_option
+def index_build(run_dir: str, photo_dir: str, index_dir: str, hasher: str | None, ann: str,
+                name: str | None, device: str, batch_size: int, workers: int) -> None:
+    """Embed every photo under PHOTO_DIR with RUN_DIR's trained model into INDEX_DIR.
+
+    INDEX_DIR receives a copy of the model, so searching needs nothing else. Run again on
+    an interrupted build, it resumes.
+    """
+    from zsbir.progress import console_output
+    from zsbir.search.store import build_index
+
+    with console_output(console):
+        s = build_index(run_dir, photo_dir, index_dir, hasher=hasher, ann=ann,  # type: ignore
+                        name=name, device=device, batch_size=batch_size, workers=workers)
+    _print_summary(s, index_dir)
+
+
+@index.command("update")
+@click.argument("index_dir", type=click.Path(file_okay=False))
+@device_option
+@batch_option
+@workers_option
+def index_update(index_dir: str, device: str, batch_size: int, workers: int) -> None:
+    """Embed new and changed photos of INDEX_DIR's folder; drop deleted ones."""
+    from zsbir.progress import console_output
+    from zsbir.search.store import update_index
+
+    with console_output(console):
+        s = update_index(index_dir, device=device, batch_size=batch_size, workers=workers)
+    _print_summary(s, index_dir)
+
+
+@click.command()
+@click.argument("index_dir", type=click.Path(file_okay=False))
+@click.argument("sketches", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--top", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Results per sketch.")
+@click.option("--class", "label", help="Only photos of this class (their folder's name).")
+@click.option("--rerank", help="Rerank with a registered reranker (zsbir list rerankers; "
+                               "real-valued indexes only), e.g. alpha_qe.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@device_option
+def search(index_dir: str, sketches: tuple[str, ...], top: int, label: str | None,
+           rerank: str | None, as_json: bool, device: str) -> None:
+    """Rank the photos of INDEX_DIR for each SKETCH image."""
+    from zsbir.search.api import Index
+
+    idx = Index.open(index_dir, device)
+    queries = []
+    for s in sketches:  # every unreadable sketch is reported before any search runs
+        queries.append(idx.query_image(s))
+    results = idx.search_many(queries, top, label, rerank)
+    if as_json:
+        click.echo(json.dumps({"index": idx.name, "score": idx.score_name,
+                               "queries": [{"query": s, "results": [r.to_dict() for r in rs]}
+                                           for s, rs in zip(sketches, results)]}, indent=2))
+        return
+    rows = [(s, str(r.rank), r.path, r.label or "", str(r.score) if idx.binary
+             else f"{r.score:.4f}") for s, rs in zip(sketches, results) for r in rs]
+    columns = ("query", "rank", "photo", "class", idx.score_name)
+    if not console.is_terminal:
+        click.echo("\t".join(columns))
+        for r in rows:
+            click.echo("\t".join(r))
+        return
+    table = Table(*columns, title=f"{idx.name}: {len(idx)} photos")
+    for r in rows:
+        table.add_row(*(escape(c) for c in r))
+    console.print(table)
+
+
+@click.command()
+@click.argument("index_dir", type=click.Path(file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on (0.0.0.0 exposes the photos to the network).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--max-upload-mb", default=4.0, show_default=True,
+              type=click.FloatRange(min=0.01), help="Largest sketch upload accepted.")
+@device_option
+def serve(index_dir: str, host: str, port: int, max_upload_mb: float, device: str) -> None:
+    """Serve a sketch-search page (drawing canvas + results) for INDEX_DIR."""
+    try:
+        import uvicorn
+
+        from zsbir.search.server import create_app
+    except ImportError as exc:
+        raise click.ClickException(f"`zsbir serve` needs the serve extra "
+                                   f"(pip install 'zsbir[serve]'): {exc}") from exc
+    app = create_app(index_dir, device=device, max_upload_bytes=int(max_upload_mb * 2**20))
+    console.print(f"serving {escape(index_dir)} on http://{host}:{port}/ (Ctrl-C stops)",
+                  highlight=False)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+    sys.exit(0)
