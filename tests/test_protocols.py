@@ -400,7 +400,10 @@ def test_zero_byte_and_corrupt_images(tmp_path, monkeypatch):
     kw = dict(unseen=["c"], val_fraction=0.0, cache_dir=str(tmp_path / "cache"))
 
     d = folder(str(root), **kw)
-    assert d.skipped == [(str(empty), "zero-byte file")]
+    notes = str(root / "sketch/b/notes.txt")  # listed too: every file left out has a reason
+    assert dict(d.skipped) == {str(empty): "zero-byte file",
+                               notes: dict(d.skipped)[notes]}
+    assert dict(d.skipped)[notes].startswith("not an image file name (.txt")
     assert str(garbage) in d.train.sources and str(truncated) in d.gallery.sources
     assert str(empty) not in d.train.sources
 

@@ -18,10 +18,36 @@ DOMAIN_NAMES = {PHOTO: "photo", SKETCH: "sketch"}
 
 
 def read_image_file(source: str) -> Image.Image:
-    """Decode an image file fully (so truncation is found now) and convert to RGB."""
+    """Decode an image file fully (so truncation is found now) and convert to 8-bit RGB
+    (:func:`to_rgb8`: high-bit-depth images are scaled, never clipped)."""
     with Image.open(source) as im:
         im.load()
+        return to_rgb8(im)
+
+
+def to_rgb8(im: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of ``im``.
+
+    Pillow's ``convert("RGB")`` clips 16-bit grayscale (modes ``I;16*``, 16-bit PNGs) and
+    32-bit integer (``I``) images at 255, which turns almost every pixel white. Those are
+    scaled instead: ``I;16*`` by 255/65535; ``I`` by 255 over the smallest of 255, 65535 and
+    the image maximum that holds it (an ``I`` image is usually a 16-bit file); float ``F``
+    by 255 when its values lie in [0, 1], like ``I`` otherwise. 16-bit RGB PNGs are already
+    reduced to 8 bits, correctly, by Pillow.
+    """
+    mode = im.mode
+    if not (mode.startswith("I;16") or mode in ("I", "F")):
         return im.convert("RGB")
+    arr = np.asarray(im).astype(np.float64)
+    peak = float(arr.max()) if arr.size else 0.0
+    if mode.startswith("I;16"):
+        top = 65535.0
+    elif mode == "F" and peak <= 1.0:
+        top = 1.0
+    else:
+        top = next((t for t in (255.0, 65535.0) if peak <= t), peak)
+    gray = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray).convert("RGB")  # uint8 (H, W): mode "L"
 
 
 @dataclass

@@ -34,6 +34,7 @@ file overwritten in place (same name, so no directory change); pass ``rebuild=Tr
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -67,7 +68,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
 #: directories modified this close before a walk began make the index untrusted
 RACY_WINDOW_NS = 2_000_000_000
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2  # 2: every left-out entry recorded
 
 
 class ProtocolError(ValueError):
@@ -186,6 +187,11 @@ class FileIndex:
                                                    else [])
         return sorted(found)
 
+    def left_out_at(self, layout_dir: str) -> list[tuple[str, str]]:
+        """(path, reason) of the entries directly in a layout directory that were left out
+        (files, broken or looping links, unreadable folders)."""
+        return sorted(self._skipped_at.get(layout_dir, []))
+
     def __post_init__(self) -> None:
         self._skipped_at = _by_folder(self.skipped)
         self._failed_at = _by_folder(self.decode_failures or {})
@@ -211,37 +217,82 @@ def _file_stamp(path: str) -> list[int] | None:
     return [st.st_size, st.st_mtime_ns]
 
 
+def _kind(mode: int) -> str:
+    """What a non-regular file is, for the reason it was left out."""
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _stat_failure(entry: os.DirEntry[str], exc: OSError) -> str:
+    """Why ``entry`` could not be followed: a broken or looping link, or unreadable."""
+    if entry.is_symlink():
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if exc.errno == errno.ENOENT:
+            try:
+                target = os.readlink(entry.path)
+            except OSError:
+                target = "?"
+            return f"broken symbolic link (to {target})"
+    return f"unreadable: {exc.strerror or exc}"
+
+
 def _scan(resolved: ResolvedLayout) -> dict[str, Any]:
-    """Walk the layout's directories once."""
+    """Walk the layout's directories once; every entry left out is recorded with its reason
+    (hidden names, starting with ``.``, are not part of the tree and are not listed)."""
     started = time.time_ns()
     dirs: dict[str, dict[str, list[str]]] = {}
     stamps: dict[str, list[int]] = {}
     skipped: dict[str, str] = {}
     for layout_dir in sorted(set(resolved.dirs.values())):
         stamps[layout_dir] = _dir_stamp(layout_dir)
+        folders = []
         with os.scandir(layout_dir) as it:
-            folders = sorted(e.name for e in it if e.name[0] != "." and e.is_dir())
+            for e in it:
+                if e.name[0] == ".":
+                    continue
+                try:
+                    st = e.stat()  # follows links
+                except OSError as exc:
+                    skipped[e.path] = f"class folder left out: {_stat_failure(e, exc)}"
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    folders.append(e.name)
+                else:
+                    skipped[e.path] = (f"not a class folder ({_kind(st.st_mode)}): only "
+                                       "folders are read here")
         classes: dict[str, list[str]] = {}
-        for folder in folders:
+        for folder in sorted(folders):
             cdir = os.path.join(layout_dir, folder)
-            stamps[cdir] = _dir_stamp(cdir)
+            try:
+                stamps[cdir] = _dir_stamp(cdir)
+                entries = list(os.scandir(cdir))
+            except OSError as exc:
+                skipped[cdir] = f"class folder left out: unreadable: {exc.strerror or exc}"
+                continue
             names = []
-            with os.scandir(cdir) as it:
-                for e in it:
-                    if e.name[0] == "." or os.path.splitext(e.name)[1].lower() not in \
-                            IMAGE_EXTENSIONS:
-                        continue
-                    try:
-                        st = e.stat()  # follows links
-                    except OSError as exc:
-                        skipped[e.path] = f"unreadable: {exc.strerror or exc}"
-                        continue
-                    if not stat.S_ISREG(st.st_mode):
-                        continue
-                    if st.st_size == 0:
-                        skipped[e.path] = "zero-byte file"
-                    else:
-                        names.append(e.name)
+            for e in entries:
+                if e.name[0] == ".":
+                    continue
+                ext = os.path.splitext(e.name)[1].lower()
+                try:
+                    st = e.stat()  # follows links
+                except OSError as exc:
+                    skipped[e.path] = _stat_failure(e, exc)
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    skipped[e.path] = _kind(st.st_mode)
+                elif ext not in IMAGE_EXTENSIONS:
+                    skipped[e.path] = (f"not an image file name ({ext or 'no extension'}; "
+                                       f"read: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+                elif st.st_size == 0:
+                    skipped[e.path] = "zero-byte file"
+                else:
+                    names.append(e.name)
             classes[folder] = sorted(names)
         dirs[layout_dir] = classes
     return {"format": INDEX_FORMAT, "root": resolved.root, "layout": resolved.layout,

@@ -31,10 +31,11 @@ import warnings
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 
+from zsbir.constraints import ExistingPath, Range
 from zsbir.context import BuildContext, default_cache_dir
 from zsbir.data.base import PHOTO, SKETCH, ProtocolData, Split
 from zsbir.data.classnames import class_split, normalize
@@ -62,6 +63,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: share of each seen (class, domain) held out for validation
+ValFraction = Annotated[float, Range(ge=0, lt=1)]
+Seed = Annotated[int, Range(ge=0, lt=2**63)]
 
 
 def _dirs(sketch: Sequence[str], photo: Sequence[str], extended: Sequence[str] = ()
@@ -146,6 +151,9 @@ def _match(
         for f in index.dirs[layout_dir]:
             found.setdefault(normalize(f), []).append(f)
         missing = sorted(c for c in classes if normalize(c) not in found)
+        top = index.left_out_at(layout_dir)  # files, broken links, unreadable folders
+        skipped += top
+        why = {normalize(os.path.basename(path)): reason for path, reason in top}
         clashes = [f"{_quote(fs)} (class {by_key[k]!r})" for k, fs in found.items()
                    if k in by_key and len(fs) > 1]
         unmatched = [f for k, fs in found.items() if k not in by_key for f in fs]
@@ -161,7 +169,9 @@ def _match(
             files[by_key[k]][domain] += paths
         lines = []
         if missing:
-            lines.append(f"missing classes ({len(missing)}): {_quote(missing)}")
+            lines.append(f"missing classes ({len(missing)}): " + ", ".join(
+                repr(c) + (f" ({why[normalize(c)]})" if normalize(c) in why else "")
+                for c in missing))
         if empty:
             lines.append(f"class folders with no usable image ({len(empty)}): {', '.join(empty)}")
         if clashes:
@@ -253,13 +263,13 @@ def _benchmark(
 # --------------------------------------------------------------------------- protocols
 @protocols.register("sketchy_ext")
 def sketchy_ext(
-    root: str,
+    root: Annotated[str, ExistingPath("dir")],
     split: Literal["sk-sh", "sk-sh-sempcyc", "sk-ye"] = "sk-sh",
     layout: Literal["auto", "sake", "zse", "sempcyc"] = "auto",
     photos: Literal["original+extended", "extended"] = "original+extended",
     generalized: bool = False,
-    val_fraction: float = 0.1,
-    seed: int = 0,
+    val_fraction: ValFraction = 0.1,
+    seed: Seed = 0,
     verify_images: bool = False,
     cache_dir: str | None = None,
     rebuild_index: bool = False,
@@ -306,12 +316,12 @@ def sketchy_ext(
 
 @protocols.register("tuberlin_ext")
 def tuberlin_ext(
-    root: str,
+    root: Annotated[str, ExistingPath("dir")],
     split: Literal["tub-sh"] = "tub-sh",
     layout: Literal["auto", "sake", "zse", "sempcyc"] = "auto",
     generalized: bool = False,
-    val_fraction: float = 0.1,
-    seed: int = 0,
+    val_fraction: ValFraction = 0.1,
+    seed: Seed = 0,
     verify_images: bool = False,
     cache_dir: str | None = None,
     rebuild_index: bool = False,
@@ -343,12 +353,12 @@ def tuberlin_ext(
 
 @protocols.register("quickdraw_ext")
 def quickdraw_ext(
-    root: str,
+    root: Annotated[str, ExistingPath("dir")],
     split: Literal["qd-de"] = "qd-de",
     layout: Literal["auto", "zse", "doodle2search"] = "auto",
     generalized: bool = False,
-    val_fraction: float = 0.1,
-    seed: int = 0,
+    val_fraction: ValFraction = 0.1,
+    seed: Seed = 0,
     verify_images: bool = False,
     cache_dir: str | None = None,
     rebuild_index: bool = False,
@@ -387,13 +397,13 @@ def _read_names(path: str, what: str) -> list[str]:
 
 @protocols.register("folder")
 def folder(
-    root: str,
+    root: Annotated[str, ExistingPath("dir")],
     unseen: list[str] | None = None,
-    unseen_file: str | None = None,
-    num_unseen: int | None = None,
+    unseen_file: Annotated[str | None, ExistingPath("file")] = None,
+    num_unseen: Annotated[int | None, Range(ge=1)] = None,
     generalized: bool = False,
-    val_fraction: float = 0.1,
-    seed: int = 0,
+    val_fraction: ValFraction = 0.1,
+    seed: Seed = 0,
     verify_images: bool = False,
     cache_dir: str | None = None,
     rebuild_index: bool = False,
@@ -458,3 +468,17 @@ def folder(
     taken = set(unseen_names)
     return _assemble("folder", [c for c in classes if c not in taken], unseen_names, files,
                      skipped, generalized, val_fraction, seed)
+
+
+def _folder_check(params: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
+    """Exactly one of unseen, unseen_file, num_unseen."""
+    given = [k for k in ("unseen", "unseen_file", "num_unseen") if params.get(k) is not None]
+    if len(given) != 1:
+        return [f"give exactly one of unseen, unseen_file, num_unseen (got "
+                f"{', '.join(given) or 'none'})"]
+    if params.get("unseen") == []:
+        return ["unseen is empty: name at least one unseen class"]
+    return []
+
+
+folder.check_manifest = _folder_check  # type: ignore[attr-defined]

@@ -9,10 +9,11 @@ list and skips the batches already done, so a resumed run sees exactly the same 
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 
+from zsbir.constraints import Range
 from zsbir.data.base import PHOTO, SKETCH
 from zsbir.registry import samplers
 
@@ -97,7 +98,7 @@ class MixedSampler(Sampler):
     """
 
     def __init__(self, labels: np.ndarray, domains: np.ndarray, batch_size: int, seed: int,
-                 sketches_per_batch: int = 13):
+                 sketches_per_batch: Annotated[int, Range(ge=0)] = 13):
         super().__init__(labels, domains, batch_size, seed)
         if not 0 <= sketches_per_batch <= batch_size:
             raise ValueError(
@@ -111,6 +112,14 @@ class MixedSampler(Sampler):
                               (batch_size - self.k_sketch, self.photo_idx, "photos")):
             if k > 0 and len(pool) == 0:
                 raise ValueError(f"mixed sampler: the training split has no {what}")
+
+    @staticmethod
+    def check_manifest(params: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
+        """sketches_per_batch must fit in a batch."""
+        k, batch = params.get("sketches_per_batch"), manifest.get("train", {}).get("batch_size")
+        if isinstance(k, int) and isinstance(batch, int) and k > batch:
+            return [f"sketches_per_batch ({k}) exceeds train.batch_size ({batch})"]
+        return []
 
     def __len__(self) -> int:
         return -(-len(self.labels) // self.batch_size)

@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Annotated, Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from zsbir.constraints import Range
 from zsbir.data.base import PHOTO, SKETCH, ProtocolData, Split
 from zsbir.registry import protocols
 
@@ -450,14 +452,14 @@ def _check_int(name: str, value: object, lo: int, hi: int | None = None) -> int:
 
 @protocols.register("synthetic")
 def synthetic(
-    num_classes: int = 24,
-    num_unseen: int = 8,
-    photos_per_class: int = 30,
-    sketches_per_class: int = 30,
-    image_size: int = 64,
-    val_fraction: float = 0.1,
+    num_classes: Annotated[int, Range(ge=3, le=len(CLASS_NAMES))] = 24,
+    num_unseen: Annotated[int, Range(ge=1)] = 8,
+    photos_per_class: Annotated[int, Range(ge=1, le=100_000)] = 30,
+    sketches_per_class: Annotated[int, Range(ge=1, le=100_000)] = 30,
+    image_size: Annotated[int, Range(ge=_MIN_SIZE, le=_MAX_SIZE)] = 64,
+    val_fraction: Annotated[float, Range(ge=0, lt=1)] = 0.1,
     generalized: bool = False,
-    seed: int = 0,
+    seed: Annotated[int, Range(ge=0, lt=2**63)] = 0,
 ) -> ProtocolData:
     """Seeded, offline sketch/photo benchmark of compositional shape classes.
 
@@ -521,3 +523,14 @@ def synthetic(
         reader=read_synthetic,
         generalized=bool(generalized),
     )
+
+
+def _synthetic_check(params: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
+    """At least 2 seen classes must remain."""
+    n, k = params.get("num_classes", 24), params.get("num_unseen", 8)
+    if isinstance(n, int) and isinstance(k, int) and n - k < 2:
+        return [f"num_unseen ({k}) must leave at least 2 seen classes of num_classes ({n})"]
+    return []
+
+
+synthetic.check_manifest = _synthetic_check  # type: ignore[attr-defined]

@@ -1,48 +1,182 @@
 """Checkpoints as plain data.
 
 A checkpoint is a dict of tensors, numbers, strings, lists and dicts, loadable with
-``torch.load(path, weights_only=True)`` and readable without zsbir. It is written to a
-temporary file in the same directory, flushed, and renamed over the target, so a run
-killed while saving never leaves a truncated checkpoint behind.
+``torch.load(path, weights_only=True)`` and readable without zsbir. It is serialized in
+memory, written to a temporary file in the same directory (``.NAME.*.tmp``), flushed,
+fsynced and renamed over the target, so a run killed while saving never leaves a truncated
+checkpoint behind; :func:`clean_stale_temporaries` removes the temporaries such a kill
+leaves, at the next start.
+
+Every error a user can meet here is one line naming the file (:class:`CheckpointError`):
+a full disk or an unwritable directory when saving; a missing, empty, truncated, garbage
+or non-plain-data (possibly malicious) file when loading. And, as the last line of
+defence against a diverged run, :func:`atomic_save` refuses to write a floating-point
+tensor holding NaN or infinity (:class:`NonFiniteCheckpointError`), so every checkpoint on
+disk is a finite state.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import os
+import pickle
 import random
+import shutil
 import tempfile
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["atomic_save", "capture_rng", "load_checkpoint", "package_versions", "restore_rng"]
+__all__ = ["CheckpointError", "NonFiniteCheckpointError", "atomic_save", "capture_rng",
+           "clean_stale_temporaries", "first_non_finite", "load_checkpoint",
+           "package_versions", "restore_rng"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read; the message names the file."""
+
+
+class NonFiniteCheckpointError(CheckpointError, FloatingPointError):
+    """A checkpoint refused because a floating-point tensor holds NaN or infinity."""
+
+
+def _tensors(obj: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """``(key path, tensor)`` for every tensor in nested dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{path}[{i}]")
+
+
+def first_non_finite(obj: Any) -> tuple[str, str] | None:
+    """``(key path, "NaN" | "inf")`` of the first floating-point tensor in ``obj`` holding a
+    non-finite value, or ``None`` when every one is finite."""
+    for path, t in _tensors(obj):
+        if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
+            continue
+        if not bool(torch.isfinite(t).all()):
+            return path, "NaN" if bool(torch.isnan(t).any()) else "inf"
+    return None
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
+    """Serialize ``obj`` and write it to ``path`` atomically (temporary file + rename).
+
+    Raises :class:`NonFiniteCheckpointError` (nothing written) when a floating-point
+    tensor holds NaN or infinity, and :class:`CheckpointError` naming the file and the
+    cause (no space left on the device, permission denied, ...) when writing fails; the
+    temporary file is removed either way.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    bad = first_non_finite(obj)
+    if bad is not None:
+        raise NonFiniteCheckpointError(
+            f"refusing to write checkpoint {str(path)!r}: {bad[0]} holds {bad[1]} values "
+            "(the weights diverged); the previous checkpoint is kept")
+    buf = io.BytesIO()
+    torch.save(obj, buf)  # in memory first: a failing disk then raises a plain OSError
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
+            view = buf.getbuffer()
+            while view:
+                n = os.write(fh.fileno(), view)
+                view = view[n:]
+            del view
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        tmp = None
+    except OSError as exc:
+        raise CheckpointError(f"cannot write checkpoint {str(path)!r}: "
+                              f"{_os_reason(exc, path.parent)}") from exc
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     return path
 
 
+def _os_reason(exc: OSError, directory: Path) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = shutil.disk_usage(directory).free
+            return f"no space left on the device ({free / 2**20:.0f} MiB free)"
+        except OSError:
+            return "no space left on the device"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied ({exc.filename or directory})"
+    if exc.errno == errno.EROFS:
+        return "the file system is read-only"
+    return exc.strerror or str(exc)
+
+
+def clean_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Remove the ``.NAME.*.tmp`` files a killed :func:`atomic_save` left in ``directory``.
+
+    Call it only while holding the run directory's lock (nobody else is saving there)."""
+    directory = Path(directory)
+    removed = []
+    if directory.is_dir():
+        for p in directory.glob(".*.tmp"):
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` (no arbitrary code runs)."""
+    """Load a checkpoint with ``weights_only=True`` (no arbitrary code runs).
+
+    Raises :class:`CheckpointError` naming the file when it is missing, empty, truncated,
+    not a checkpoint, or holds objects other than plain data."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise CheckpointError(f"no checkpoint at {str(path)!r}")
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {exc.strerror}") from exc
+    if size == 0:
+        raise CheckpointError(f"checkpoint {str(path)!r} is empty (0 bytes): it was not "
+                              "written completely")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+        if not (head[:1] == b"\x80" or zipfile.is_zipfile(path)):  # no pickle, no zip
+            raise CheckpointError(f"checkpoint {str(path)!r} is truncated or not a checkpoint "
+                                  f"({size} bytes; not a torch.save file)") from exc
+        detail = next((ln.strip() for ln in str(exc).splitlines()
+                       if ln.strip() and "WeightsUnpickler" not in ln and "PyTorch" not in ln
+                       and "weights_only" not in ln), "")
+        raise CheckpointError(
+            f"refusing to load checkpoint {str(path)!r}: it holds objects other than plain "
+            "data (tensors, numbers, strings, lists, dicts), so it was not written by zsbir"
+            + (f" ({detail[:120]})" if detail else "")) from exc
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: "
+                              f"{exc.strerror or exc}") from exc
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, KeyError,
+            AttributeError, TypeError, IndexError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} is truncated or not a checkpoint "
+                              f"({size} bytes; {type(exc).__name__})") from exc
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(ckpt).__name__}, "
+                              "not a dict")
+    return ckpt
 
 
 def capture_rng() -> dict[str, Any]:

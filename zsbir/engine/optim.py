@@ -7,12 +7,18 @@ otherwise; each is a ``torch.optim.lr_scheduler.LambdaLR`` so its state is plain
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Annotated, Any
 
 import torch
 
+from zsbir.constraints import Length, Range
 from zsbir.registry import optimizers, schedulers
 
 Params = Iterable[torch.nn.Parameter] | Iterable[dict]
+LR = Annotated[float, Range(gt=0, le=1e3)]
+Decay = Annotated[float, Range(ge=0)]
+#: Adam's (beta1, beta2), each in [0, 1)
+Betas = Annotated[list[Annotated[float, Range(ge=0, lt=1)]], Length(exactly=2)]
 
 
 def _fused_ok(params: list) -> bool:
@@ -20,8 +26,8 @@ def _fused_ok(params: list) -> bool:
 
 
 @optimizers.register("adam")
-def adam(params: Params, lr: float = 1e-4, weight_decay: float = 5e-4,
-         betas: list[float] = [0.9, 0.999], fused: bool = True) -> torch.optim.Optimizer:  # noqa: B006
+def adam(params: Params, lr: LR = 1e-4, weight_decay: Decay = 5e-4,
+         betas: Betas = [0.9, 0.999], fused: bool = True) -> torch.optim.Optimizer:  # noqa: B006
     """Adam (Kingma & Ba, 2015) with L2 weight decay, as SAKE trains (lr 1e-4, wd 5e-4,
     betas 0.9/0.999). ``fused`` uses the fused CUDA kernel when every parameter is on CUDA."""
     params = list(params)
@@ -30,8 +36,8 @@ def adam(params: Params, lr: float = 1e-4, weight_decay: float = 5e-4,
 
 
 @optimizers.register("adamw")
-def adamw(params: Params, lr: float = 1e-4, weight_decay: float = 0.05,
-          betas: list[float] = [0.9, 0.999], fused: bool = True) -> torch.optim.Optimizer:  # noqa: B006
+def adamw(params: Params, lr: LR = 1e-4, weight_decay: Decay = 0.05,
+          betas: Betas = [0.9, 0.999], fused: bool = True) -> torch.optim.Optimizer:  # noqa: B006
     """AdamW (Loshchilov & Hutter, ICLR 2019): decoupled weight decay."""
     params = list(params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas),
@@ -39,11 +45,21 @@ def adamw(params: Params, lr: float = 1e-4, weight_decay: float = 0.05,
 
 
 @optimizers.register("sgd")
-def sgd(params: Params, lr: float = 1e-4, momentum: float = 0.9, weight_decay: float = 5e-4,
-        nesterov: bool = False) -> torch.optim.Optimizer:
+def sgd(params: Params, lr: LR = 1e-4, momentum: Annotated[float, Range(ge=0, le=1)] = 0.9,
+        weight_decay: Decay = 5e-4, nesterov: bool = False) -> torch.optim.Optimizer:
     """SGD with momentum, as SBTKNet trains (lr 1e-4, momentum 0.9, weight decay 5e-4)."""
     return torch.optim.SGD(list(params), lr=lr, momentum=momentum, weight_decay=weight_decay,
                            nesterov=nesterov)
+
+
+def _sgd_check(params: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
+    """Nesterov momentum needs a momentum (torch.optim.SGD refuses it otherwise)."""
+    if params.get("nesterov") and not params.get("momentum", 0.9) > 0:
+        return ["nesterov = true needs momentum > 0"]
+    return []
+
+
+sgd.check_manifest = _sgd_check  # type: ignore[attr-defined]
 
 
 def _lambda(optimizer: torch.optim.Optimizer, fn) -> torch.optim.lr_scheduler.LambdaLR:
@@ -58,15 +74,16 @@ def constant(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRSch
 
 @schedulers.register("exponential")
 def exponential(optimizer: torch.optim.Optimizer, epochs: int,
-                final_factor: float = 1e-3) -> torch.optim.lr_scheduler.LRScheduler:
+                final_factor: Annotated[float, Range(gt=0)] = 1e-3
+                ) -> torch.optim.lr_scheduler.LRScheduler:
     """SAKE's decay: lr_e = lr * final_factor^(e / epochs), i.e. 1e-4 -> 1e-7 over the
     run with the default factor (Liu et al., ICCV 2019, Sec. 4 and reference code)."""
     return _lambda(optimizer, lambda e: final_factor ** (e / max(epochs, 1)))
 
 
 @schedulers.register("step")
-def step(optimizer: torch.optim.Optimizer, every: int = 10,
-         factor: float = 0.1) -> torch.optim.lr_scheduler.LRScheduler:
+def step(optimizer: torch.optim.Optimizer, every: Annotated[int, Range(ge=1)] = 10,
+         factor: Annotated[float, Range(gt=0)] = 0.1) -> torch.optim.lr_scheduler.LRScheduler:
     """lr multiplied by ``factor`` every ``every`` epochs (SBTKNet: / 10 every 10 epochs)."""
     if every < 1:
         raise ValueError(f"schedule.every must be >= 1, got {every}")
@@ -75,7 +92,8 @@ def step(optimizer: torch.optim.Optimizer, every: int = 10,
 
 @schedulers.register("cosine")
 def cosine(optimizer: torch.optim.Optimizer, epochs: int,
-           min_factor: float = 0.0) -> torch.optim.lr_scheduler.LRScheduler:
+           min_factor: Annotated[float, Range(ge=0, le=1)] = 0.0
+           ) -> torch.optim.lr_scheduler.LRScheduler:
     """Cosine decay from lr to lr * min_factor over the run."""
     import math
 

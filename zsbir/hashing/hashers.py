@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 
+from zsbir.constraints import Range
 from zsbir.registry import hashers
 
 __all__ = [
@@ -176,7 +177,7 @@ class SignHasher(Hasher):
 
     binary = True
 
-    def __init__(self, bits: int = 0, center: bool = True) -> None:
+    def __init__(self, bits: Annotated[int, Range(ge=0)] = 0, center: bool = True) -> None:
         if isinstance(bits, bool) or not isinstance(bits, int) or bits < 0:
             raise ValueError(f"bits must be an integer >= 0 (0 = all dimensions), got {bits!r}")
         self.bits = bits
@@ -314,7 +315,8 @@ class ITQHasher(Hasher):
 
     binary = True
 
-    def __init__(self, bits: int = 64, iterations: int = 50) -> None:
+    def __init__(self, bits: Annotated[int, Range(ge=1)] = 64,
+                 iterations: Annotated[int, Range(ge=0, le=100_000)] = 50) -> None:
         if isinstance(bits, bool) or not isinstance(bits, int) or bits < 1:
             raise ValueError(f"bits must be a positive integer, got {bits!r}")
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 
+from zsbir.constraints import Range
 from zsbir.losses.base import Batch, Loss, Outputs, Teacher
 from zsbir.registry import losses
 
@@ -18,7 +21,7 @@ class CrossEntropy(Loss):
     loss (Tursun et al., Eq. 4) is the same over the four images of each quadruplet.
     """
 
-    def __init__(self, label_smoothing: float = 0.0):
+    def __init__(self, label_smoothing: Annotated[float, Range(ge=0, lt=1)] = 0.0):
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from zsbir.constraints import Range
 from zsbir.losses.base import Batch, Loss, Outputs, Teacher
 from zsbir.registry import losses
 
@@ -60,7 +61,8 @@ class DomainQuadrupletLoss(Loss):
 
     requires: ClassVar[frozenset[str]] = frozenset({"quadruplet"})
 
-    def __init__(self, margin: float = 0.2, normalize: bool = False, squared: bool = True):
+    def __init__(self, margin: Annotated[float, Range(ge=0)] = 0.2, normalize: bool = False,
+                 squared: bool = True):
         super().__init__()
         if not (math.isfinite(margin) and margin >= 0):
             raise ValueError(f"domain_quadruplet: margin must be a finite number >= 0, "
