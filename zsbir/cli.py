@@ -11,6 +11,7 @@ exit with status 2, other such errors with status 1.
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from collections.abc import Sequence
@@ -32,12 +33,15 @@ err_console = Console(stderr=True, soft_wrap=True)  # one-line errors in pipes t
 def _user_errors() -> tuple[type[BaseException], ...]:
     from zsbir.build import BuildError
     from zsbir.data.loading import CorruptImageError
+    from zsbir.engine.checkpoint import CheckpointError
+    from zsbir.engine.lock import RunLockedError
     from zsbir.engine.run import RunDirError
     from zsbir.models.backbone import WeightsNotFoundError
     from zsbir.registry import RegistryError
 
     errors: list[type[BaseException]] = [CorruptImageError, RunDirError, WeightsNotFoundError,
-                                         RegistryError, FileNotFoundError, BuildError]
+                                         RegistryError, FileNotFoundError, BuildError,
+                                         CheckpointError, RunLockedError, FloatingPointError]
     from zsbir.search.errors import SearchError
 
     errors.append(SearchError)
@@ -50,8 +54,25 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+#: OSError numbers that are the machine's state, not a bug: reported in one line
+_ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM,
+                                 errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EISDIR,
+                                 errno.ELOOP, errno.ENAMETOOLONG, errno.EMFILE, errno.EIO})
+
+
+def _os_error_line(exc: OSError) -> str:
+    reason = {errno.ENOSPC: "no space left on the device",
+              errno.EDQUOT: "disk quota exceeded"}.get(exc.errno or 0, exc.strerror or str(exc))
+    return f"{exc.filename}: {reason}" if exc.filename else reason
+
+
 class ZsbirGroup(click.Group):
-    """Prints user errors cleanly; exit 2 for manifests, 1 otherwise."""
+    """Prints user errors cleanly; exit 2 for manifests, 1 otherwise.
+
+    User errors (a manifest, data, checkpoint, disk, permission or plugin problem) end in
+    one or a few lines naming the file or key, never a traceback; anything else is a bug
+    and keeps its traceback. Python's own ``EOFError`` is kept from click, which would
+    print only "Aborted!"."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -60,8 +81,20 @@ class ZsbirGroup(click.Group):
             _print_manifest_error(exc)
             sys.exit(2)
         except _user_errors() as exc:
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+            _print_error(exc)
             sys.exit(1)
+        except OSError as exc:
+            if exc.errno not in _ENVIRONMENT_ERRNOS:
+                raise
+            _print_error(exc)
+            sys.exit(1)
+        except EOFError as exc:  # click turns it into a bare "Aborted!"
+            raise RuntimeError(f"unexpected end of input: {exc}") from exc
+
+
+def _print_error(exc: BaseException) -> None:
+    text = _os_error_line(exc) if isinstance(exc, OSError) and exc.errno else str(exc)
+    err_console.print(f"[bold red]error:[/] {escape(text)}", highlight=False)
 
 
 def _print_manifest_error(exc: ManifestError) -> None:
@@ -120,69 +153,46 @@ def run(manifest: str | None, overrides: tuple[str, ...], resume_dir: str | None
     if resume_dir:
         if manifest:
             raise click.UsageError("give either MANIFEST or --resume RUN_DIR, not both")
-        m = load_resumable(Path(resume_dir))
-        if overrides:
-            raise click.UsageError("--set cannot change a run being resumed")
+        # the run continues in RUN_DIR itself, wherever it was moved; --set may change only
+        # the keys zsbir.engine.run.RESUME_SAFE_KEYS lists (others are refused, exit 2)
+        run_dir = Path(resume_dir)
+        m = load_resumable(run_dir, overrides)
     elif manifest:
         m = _load_manifest(manifest, overrides)
+        run_dir = Path(m.run.output_dir).expanduser() / m.run.name
     else:
         raise click.UsageError("missing MANIFEST (or --resume RUN_DIR)")
     reporter = ProgressReporter(quiet=quiet)
     with reporter:
-        results = run_experiment(m, resume=bool(resume_dir), progress=reporter)
-    _print_results(results, Path(m.run.output_dir) / m.run.name)
+        results = run_experiment(m, resume=bool(resume_dir), progress=reporter,
+                                 run_dir=run_dir)
+    _print_results(results, run_dir)
 
 
 class ProgressReporter:
-    """Rich progress bars on a terminal; one line per epoch otherwise."""
+    """What ``zsbir run`` shows while it works (:func:`zsbir.progress.console_output`):
+    bars with the time left on a terminal, periodic plain lines otherwise; the epoch and
+    evaluation lines come from the run's log (:mod:`zsbir.engine.tracking`), so the
+    console and ``log.txt`` show the same lines. ``quiet``: warnings and results only."""
 
     def __init__(self, quiet: bool = False):
         self.quiet = quiet
         self.live = console.is_terminal and not quiet
-        self.progress = None
-        self.task = None
+        self._output: Any = None
 
     def __enter__(self) -> ProgressReporter:
-        if self.live:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
+        from zsbir.progress import console_output
 
-            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                                     MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                                     TimeElapsedColumn(), console=console)
-            self.progress.start()
+        self._output = console_output(console, quiet=self.quiet)
+        self._output.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.progress is not None:
-            self.progress.stop()
+        if self._output is not None:
+            self._output.__exit__(*exc)
 
     def __call__(self, info: dict[str, Any]) -> None:
-        if self.quiet:
-            return
-        if "epoch_end" in info:
-            loss = " ".join(f"{k}={v:.4f}" for k, v in info["loss"].items())
-            val = f" val_acc={info['val_accuracy']:.3f}" if "val_accuracy" in info else ""
-            console.print(f"epoch {info['epoch_end'] + 1}: {loss}{val} "
-                          f"({info['images_per_s']:.0f} img/s, lr {info['lr']:.2e})",
-                          highlight=False)
-        elif "evaluated" in info:
-            metrics = " ".join(f"{k}={v:.4f}" for k, v in info["metrics"].items())
-            console.print(f"evaluated {info['evaluated']}: {metrics}", highlight=False)
-        elif self.progress is not None:
-            desc = f"epoch {info['epoch'] + 1}"
-            text = " ".join(f"{k}={v:.3f}" for k, v in info["loss"].items())
-            text += f" {info['images_per_s']:.0f} img/s"
-            if self.task is None or self.progress.tasks[self.task].description != desc:
-                if self.task is not None:
-                    self.progress.remove_task(self.task)
-                self.task = self.progress.add_task(desc, total=info["steps"], info=text)
-            self.progress.update(self.task, completed=info["step"], info=text)
+        """The trainer's callback: everything is shown from the log; nothing to add."""
 
 
 def _print_results(results: dict[str, Any], run_dir: Path) -> None:
@@ -206,8 +216,11 @@ def _print_results(results: dict[str, Any], run_dir: Path) -> None:
                       highlight=False)
     skipped = results.get("skipped_images", {}).get("count", 0)
     if skipped:
-        console.print(f"[yellow]{skipped} unreadable image(s) skipped; listed in "
-                      f"metrics.json[/]")
+        stages = results["skipped_images"].get("by_stage", {})
+        detail = f" ({', '.join(f'{k}: {v}' for k, v in stages.items())})" if stages else ""
+        console.print(f"[yellow]{skipped} file(s) left out{detail}: empty, unreadable or not "
+                      f"images; each listed with its reason in metrics.json and log.txt[/]",
+                      highlight=False)
     console.print(f"results in {run_dir}/ (metrics.json, retrievals.png, checkpoints/)",
                   highlight=False)
 
@@ -231,26 +244,48 @@ def validate(manifest: str, overrides: tuple[str, ...], show: bool) -> None:
 def list_(kind: str | None, pattern: str) -> None:
     """List registered components (all kinds, or KIND), filtered by a wildcard PATTERN.
 
-    Plugins are listed from their metadata without being imported.
+    Built-in components are listed from zsbir's catalog and plugins from their metadata:
+    nothing is imported (``zsbir list backbones`` also checks which backbones have
+    pretrained weights on this machine, which imports torch).
     """
-    from zsbir.registry import KINDS, Component, get_registry
+    import fnmatch
+
+    from zsbir.registry import KINDS, discover_plugins, get_registry
 
     kinds = [get_registry(kind).kind] if kind else list(KINDS)
+    builtins = _builtin_catalog()
+    found = discover_plugins()
     rows: list[tuple[str, str, str, str]] = []
     for k in kinds:
-        reg = get_registry(k)
-        for name in reg.names(pattern):
-            entry = reg.entry(name)
-            if isinstance(entry, Component):
-                summary = entry.summary
-                if k == "backbones":
+        names = set(builtins.get(k, {})) | set(found.get(k, {}))
+        for name in sorted(n for n in names if fnmatch.fnmatchcase(n, pattern)):
+            if name in builtins.get(k, {}):  # a built-in wins over a plugin of its name
+                package, summary = builtins[k][name]
+                if k == "backbones" and kind:
                     summary = _weights_note(name) + summary
-                rows.append((k, name, entry.package, summary))
+                rows.append((k, name, package, summary))
             else:
-                rows.append((k, name, f"{entry.dist} {entry.version}",
-                             "(plugin; `zsbir describe` imports it)"))
+                for e in found[k][name]:
+                    rows.append((k, name, f"{e.dist} {e.version}",
+                                 "(plugin; `zsbir describe` imports it)"))
     _emit_table(("kind", "name", "package", "summary"),
                 [tuple(c.replace("[", "\\[") for c in r) for r in rows])
+
+
+def _builtin_catalog() -> dict[str, dict[str, tuple[str, str]]]:
+    """kind -> name -> (package, summary) of the built-ins: from ``zsbir/catalog.json``
+    (no import); from the live registries if the catalog is missing."""
+    from zsbir import catalog
+
+    cat = catalog.load()
+    if cat:
+        return {k: {e["name"]: ("zsbir", e["summary"]) for e in entries}
+                for k, entries in cat.items()}
+    from zsbir.registry import _BUILTIN_PACKAGE, _ensure_builtins, registries
+
+    _ensure_builtins()
+    return {r.kind: {n: (c.package, c.summary) for n, c in r._components.items()
+                     if c.package == _BUILTIN_PACKAGE} for r in registries()}
 
 
 def _weights_note(name: str) -> str:
@@ -266,29 +301,31 @@ def _weights_note(name: str) -> str:
 @click.argument("kind")
 @click.argument("name")
 def describe(kind: str, name: str) -> None:
-    """Show a component's parameters, defaults, docstring and where it is defined."""
-    import inspect
+    """Show a component's parameters, defaults, docstring and where it is defined.
 
+    Built-ins are described from zsbir's catalog (nothing imported); a plugin is imported.
+    """
+    from zsbir import catalog
     from zsbir.registry import get_registry
 
-    comp = get_registry(kind).component(name)
-    console.print(f"[bold]{comp.kind}[/] [bold cyan]{comp.name}[/]  ({comp.package})",
+    reg = get_registry(kind)
+    entry = catalog.entry(reg.kind, name)
+    if entry is not None:
+        package, location = "zsbir", catalog.source_line(entry)
+        rows, doc = entry["params"], entry["doc"]
+    else:
+        comp = reg.component(name)
+        package, location = comp.package, comp.location
+        rows, doc = catalog.param_rows(comp), comp.doc
+    console.print(f"[bold]{reg.kind}[/] [bold cyan]{escape(name)}[/]  ({escape(package)})",
                   highlight=False)
-    console.print(f"defined at {comp.location}", highlight=False)
+    console.print(f"defined at {location}", highlight=False, markup=False)
     table = Table("parameter", "type", "default")
-    from zsbir.manifest import _hints
-
-    hints = _hints(comp.obj)
-    for p in comp.parameters():
-        tp = hints.get(p.name, p.annotation)
-        from zsbir.manifest import _type_name
-
-        type_text = _type_name(tp) if tp is not inspect.Parameter.empty else "any"
-        default = "(required)" if p.default is inspect.Parameter.empty else repr(p.default)
-        table.add_row(p.name, type_text, default)
+    for row in rows:
+        table.add_row(*(escape(c) for c in row))
     console.print(table)
-    if comp.doc:
-        console.print(comp.doc, highlight=False, markup=False)
+    if doc:  # the docstring's own line breaks, not re-wrapped
+        console.print(doc, highlight=False, markup=False, soft_wrap=True)
 
 
 @main.command()
@@ -313,11 +350,22 @@ def plugins() -> None:
                 else:
                     status = "[green]ok[/]"
                 rows.append((e.dist, e.version, e.group, name, status))
+    from zsbir.registry import KINDS, unknown_plugin_groups
+
+    unknown = unknown_plugin_groups()
+    for e in unknown:  # a group that names no kind: never loaded
+        import difflib
+
+        close = difflib.get_close_matches(e.kind, KINDS, n=1)
+        hint = f"; did you mean zsbir.{close[0]}?" if close else ""
+        rows.append((e.dist, e.version, e.group, e.name,
+                     f"[red]ignored: unknown group {e.group} (kinds: {', '.join(KINDS)})"
+                     f"{hint}[/]"))
     if not rows:
         console.print("no zsbir plugins installed (entry-point groups zsbir.<kind>)")
         return
     _emit_table(("package", "version", "group", "name", "status"), rows)
-    if failures:
+    if failures or unknown:
         sys.exit(1)
 
 
@@ -330,10 +378,13 @@ def plugins() -> None:
 @click.option("--hasher", "hasher_names", multiple=True,
               help="none (cosine), sign, or itq[:BITS] fitted on the gallery; "
                    "default: none, plus codes if the file has them.")
+@click.option("--reranker", "reranker_specs", multiple=True, metavar="NAME[:KEY=VALUE,...]",
+              help="Also score each real-valued ranking re-ranked (repeatable), e.g. "
+                   "alpha_qe:k=10,alpha=3 or k_reciprocal; see `zsbir list rerankers`.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--device", default="cpu", show_default=True)
 def evaluate(features: str, metrics: tuple[str, ...], hasher_names: tuple[str, ...],
-             as_json: bool, device: str) -> None:
+             as_json: bool, device: str, reranker_specs: tuple[str, ...] = ()) -> None:
     """Score saved embeddings with any metric (no model needed)."""
     import numpy as np
 
@@ -348,8 +399,16 @@ def evaluate(features: str, metrics: tuple[str, ...], hasher_names: tuple[str, .
     path = Path(features)
     if not path.is_file():
         raise FileNotFoundError(f"no features file {str(path)!r}")
-    with np.load(path) as npz:
-        arrays = {k: npz[k] for k in npz.files}
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input
+        raise click.BadParameter(f"{path} is not a readable .npz file "
+                                 f"({type(exc).__name__}: {exc})",
+                                 param_hint="--features") from None
+    if not isinstance(arrays, dict):  # a plain .npy array
+        raise click.BadParameter(f"{path} is a .npy array, not an .npz archive",
+                                 param_hint="--features")
     missing = [k for k in ("query_labels", "gallery_labels") if k not in arrays]
     if missing:
         raise click.BadParameter(f"{path} lacks {', '.join(missing)}", param_hint="--features")
@@ -365,9 +424,15 @@ def evaluate(features: str, metrics: tuple[str, ...], hasher_names: tuple[str, .
                                  param_hint="--features")
     out = {}
     for tag, q, g, distance in runs:
-        res = evaluate_retrieval(q, arrays["query_labels"], g, arrays["gallery_labels"],
-                                 list(metrics), distance=distance, device=device)
+        try:
+            res = evaluate_retrieval(q, arrays["query_labels"], g, arrays["gallery_labels"],
+                                     list(metrics), distance=distance, device=device)
+        except (ValueError, TypeError, IndexError, RuntimeError) as exc:
+            raise click.ClickException(f"{path} ({tag}): cannot be scored: {exc}") from None
         out[tag] = res.to_dict()
+        if distance == "cosine":
+            out.update(_rerank_features(reranker_specs, tag, q, g, arrays, metrics, device,
+                                        path))
     if as_json:
         click.echo(json.dumps(out, indent=2))
         return
@@ -375,6 +440,63 @@ def evaluate(features: str, metrics: tuple[str, ...], hasher_names: tuple[str, .
     for tag, res in out.items():
         table.add_row(tag, *(f"{res['metrics'][m]:.4f}" for m in metrics))
     console.print(table)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--no-plot", is_flag=True, help="Print the summary only (no curves.png).")
+def report(run_dir: str, no_plot: bool) -> None:
+    """Summarize a finished run and draw RUN_DIR/curves.png (loss terms, lr, validation
+    accuracy per epoch)."""
+    from zsbir.report.compare import CompareError, load_run, run_summary
+    from zsbir.report.curves import CurvesError, plot_curves
+
+    try:
+        run = load_run(run_dir)
+        lines = run_summary(run)
+        png = None if no_plot else plot_curves(run_dir)
+    except (CompareError, CurvesError) as exc:
+        raise click.ClickException(str(exc)) from None
+    _emit_table(("field", "value"), [(escape(k), escape(v)) for k, v in lines],
+                title=f"run {run.name}")
+    if png is not None:
+        console.print(f"curves: {png}", highlight=False, markup=False)
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--metric", "metrics", multiple=True,
+              help="Metric column (repeatable; default: every metric the runs have).")
+@click.option("--hasher", "hashers", multiple=True,
+              help="Only these hasher tags (repeatable), e.g. real, itq64.")
+@click.option("--task", "tasks", multiple=True,
+              help="Only these protocol tasks (repeatable), e.g. sketchy_ext-generalized.")
+@click.option("--extra", "extras", multiple=True,
+              type=click.Choice(["chance", "seconds", "images_per_s", "best_val"]),
+              help="Extra columns (repeatable).")
+@click.option("--format", "fmt", default="table", show_default=True,
+              type=click.Choice(["table", "markdown", "latex", "csv"]))
+def compare(run_dirs: tuple[str, ...], metrics: tuple[str, ...], hashers: tuple[str, ...],
+            tasks: tuple[str, ...], extras: tuple[str, ...], fmt: str) -> None:
+    """Put runs side by side: rows runs, columns protocol x hasher x metric.
+
+    Runs whose resolved manifests differ only in run.seed / run.name / run.output_dir
+    are one row: mean ± standard deviation over their seeds.
+    """
+    from zsbir.report.compare import CompareError, build_table, group_runs, load_run, render
+
+    try:
+        table = build_table(group_runs([load_run(p) for p in run_dirs]), metrics or None,
+                            hashers or None, tasks or None, extras)
+    except CompareError as exc:
+        raise click.ClickException(str(exc)) from None
+    if fmt == "table" and console.is_terminal:
+        t = Table("run", "seeds", *table.headers())
+        for label, n, cells in table.rows:
+            t.add_row(escape(label), str(n), *(c.text() for c in cells))
+        console.print(t)
+    else:
+        click.echo(render(table, fmt))
 
 
 def _add_search_commands() -> None:
@@ -430,14 +552,78 @@ def bench_train_cmd(manifest: str, overrides: tuple[str, ...], steps: int, warmu
         Path(json_path).write_text(json.dumps(result, indent=2))
 
 
+def _rerank_features(specs: tuple[str, ...], tag: str, q: Any, g: Any,
+                     arrays: dict[str, Any], metrics: tuple[str, ...], device: str,
+                     path: Path) -> dict[str, Any]:
+    """``zsbir evaluate --reranker``: each reranker on one real-valued ranking."""
+    import inspect
+
+    import torch
+
+    from zsbir.context import BuildContext
+    from zsbir.evaluation import evaluate_score_fn
+    from zsbir.manifest import ManifestError, Problem, apply_overrides, validate_params
+    from zsbir.registry import RegistryError, rerankers
+
+    out: dict[str, Any] = {}
+    for spec in specs:
+        name, _, rest = spec.partition(":")
+        try:  # KEY=VALUE items read as --set values (TOML literals; a bare word a string)
+            table = apply_overrides({}, [i for i in rest.split(",") if i], name)
+        except ManifestError as exc:
+            raise click.BadParameter(f"{spec!r}: {exc}", param_hint="--reranker") from None
+        try:
+            obj = rerankers.get(name)
+        except RegistryError as exc:
+            raise click.BadParameter(str(exc), param_hint="--reranker") from None
+        problems: list[Problem] = []
+        params = validate_params(obj, "rerankers", table, name, problems)
+        if problems:
+            raise click.BadParameter("; ".join(str(p) for p in problems),
+                                     param_hint="--reranker")
+        if "ctx" in inspect.signature(obj).parameters:
+            params["ctx"] = BuildContext(device=torch.device(device))
+        r = obj(**params)
+        if r.needs_model:
+            raise click.BadParameter(f"{name!r} needs the model (image views); use it in a "
+                                     "manifest's [[rerankers]]", param_hint="--reranker")
+        try:
+            r.fit(g, queries=q if r.uses_queries else None)
+            res = evaluate_score_fn(r.score_rows(q, g), arrays["query_labels"],
+                                    arrays["gallery_labels"], list(metrics), device=device)
+        except (ValueError, TypeError, IndexError, RuntimeError) as exc:
+            raise click.ClickException(f"{path} ({tag}+{r.tag}): cannot be scored: "
+                                       f"{exc}") from None
+        out[f"{tag}+{r.tag}"] = res.to_dict()
+    return out
+
+
 def _hash_features(spec: str, q: Any, g: Any) -> tuple[str, Any, Any, str]:
+    """``none``, ``sign``, ``itq`` or ``NAME:BITS``: the hasher fitted on the gallery."""
     from zsbir.registry import hashers
 
-    name, _, bits = spec.partition(":")
-    kwargs = {"bits": int(bits)} if bits else {}
-    h = hashers.get(name)(**kwargs)
-    h.fit(g, seed=0)
-    return h.tag, h.encode(q), h.encode(g), "hamming" if h.binary else "cosine"
+    name, sep, bits = spec.partition(":")
+    kwargs: dict[str, Any] = {}
+    if sep:
+        if not bits.isdigit() or int(bits) < 1:
+            raise click.BadParameter(f"{spec!r}: BITS must be a positive integer "
+                                     "(e.g. itq:64)", param_hint="--hasher")
+        kwargs["bits"] = int(bits)
+    if name not in hashers:
+        close = hashers.suggest(name)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise click.BadParameter(f"unknown hasher {name!r} (known: "
+                                 f"{', '.join(hashers.names())}){hint}", param_hint="--hasher")
+    if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1] or not len(g):
+        raise click.BadParameter(f"query_features {q.shape} and gallery_features {g.shape} "
+                                 "must be non-empty (N, d) arrays of one d",
+                                 param_hint="--features")
+    try:
+        h = hashers.get(name)(**kwargs)
+        h.fit(g, seed=0)
+        return h.tag, h.encode(q), h.encode(g), "hamming" if h.binary else "cosine"
+    except (TypeError, ValueError, RuntimeError) as exc:  # LinAlgError is a ValueError
+        raise click.BadParameter(f"{spec!r}: {exc}", param_hint="--hasher") from None
 
 
 if __name__ == "__main__":  # pragma: no cover
