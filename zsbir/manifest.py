@@ -241,11 +241,21 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Read a TOML manifest (and apply ``key.path=value`` overrides) into a plain dict."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as exc:
         raise ManifestError([Problem("", f"cannot read: {exc.strerror}")], str(path)) from exc
+    if b"\0" in data:
+        raise ManifestError([Problem("", "a binary file, not a TOML manifest (it holds NUL "
+                                         "bytes)")], str(path))
     try:
-        raw = tomllib.loads(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ManifestError([Problem("", f"not UTF-8 text: byte 0x{data[exc.start]:02x} on "
+                                         f"line {line} cannot be decoded; a manifest is a "
+                                         "UTF-8 TOML file")], str(path)) from None
+    try:
+        raw = tomllib.loads(text.removeprefix("\ufeff"))
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError([Problem("", f"invalid TOML: {exc}")], str(path)) from exc
     return apply_overrides(raw, overrides, source=str(path))

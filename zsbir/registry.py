@@ -43,6 +43,7 @@ __all__ = [
     "discover_plugins",
     "get_registry",
     "plugin_failures",
+    "unknown_plugin_groups",
     "registries",
 ]
 
@@ -206,21 +207,73 @@ _discovered: dict[str, dict[str, list[PluginEntry]]] | None = None
 _failures: dict[tuple[str, str], PluginFailure] = {}
 
 
+class PluginExitError(Exception):
+    """A plugin module called ``sys.exit`` (or raised ``SystemExit``) while importing."""
+
+
+class _GuardedEntryPoint:
+    """An entry point whose ``load()`` turns a plugin's ``sys.exit`` at import into an
+    ordinary error (so it is recorded as that plugin's failure instead of ending zsbir) and
+    a malformed value (``"pkg.mod:"``, ``"a b"``) into a clear one (``importlib.metadata``
+    fails on it with "'NoneType' object has no attribute 'group'")."""
+
+    def __init__(self, ep: md.EntryPoint):
+        self._ep = ep
+        self.name, self.value, self.group = ep.name, ep.value, ep.group
+
+    def load(self) -> Any:
+        if md.EntryPoint.pattern.match(self.value) is None or \
+                not self.value.partition(":")[0].strip():
+            raise ValueError(f"malformed entry point value {self.value!r}: expected "
+                             "'package.module:object'")
+        try:
+            return self._ep.load()
+        except SystemExit as exc:
+            raise PluginExitError(f"the plugin called sys.exit({exc.code!r}) while being "
+                                  "imported") from None
+
+    def __repr__(self) -> str:
+        return f"EntryPoint(name={self.name!r}, value={self.value!r}, group={self.group!r})"
+
+
+_unknown_groups: list[PluginEntry] = []
+
+
 def discover_plugins(refresh: bool = False) -> dict[str, dict[str, list[PluginEntry]]]:
-    """Entry points per kind and name, read from metadata only (nothing imported)."""
+    """Entry points per kind and name, read from metadata only (nothing imported).
+
+    Entry points in a ``zsbir.<other>`` group that names no kind are never loaded; they
+    are kept for :func:`unknown_plugin_groups` (``zsbir plugins`` reports them)."""
     global _discovered
     if _discovered is not None and not refresh:
         return _discovered
     found: dict[str, dict[str, list[PluginEntry]]] = {k: {} for k in KINDS}
-    for kind in KINDS:
-        for ep in md.entry_points(group=f"zsbir.{kind}"):
-            dist = getattr(ep, "dist", None)
-            name = dist.metadata["Name"] if dist is not None else "?"
-            version = dist.version if dist is not None else "?"
-            entry = PluginEntry(kind, ep.name, ep.value, name, version, ep)
+    unknown: list[PluginEntry] = []
+    groups = sorted({g for g in md.entry_points().groups if g.startswith("zsbir.")}
+                    | {f"zsbir.{k}" for k in KINDS})
+    for ep in (ep for group in groups for ep in md.entry_points(group=group)):
+        kind = ep.group.removeprefix("zsbir.")
+        dist = getattr(ep, "dist", None)
+        try:
+            name = (dist.metadata["Name"] or "?") if dist is not None else "?"
+            version = (dist.version or "?") if dist is not None else "?"
+        except Exception:  # noqa: BLE001 - broken metadata: still list the entry point
+            name, version = "?", "?"
+        entry = PluginEntry(kind, ep.name, ep.value, name, version,
+                            _GuardedEntryPoint(ep))  # type: ignore[arg-type]
+        if kind in found:
             found[kind].setdefault(ep.name, []).append(entry)
+        else:
+            unknown.append(entry)
     _discovered = found
+    _unknown_groups[:] = unknown
     return found
+
+
+def unknown_plugin_groups() -> list[PluginEntry]:
+    """Installed entry points in ``zsbir.<other>`` groups that name no kind (ignored)."""
+    discover_plugins()
+    return list(_unknown_groups)
 
 
 def plugin_failures() -> list[PluginFailure]:

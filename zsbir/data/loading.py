@@ -36,7 +36,20 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class CorruptImageError(RuntimeError):
-    """An image that could not be decoded, with its path."""
+    """An image that could not be decoded, with its path.
+
+    Raised in a DataLoader worker, it reaches the main process rebuilt from torch's text
+    "Caught CorruptImageError in DataLoader worker process N. Original Traceback ...":
+    the constructor keeps only the original one-line message, so the user sees the file
+    and the decoder's reason, not the worker's traceback."""
+
+    def __init__(self, message: str = ""):
+        if message.startswith("Caught CorruptImageError"):
+            marker = "CorruptImageError: "
+            lines = [ln for ln in message.splitlines() if marker in ln]
+            if lines:
+                message = lines[-1].split(marker, 1)[1]
+        super().__init__(message)
 
 
 @dataclass

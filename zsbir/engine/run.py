@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,17 @@ import numpy as np
 import torch
 
 from zsbir.build import Experiment, build
-from zsbir.engine.checkpoint import atomic_save, load_checkpoint, package_versions
+from zsbir.engine.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    clean_stale_temporaries,
+    load_checkpoint,
+    package_versions,
+)
 from zsbir.engine.embed import embed_split
+from zsbir.engine.lock import RunLock
 from zsbir.engine.trainer import Trainer
-from zsbir.manifest import Manifest, resolve
+from zsbir.manifest import Manifest, ManifestError, Problem, resolve
 
 log = logging.getLogger("zsbir")
 
@@ -39,34 +47,161 @@ class RunDirError(RuntimeError):
     """The run directory cannot be used as asked (exists, or has nothing to resume)."""
 
 
+#: Keys of the resolved manifest a resumed run may change, because they do not touch the
+#: trained state: where the run lives, the device and data-loader workers, logging and
+#: checkpoint frequency, and everything used only after training (evaluation, hashers,
+#: rerankers, which weights are evaluated). Any other difference between the resolved
+#: manifest and the one stored in ``last.pt`` makes ``--resume`` refuse (exit 2).
+#: A key covers everything under it (``evaluation`` covers ``evaluation.metrics``).
+RESUME_SAFE_KEYS: tuple[str, ...] = (
+    "run.name", "run.output_dir", "run.device", "run.cache_dir", "run.overwrite",
+    "data.workers", "data.eval_batch_size", "train.log_every", "train.checkpoint_every",
+    "train.compile", "train.select", "evaluation", "hashers", "rerankers",
+)
+
+
 def run_dir_of(manifest: Manifest) -> Path:
+    """``run.output_dir/run.name`` (a relative output_dir is relative to the working
+    directory). ``--resume DIR`` does not use it: a resumed run works in DIR itself."""
     return Path(manifest.run.output_dir).expanduser() / manifest.run.name
 
 
-def load_resumable(run_dir: Path) -> Manifest:
-    """The resolved manifest saved in a run directory, for ``--resume``."""
-    import tomllib
+def load_resumable(run_dir: str | Path, overrides: Sequence[str] = ()) -> Manifest:
+    """The resolved manifest saved in a run directory, for ``--resume`` (``overrides``:
+    ``--set`` items; only :data:`RESUME_SAFE_KEYS` may change, checked when resuming).
 
+    Resume it with ``run_experiment(m, resume=True, run_dir=run_dir)``: the run continues
+    in ``run_dir`` wherever it was moved, whatever its stored output_dir/name say."""
+    from zsbir.manifest import load
+
+    run_dir = Path(run_dir)
     path = run_dir / RESOLVED
+    if not run_dir.is_dir():
+        raise RunDirError(f"no run directory {str(run_dir)!r} to resume")
     if not path.is_file():
         raise RunDirError(f"{str(run_dir)!r} is not a zsbir run directory (no {RESOLVED})")
     if not (run_dir / "checkpoints" / "last.pt").is_file():
         raise RunDirError(f"{str(run_dir)!r} has no checkpoints/last.pt to resume from")
-    return resolve(tomllib.loads(path.read_text()), str(path))
+    return resolve(load(path, overrides), str(path))
 
 
-def _prepare_dir(run_dir: Path, manifest: Manifest, resume: bool) -> None:
-    if not resume:
-        # a directory whose run never saved a checkpoint (it failed while building) holds
-        # nothing to protect: it is reused; one with checkpoints or results is not
-        started = (run_dir / "checkpoints").is_dir() or (run_dir / "metrics.json").exists()
-        if started and not manifest.run.overwrite:
-            raise RunDirError(
-                f"run directory {str(run_dir)!r} already holds a run; resume it with "
-                f"`zsbir run --resume {run_dir}`, choose another run.name, or set "
-                "run.overwrite = true")
+def manifest_changes(saved: Any, current: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(key path, saved value, current value)`` for every key whose value differs.
+
+    Tables are compared key by key (a key missing on one side inside a component table is
+    a default added or dropped by another zsbir version, and is not a change; a whole
+    section present on one side only is); arrays of tables of the same length item by item.
+    """
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out: list[tuple[str, Any, Any]] = []
+        for key in [*saved, *(k for k in current if k not in saved)]:
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if key in saved and key in current:
+                out += manifest_changes(saved[key], current[key], path)
+            elif not prefix:  # a top-level section added or removed
+                out.append((path, saved.get(key), current.get(key)))
+        return out
+    if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current) \
+            and all(isinstance(x, dict) for x in [*saved, *current]):
+        return [c for i, (a, b) in enumerate(zip(saved, current))
+                for c in manifest_changes(a, b, f"{prefix}[{i}]")]
+    if type(saved) is not type(current) and not (
+            isinstance(saved, (int, float)) and isinstance(current, (int, float))
+            and not isinstance(saved, bool) and not isinstance(current, bool)):
+        return [(prefix, saved, current)]
+    return [] if saved == current else [(prefix, saved, current)]
+
+
+def _resume_safe(path: str) -> bool:
+    return any(path == k or path.startswith((k + ".", k + "[")) for k in RESUME_SAFE_KEYS)
+
+
+def check_resumable(ckpt: dict[str, Any], manifest: Manifest, run_dir: Path) -> None:
+    """Refuse a checkpoint that cannot continue ``manifest``: not a resumable checkpoint
+    (:class:`CheckpointError`), or a manifest changed since it was written in a key not in
+    :data:`RESUME_SAFE_KEYS` (:class:`ManifestError` listing every such key)."""
+    last = run_dir / "checkpoints" / "last.pt"
+    missing = [k for k in ("model", "optimizer", "train_state", "manifest") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{str(last)!r} is not a resumable zsbir checkpoint (it lacks "
+                              f"{', '.join(missing)})")
+    changes = [c for c in manifest_changes(ckpt["manifest"], manifest.data)
+               if not _resume_safe(c[0])]
+    if changes:
+        def show(v: Any) -> str:
+            return "(absent)" if v is None else repr(v)
+        raise ManifestError(
+            [Problem(path, f"changed since the checkpoint was written ({show(a)} -> {show(b)});"
+                           " a resumed run cannot change it")
+             for path, a, b in changes]
+            + [Problem("", f"restore these keys in {RESOLVED} or start a new run; only "
+                           f"{', '.join(RESUME_SAFE_KEYS)} may change on resume")],
+            str(run_dir / RESOLVED))
+
+
+def skipped_report(indexed: Any, trained: Any, evaluated: Any) -> dict[str, Any]:
+    """``metrics.json``'s ``skipped_images``: every file left out, once, with its path, the
+    reason and the stage that left it out (``index``: while listing the data tree, e.g.
+    zero-byte files, broken links, FIFOs, undecodable files with ``verify_images``;
+    ``train`` / ``evaluate``: failed to decode when loaded)."""
+    files: list[dict[str, str]] = []
+    done: set[str] = set()
+    counts: dict[str, int] = {}
+    for stage, items in (("index", indexed), ("train", trained), ("evaluate", evaluated)):
+        for path, reason in items:
+            if path in done:
+                continue
+            done.add(path)
+            files.append({"path": str(path), "error": str(reason), "stage": stage})
+            counts[stage] = counts.get(stage, 0) + 1
+    return {"count": len(files), "by_stage": counts, "files": files}
+
+
+#: what a run writes in its directory besides checkpoints/ (removed by run.overwrite)
+_OUTPUTS = ("metrics.json", "features.npz", "retrievals.png", "log.txt", "scalars.csv")
+
+
+def _prepare_dir(run_dir: Path, manifest: Manifest, resume: bool) -> RunLock:
+    """Create and lock the run directory; returns the held lock (release it when done).
+
+    A new run refuses a directory that holds a run (unless ``run.overwrite``, which removes
+    the old run's checkpoints and results first, so nothing of it can be mistaken for the
+    new run's); a second writer is refused by the lock. Temporary files a killed save left
+    behind are removed."""
+    try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / RESOLVED).write_text(manifest.to_toml())
+        lock = RunLock(run_dir, "resume" if resume else "run").acquire()
+    except OSError as exc:
+        raise RunDirError(f"cannot write the run directory {str(run_dir)!r}: "
+                          f"{exc.strerror or exc}") from exc
+    try:
+        ckpt_dir = run_dir / "checkpoints"
+        if not resume:
+            # a directory whose run never saved a checkpoint (it failed while building)
+            # holds nothing to protect: it is reused; one with checkpoints or results is not
+            started = ckpt_dir.is_dir() or (run_dir / "metrics.json").exists()
+            if started and not manifest.run.overwrite:
+                raise RunDirError(
+                    f"run directory {str(run_dir)!r} already holds a run; resume it with "
+                    f"`zsbir run --resume {run_dir}`, choose another run.name, or set "
+                    "run.overwrite = true")
+            if started:
+                for p in [*ckpt_dir.glob("*.pt"), *(run_dir / n for n in _OUTPUTS)]:
+                    p.unlink(missing_ok=True)
+                shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+            (run_dir / RESOLVED).write_text(manifest.to_toml(), encoding="utf-8")
+        removed = clean_stale_temporaries(ckpt_dir)
+        if removed:
+            log.warning("removed %d temporary file(s) a killed save left in %s",
+                        len(removed), ckpt_dir)
+    except OSError as exc:
+        lock.release()
+        raise RunDirError(f"cannot write the run directory {str(run_dir)!r}: "
+                          f"{exc.strerror or exc}") from exc
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def _file_logging(run_dir: Path) -> logging.Handler:
@@ -82,20 +217,46 @@ def run_experiment(
     manifest: Manifest, *, resume: bool = False,
     progress: Callable[[dict[str, Any]], None] | None = None,
     stop_after_steps: int | None = None,
+    run_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate; returns what ``metrics.json`` holds (or, when the testing hook
-    ``stop_after_steps`` interrupts training, ``{"interrupted": True}``)."""
-    run_dir = run_dir_of(manifest)
-    _prepare_dir(run_dir, manifest, resume)
+    ``stop_after_steps`` interrupts training, ``{"interrupted": True}``).
+
+    ``run_dir`` (default :func:`run_dir_of`) is where the run is written; ``--resume DIR``
+    passes DIR. The directory is locked for the whole run (:class:`RunLock`)."""
+    run_dir = Path(run_dir) if run_dir is not None else run_dir_of(manifest)
+    lock = _prepare_dir(run_dir, manifest, resume)
+    try:
+        return _run_locked(manifest, run_dir, resume, progress, stop_after_steps)
+    finally:
+        lock.release()
+
+
+def _run_locked(manifest: Manifest, run_dir: Path, resume: bool,
+                progress: Callable[[dict[str, Any]], None] | None,
+                stop_after_steps: int | None) -> dict[str, Any]:
+    ckpt = None
+    if resume:  # checked before anything is built: a refused resume changes nothing
+        ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+        check_resumable(ckpt, manifest, run_dir)
     handler = _file_logging(run_dir)
     try:
         t0 = time.perf_counter()
         exp = build(manifest, run_dir)
         log.info("built %s: %s", manifest.run.name, exp.data.summary())
+        for path, reason in exp.data.skipped:
+            log.warning("left out while indexing: %s (%s)", path, reason)
         trainer = Trainer(exp, run_dir, progress, stop_after_steps)
-        if resume:
-            trainer.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "last.pt"))
-            log.info("resumed at epoch %d step %d", trainer.state["epoch"],
+        if ckpt is not None:
+            try:
+                trainer.load_state_dict(ckpt)
+            except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+                first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+                raise CheckpointError(
+                    f"{str(run_dir / 'checkpoints' / 'last.pt')!r} does not fit the run's "
+                    f"model and optimizer ({type(exc).__name__}: {first})") from exc
+            del ckpt
+            log.info("resumed %s at epoch %d step %d", run_dir, trainer.state["epoch"],
                      trainer.state["step"])
         state = trainer.fit()
         if stop_after_steps is not None and state["epoch"] < manifest.train.epochs \
@@ -112,9 +273,16 @@ def run_experiment(
             "selected": manifest.train.select, "stopped_early": state["stopped_early"],
             "history": state["history"], "seconds": train_time,
         }
-        skipped = state["skipped"] + results.pop("_eval_skipped")
-        results["skipped_images"] = {"count": len(skipped),
-                                     "files": [{"path": s, "error": e} for s, e in skipped]}
+        results["skipped_images"] = skipped_report(exp.data.skipped, state["skipped"],
+                                                   results.pop("_eval_skipped"))
+        for f in results["skipped_images"]["files"]:
+            if f["stage"] == "evaluate":
+                log.warning("skipped unreadable image %s (%s)", f["path"], f["error"])
+        if results["skipped_images"]["count"]:
+            log.warning("%d file(s) left out (%s); listed in metrics.json",
+                        results["skipped_images"]["count"],
+                        ", ".join(f"{k}: {v}" for k, v in
+                                  results["skipped_images"]["by_stage"].items()))
         results["versions"] = package_versions()
         results["device"] = str(exp.ctx.device)
         (run_dir / "metrics.json").write_text(json.dumps(results, indent=2, default=float))
@@ -126,6 +294,11 @@ def run_experiment(
                                  "unseen": exp.data.unseen_classes}},
                     run_dir / "checkpoints" / "final.pt")
         return results
+    except Exception as exc:
+        # the reason a run ended goes to log.txt too (the console shows it as well)
+        log.error("run stopped: %s: %s", type(exc).__name__,
+                  str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+        raise
     finally:
         logging.getLogger("zsbir").removeHandler(handler)
         handler.close()

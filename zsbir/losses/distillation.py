@@ -12,10 +12,11 @@ they differ only in how the target logits are formed (:meth:`_SoftLabelLoss.targ
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
 
+from zsbir.constraints import ExistingPath, Range
 from zsbir.context import BuildContext
 from zsbir.data.base import PHOTO
 from zsbir.losses.base import Batch, Loss, Outputs, Teacher, soft_cross_entropy, teacher_logits
@@ -102,8 +103,10 @@ class SakeLoss(_SoftLabelLoss):
 
     semantics: torch.Tensor | None
 
-    def __init__(self, lambda1: float = 1.0, lambda2: float = 0.3, photos_only: bool = True,
-                 mapping_file: str | None = None, ctx: BuildContext | None = None):
+    def __init__(self, lambda1: Annotated[float, Range(ge=0)] = 1.0,
+                 lambda2: Annotated[float, Range(ge=0)] = 0.3, photos_only: bool = True,
+                 mapping_file: Annotated[str | None, ExistingPath("file")] = None,
+                 ctx: BuildContext | None = None):
         super().__init__(photos_only)
         for key, value in (("lambda1", lambda1), ("lambda2", lambda2)):
             if not (math.isfinite(value) and value >= 0):
@@ -181,7 +184,8 @@ class KnowledgePreservationLoss(_SoftLabelLoss):
     P@100 0.608) and ``sbtknet_quickdraw.toml`` (mAP@all 0.1188, P@200 0.1665).
     """
 
-    def __init__(self, temperature: float = 1.0, photos_only: bool = False):
+    def __init__(self, temperature: Annotated[float, Range(gt=0)] = 1.0,
+                 photos_only: bool = False):
         super().__init__(photos_only, temperature)
 
     def target_logits(self, student: torch.Tensor, batch: Batch,
