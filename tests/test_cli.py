@@ -81,13 +81,13 @@ def test_evaluate_features_json(tmp_path):
 
 
 def test_component_rejecting_its_parameters_is_a_clean_error(tmp_path):
-    """Caught while building, before training: exit 1 naming the component, no traceback;
-    the directory of a run that never trained can be used again at once."""
+    """Caught by validation (the sampler's check_manifest hook), before anything is built:
+    exit 2 naming the component, no traceback; the run directory can be used at once."""
     args = ["run", str(EXAMPLES / "quickstart.toml"), "--set", "train.batch_size=16",
             "--set", f"run.output_dir={json.dumps(str(tmp_path))}"]
     for _ in range(2):
         res = CliRunner().invoke(main, args)
-        assert res.exit_code == 1, res.output
-        assert "sampler 'mixed': sketches_per_batch (32) must be within 0..batch_size (16)" \
+        assert res.exit_code == 2, res.output
+        assert "sampler: sketches_per_batch (32) exceeds train.batch_size (16)" \
             in " ".join(res.output.split())
         assert "Traceback" not in res.output and "already holds" not in res.output
