@@ -37,6 +37,11 @@ def primitives(out: Path) -> None:
     means = D.mean_across_ranks({"a": torch.tensor(float(r)), "b": torch.tensor(2.0)})
     assert abs(float(means["a"]) - (w - 1) / 2) < 1e-6 and float(means["b"]) == 2.0
 
+    assert D.all_ranks(True) and not D.all_ranks(r != 0)
+    rows = D.gather_rows(None if r == 0 else torch.full((2, 3), float(r)))
+    assert rows.shape == (2 * (w - 1), 3) and float(rows[0, 0]) == 1.0
+    assert D.gather_rows(None) is None
+
     # CpuSyncBatchNorm on a slice == BatchNorm on the global batch (values and gradients)
     g = torch.Generator().manual_seed(0)
     x_all = torch.randn(8, 3, 4, 4, generator=g) * 3 + 1
@@ -77,6 +82,11 @@ def primitives(out: Path) -> None:
     nn.functional.mse_loss(ddp(xb[idx]), yb[idx]).backward()
     for p, q in zip(model.parameters(), single.parameters()):
         np.testing.assert_allclose(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+    # a trained parameter outside the model (a loss's): averaged by its own hook
+    scale = nn.Parameter(torch.tensor(2.0))
+    D.sync_extra_params([scale], state)
+    (scale * xb[idx].sum() / 5 * w / state.weight).backward()  # local share of the sum
+    np.testing.assert_allclose(float(scale.grad), float(xb.sum() / 5), rtol=1e-5)
     (out / f"rank{r}.json").write_text(json.dumps({"ok": True, "rank": r}))
     torch.distributed.destroy_process_group()
 

@@ -58,10 +58,13 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "convert_sync_batchnorm",
+    "all_ranks",
     "gather_concat",
+    "gather_rows",
     "init_distributed",
     "is_distributed",
     "is_main",
+    "launch_torchrun",
     "mean_across_ranks",
     "parse_shard",
     "partition_files",
@@ -70,6 +73,7 @@ __all__ = [
     "shard_batches",
     "shard_range",
     "slice_weight",
+    "sync_extra_params",
     "world_size",
     "wrap_ddp",
 ]
@@ -123,6 +127,21 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv
         dist.init_process_group(backend, rank=r, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
     return DistEnv(rank=r, world=world, local_rank=local, backend=dist.get_backend())
+
+
+def launch_torchrun(nproc: int, zsbir_args: Sequence[str]) -> int:
+    """Run ``zsbir ZSBIR_ARGS`` as ``nproc`` processes on this machine through torchrun
+    (``--standalone``: a local rendezvous on a free port); returns torchrun's exit status
+    (non-zero when any process failed: torchrun then stops the others)."""
+    import subprocess
+    import sys
+
+    if _env_int("WORLD_SIZE", 1) > 1:
+        raise ValueError("--nproc inside a torchrun process: launch either with torchrun "
+                         "or with zsbir run --nproc, not both")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "zsbir", *zsbir_args]
+    return subprocess.call(cmd)
 
 
 def is_distributed() -> bool:
@@ -195,6 +214,31 @@ def gather_concat(x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         return x
     parts = all_gather_arrays(x)
     return np.concatenate(parts) if isinstance(x, np.ndarray) else torch.cat(parts)
+
+
+def all_ranks(flag: bool) -> bool:
+    """True when ``flag`` is true on every rank (one tiny all-reduce; every rank calls)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1 if flag else 0], device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def gather_rows(x: torch.Tensor | None) -> torch.Tensor | None:
+    """:func:`gather_concat` for a (n, ...) tensor that may be ``None`` on ranks that had
+    no rows (their shape is taken from the others); ``None`` when no rank had any."""
+    if not is_distributed():
+        return x
+    shapes = [None] * world_size()
+    meta = None if x is None else (tuple(x.shape[1:]), str(x.dtype).removeprefix("torch."))
+    dist.all_gather_object(shapes, meta)
+    known = [m for m in shapes if m is not None]
+    if not known:
+        return None
+    tail, dtype = known[0]
+    local = x if x is not None else torch.zeros((0, *tail), dtype=getattr(torch, dtype))
+    return torch.cat(all_gather_arrays(local))
 
 
 def mean_across_ranks(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -402,6 +446,23 @@ def _weighted_allreduce(state: _WeightState, bucket: Any) -> torch.futures.Futur
 # DDP checks the hook's annotations against the real classes (not postponed strings)
 _weighted_allreduce.__annotations__ = {"state": _WeightState, "bucket": dist.GradBucket,
                                        "return": torch.futures.Future[torch.Tensor]}
+
+
+def sync_extra_params(params: Sequence[nn.Parameter], state: _WeightState) -> None:
+    """Average, like DDP does for the model, the gradients of trained parameters outside
+    the DDP-wrapped model (a loss's learnable parameters): a hook all-reduces each one as
+    soon as its gradient is accumulated, weighted by ``state.weight``. Every rank runs the
+    same backward graph, so the hooks fire in the same order on every rank."""
+    def hook(p: torch.Tensor) -> None:
+        if p.grad is None:
+            return
+        if state.weight != 1.0:
+            p.grad.mul_(state.weight)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad.div_(world_size())
+
+    for p in params:
+        p.register_post_accumulate_grad_hook(hook)
 
 
 def wrap_ddp(model: nn.Module, device: torch.device) -> tuple[nn.Module, _WeightState]:
