@@ -295,9 +295,11 @@ def _run_locked(manifest: Manifest, run_dir: Path, resume: bool,
                     run_dir / "checkpoints" / "final.pt")
         return results
     except Exception as exc:
-        # the reason a run ended goes to log.txt too (the console shows it as well)
-        log.error("run stopped: %s: %s", type(exc).__name__,
-                  str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+        # why the run ended goes to log.txt too (only there: the console shows the error)
+        handler.handle(log.makeRecord(
+            log.name, logging.ERROR, __file__, 0, "run stopped: %s: %s",
+            (type(exc).__name__, str(exc).strip().splitlines()[0] if str(exc).strip() else ""),
+            None))
         raise
     finally:
         logging.getLogger("zsbir").removeHandler(handler)
