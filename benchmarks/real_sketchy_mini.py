@@ -73,6 +73,18 @@ LABELS = {
     "e": "(e) SBTKNet: quadruplet + CE + class-mean KP",
 }
 METRICS = ("map@all", "p@25")
+#: Rerankers scored side by side with the plain ranking (``[[rerankers]]``, issue 17), each
+#: with its paper's default parameters (no tuning on this benchmark).
+RERANKERS: list[dict[str, Any]] = [
+    {"name": "aqe", "k": 5},
+    {"name": "alpha_qe", "k": 5, "alpha": 3.0},
+    {"name": "dba", "k": 5},
+    {"name": "dba", "k": 5, "qe_k": 5},
+    {"name": "k_reciprocal", "k1": 20, "k2": 6, "lambda_value": 0.3},
+    {"name": "csls", "k": 10},
+    {"name": "domain_center"},
+    {"name": "tta", "views": ["hflip"]},
+]
 
 
 def manifest_for(row: str, seed: int, args: argparse.Namespace) -> Any:
@@ -84,7 +96,10 @@ def manifest_for(row: str, seed: int, args: argparse.Namespace) -> Any:
     raw = apply_overrides(raw, [
         f"run.output_dir={json.dumps(str(args.out))}", f"run.name=\"{row}_seed{seed}\"",
         f"run.seed={seed}", f"protocol.root={json.dumps(str(args.data))}",
+        *(["evaluation.generalized=true"] if args.generalized else []),
         *args.overrides])
+    if args.rerank:
+        raw["rerankers"] = [dict(t) for t in RERANKERS]
     return resolve(raw, str(path))
 
 
@@ -101,6 +116,12 @@ def _summary(metrics: dict[str, Any], wall: float) -> dict[str, Any]:
     out["loss"] = [h["loss"] for h in hist]
     out["val_accuracy"] = [h.get("val_accuracy") for h in hist]
     out["grid"] = metrics.get("grid")
+    # every task (unseen, generalized) and every ranking (plain hasher, hasher+reranker)
+    out["tasks"] = {t: {key: {m: e[m]["value"] for m in METRICS if m in e}
+                        for key, e in per.items()}
+                    for t, per in metrics["results"].items()}
+    out["rerank_seconds"] = metrics.get("seconds", {}).get("rerankers", {})
+    out["embed_seconds"] = metrics.get("seconds", {}).get("embed")
     return out
 
 
@@ -133,7 +154,7 @@ def run_untrained(seed: int, args: argparse.Namespace) -> dict[str, dict[str, An
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "manifest.resolved.toml").write_text(m.to_toml())
         t0 = time.perf_counter()
-        exp = build(m, run_dir)
+        exp = build(m, run_dir=run_dir)
         if variant == "a-pooled":
             exp.model = PooledFeatures(exp.model.backbone)
         metrics = evaluate_experiment(exp, run_dir)
@@ -245,6 +266,12 @@ def _ms(vals: list[float]) -> str:
     return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}"
 
 
+def _signed(vals: list[float]) -> str:
+    """Like :func:`_ms`, with an explicit sign on the mean."""
+    text = _ms(vals)
+    return text if text.startswith("-") else "+" + text
+
+
 def table(results: dict[str, dict[int, dict[str, Any]]]) -> str:
     lines = ["| row | seeds | mAP@all (VOC) | P@25 | chance | wall s | train images/s |",
              "|---|---|---|---|---|---|---|"]
@@ -258,6 +285,36 @@ def table(results: dict[str, dict[int, dict[str, Any]]]) -> str:
             f"| {LABELS[row]} | {len(runs)} | {_ms([r['map@all'] for r in runs])} | "
             f"{_ms([r['p@25'] for r in runs])} | {runs[0]['chance']:.3f} | "
             f"{statistics.mean(r['wall_s'] for r in runs):.0f} | {rate} |")
+    return "\n".join(lines)
+
+
+def rerank_table(results: dict[str, dict[int, dict[str, Any]]]) -> str:
+    """Per row and task: every ranking's mAP@all and P@25 (mean ± std over seeds), the
+    change against the plain ranking (mean ± std of the per-seed differences) and the
+    reranker's wall time (fit + score, mean over seeds)."""
+    lines = ["| row | task | ranking | seeds | mAP@all | Δ mAP | P@25 | Δ P@25 | s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row, per_seed in results.items():
+        runs = [r for r in per_seed.values() if r.get("tasks")]
+        if not runs:
+            continue
+        for task in runs[0]["tasks"]:
+            keys = list(runs[0]["tasks"][task])
+            for key in keys:
+                have = [r for r in runs if key in r["tasks"].get(task, {})]
+                if not have:
+                    continue
+                plain = key.split("+")[0]
+                vals = {m: [r["tasks"][task][key][m] for r in have] for m in METRICS}
+                diff = {m: [r["tasks"][task][key][m] - r["tasks"][task][plain][m]
+                            for r in have] for m in METRICS}
+                secs = [r["rerank_seconds"].get(f"{task} {key}") for r in have]
+                secs = [x for x in secs if x is not None]
+                d = {m: "-" if key == plain else _signed(diff[m]) for m in METRICS}
+                sec = f"{statistics.mean(secs):.2f}" if secs else "-"
+                lines.append(
+                    f"| {row} | {task} | {key} | {len(have)} | {_ms(vals['map@all'])} | "
+                    f"{d['map@all']} | {_ms(vals['p@25'])} | {d['p@25']} | {sec} |")
     return "\n".join(lines)
 
 
@@ -280,6 +337,11 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="manifest override for every row")
     p.add_argument("--json", type=Path, default=None, help="write all figures here")
+    p.add_argument("--no-rerank", dest="rerank", action="store_false",
+                   help="score the plain ranking only (default: also every reranker in "
+                        "RERANKERS, side by side)")
+    p.add_argument("--no-generalized", dest="generalized", action="store_false",
+                   help="skip the generalized task (gallery + seen-class photos)")
     args = p.parse_args()
     if not args.data.is_dir():
         sys.exit(f"data folder {args.data} is absent (needs ../shared/data/sketchy-mini-seen)")
@@ -308,6 +370,8 @@ def main() -> None:
     order = [r for r in ("a-pooled", "a-svd", "b", "c", "d", "e") if r in results]
     results = {r: results[r] for r in order}
     print("\n" + table(results), flush=True)
+    if any(r.get("tasks") for per in results.values() for r in per.values()):
+        print("\n" + rerank_table(results), flush=True)
     figures: dict[str, Any] = {"results": results, "load_at_end": os.getloadavg()[0]}
     if args.speed_steps > 0:
         print(f"\n== speed (batch 40, 128 px, {args.speed_steps} steps a block; load "

@@ -159,8 +159,11 @@ def test_registered_and_validated():
         comp = rerankers.component(name)
         assert comp.summary and ("et al." in comp.doc or "Chum" in comp.doc
                                  or "centering" in comp.doc or "augmentation" in comp.doc)
-    base = {"protocol": {"name": "synthetic"}, "backbone": {"name": "tiny_cnn"},
-            "run": {"name": "x"}}
+    from pathlib import Path
+
+    from zsbir.manifest import load
+
+    base = load(Path(__file__).resolve().parents[1] / "examples" / "quickstart.toml")
     m = resolve({**base, "rerankers": [{"name": "alpha_qe", "k": 3}, {"name": "csls"}]})
     assert [t["name"] for t in m.rerankers] == ["alpha_qe", "csls"]
     with pytest.raises(ManifestError, match=r"rerankers\[0\]\.k"):
@@ -236,3 +239,30 @@ def test_evaluate_experiment_scores_every_reranker(tmp_path):
                                     .metrics[metric], abs=1e-6), key
     plain = evaluate_scores(ref._unit(q) @ ref._unit(g).T, ql, gl, [metric]).metrics[metric]
     assert per["real"][metric]["value"] == pytest.approx(plain, abs=1e-6)
+
+
+def test_cli_evaluate_reranker(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from zsbir.cli import main
+
+    q, g = _data(6, nq=30, ng=50)
+    rng = np.random.default_rng(6)
+    ql, gl = rng.integers(0, 3, 30), rng.integers(0, 3, 50)
+    path = tmp_path / "f.npz"
+    np.savez(path, query_features=q, query_labels=ql, gallery_features=g, gallery_labels=gl)
+    res = CliRunner().invoke(main, ["evaluate", "--features", str(path), "--json",
+                                    "--metric", "map@all", "--reranker", "alpha_qe:k=3,alpha=2",
+                                    "--reranker", "csls"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    want = evaluate_scores(ref.alpha_qe_ref(q, g, 3, 2.0), ql, gl, ["map@all"])
+    assert out["real+alpha_qe3"]["metrics"]["map@all"] == pytest.approx(
+        want.metrics["map@all"], abs=1e-6)
+    assert "real+csls10" in out
+    bad = CliRunner().invoke(main, ["evaluate", "--features", str(path), "--reranker",
+                                    "alpha_qe:k=0"])
+    assert bad.exit_code == 2 and "alpha_qe.k: must be >= 1" in bad.output
+    assert "Traceback" not in bad.output
