@@ -236,8 +236,9 @@ def _assemble(
                         skipped=sorted(set(skipped)), generalized=generalized)
     log.info("%s: %s", name, data.summary())
     if data.skipped:
-        log.warning("%s: %d files or folders left out (listed in ProtocolData.skipped), "
-                    "first: %s (%s)", name, len(data.skipped), *data.skipped[0])
+        log.warning("%s: %d files or folders left out, each with its reason in "
+                    "ProtocolData.skipped (a run's log.txt and metrics.json); first: %s (%s)",
+                    name, len(data.skipped), *data.skipped[0])
     return data
 
 

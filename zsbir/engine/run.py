@@ -139,6 +139,12 @@ def check_resumable(ckpt: dict[str, Any], manifest: Manifest, run_dir: Path) -> 
             str(run_dir / RESOLVED))
 
 
+def _file_only(handler: logging.Handler, level: int, msg: str, *args: Any) -> None:
+    """A record for ``log.txt`` alone (not the console): per-file detail, and the error
+    the CLI prints itself."""
+    handler.handle(log.makeRecord(log.name, level, __file__, 0, msg, args, None))
+
+
 def skipped_report(indexed: Any, trained: Any, evaluated: Any) -> dict[str, Any]:
     """``metrics.json``'s ``skipped_images``: every file left out, once, with its path, the
     reason and the stage that left it out (``index``: while listing the data tree, e.g.
@@ -244,8 +250,9 @@ def _run_locked(manifest: Manifest, run_dir: Path, resume: bool,
         t0 = time.perf_counter()
         exp = build(manifest, run_dir)
         log.info("built %s: %s", manifest.run.name, exp.data.summary())
-        for path, reason in exp.data.skipped:
-            log.warning("left out while indexing: %s (%s)", path, reason)
+        for path, reason in exp.data.skipped:  # one line each in log.txt; the console
+            _file_only(handler, logging.WARNING,  # has the protocol's count and first one
+                       "left out while indexing: %s (%s)", path, reason)
         trainer = Trainer(exp, run_dir, progress, stop_after_steps)
         if ckpt is not None:
             try:
@@ -277,12 +284,13 @@ def _run_locked(manifest: Manifest, run_dir: Path, resume: bool,
                                                    results.pop("_eval_skipped"))
         for f in results["skipped_images"]["files"]:
             if f["stage"] == "evaluate":
-                log.warning("skipped unreadable image %s (%s)", f["path"], f["error"])
-        if results["skipped_images"]["count"]:
-            log.warning("%d file(s) left out (%s); listed in metrics.json",
-                        results["skipped_images"]["count"],
-                        ", ".join(f"{k}: {v}" for k, v in
-                                  results["skipped_images"]["by_stage"].items()))
+                _file_only(handler, logging.WARNING, "skipped unreadable image %s (%s)",
+                           f["path"], f["error"])
+        if results["skipped_images"]["count"]:  # the CLI prints this count on the console
+            _file_only(handler, logging.WARNING, "%d file(s) left out (%s); listed in "
+                       "metrics.json", results["skipped_images"]["count"],
+                       ", ".join(f"{k}: {v}" for k, v in
+                                 results["skipped_images"]["by_stage"].items()))
         results["versions"] = package_versions()
         results["device"] = str(exp.ctx.device)
         (run_dir / "metrics.json").write_text(json.dumps(results, indent=2, default=float))
@@ -296,10 +304,8 @@ def _run_locked(manifest: Manifest, run_dir: Path, resume: bool,
         return results
     except Exception as exc:
         # why the run ended goes to log.txt too (only there: the console shows the error)
-        handler.handle(log.makeRecord(
-            log.name, logging.ERROR, __file__, 0, "run stopped: %s: %s",
-            (type(exc).__name__, str(exc).strip().splitlines()[0] if str(exc).strip() else ""),
-            None))
+        _file_only(handler, logging.ERROR, "run stopped: %s: %s", type(exc).__name__,
+                   str(exc).strip().splitlines()[0] if str(exc).strip() else "")
         raise
     finally:
         logging.getLogger("zsbir").removeHandler(handler)
