@@ -116,6 +116,8 @@ def test_uses_queries_and_refit():
     c = _build("csls")
     with pytest.raises(ValueError, match="queries"):
         c.fit(g)
+    with pytest.raises(ValueError, match="at least 2 queries"):
+        _build("domain_center").fit(g, queries=q[:1])
     r = _build("dba", k=2).fit(g)
     g2 = g[::-1].copy()
     np.testing.assert_allclose(r.scores(q, g2), ref.dba_ref(q, g2, 2, 3.0), atol=2e-5)

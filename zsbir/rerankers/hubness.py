@@ -78,7 +78,9 @@ class DomainCenter(Reranker):
         return "domain_center"
 
     def _fit(self, gallery: torch.Tensor, queries: torch.Tensor | None) -> None:
-        assert queries is not None
+        if queries is None or queries.shape[0] < 2:
+            raise ValueError("domain_center estimates the sketch domain's mean from the query "
+                             "set: it needs at least 2 queries")
         self.mu_q = queries.mean(0, keepdim=True)
         self.centered = F.normalize(gallery - gallery.mean(0, keepdim=True), dim=1)
 
