@@ -690,3 +690,22 @@ def test_checkpoints_stay_plain_data_after_a_run_sized_save(tmp_path):
     back = torch.load(path, weights_only=True)
     assert back["step"] == 7 and all(torch.equal(back["model"][k], v)
                                      for k, v in state["model"].items())
+
+
+def test_bugs_keep_their_traceback(tmp_path, monkeypatch):
+    """Only user errors are shortened: anything else escapes the CLI with its traceback."""
+    import zsbir.engine.run as run_mod
+
+    def bug(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(run_mod, "run_experiment", bug)
+    with pytest.raises(ZeroDivisionError):
+        cli("run", EXAMPLES / "quickstart.toml")
+
+    def odd_os_error(*args, **kwargs):
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+    monkeypatch.setattr(run_mod, "run_experiment", odd_os_error)
+    with pytest.raises(OSError):
+        cli("run", EXAMPLES / "quickstart.toml")
