@@ -268,3 +268,13 @@ def test_cli_evaluate_reranker(tmp_path):
                                     "alpha_qe:k=0"])
     assert bad.exit_code == 2 and "alpha_qe.k: must be >= 1" in bad.output
     assert "Traceback" not in bad.output
+
+
+def test_k_reciprocal_approximate_neighbours_match_exact_on_a_small_gallery():
+    """faiss HNSW finds the exact neighbours of a 37-item gallery, so the approximate
+    variant must then give the exact scores."""
+    q, g = _data(7)
+    exact = _build("k_reciprocal", k1=6, k2=3).fit(g).scores(q, g)
+    approx_r = _build("k_reciprocal", k1=6, k2=3, approximate=True)
+    assert approx_r.tag.endswith("_approx")
+    np.testing.assert_allclose(approx_r.fit(g).scores(q, g), exact, atol=1e-5)
