@@ -105,7 +105,8 @@ def test_resume_works_in_the_moved_directory_from_any_working_directory(tmp_path
     home.mkdir()
     monkeypatch.chdir(home)
     raw = apply_overrides(load(EXAMPLES / "quickstart.toml"),
-                          E2E.TINY + ["run.output_dir=\"runs\"", "run.name=orig"])
+                          E2E.TINY + ["run.output_dir=\"runs\"", "run.name=orig",
+                                      "train.epochs=1", "evaluation.grid_queries=0"])
     out = run_experiment(resolve(raw), stop_after_steps=4)
     assert out["interrupted"]
     orig = home / "runs/orig"
@@ -123,7 +124,8 @@ def test_resume_works_in_the_moved_directory_from_any_working_directory(tmp_path
     assert not (orig / "metrics.json").exists() and not (orig / "checkpoints/final.pt").exists()
     assert (orig / "checkpoints/last.pt").read_bytes() == orig_last
     assert not (copy / LOCK_NAME).exists()  # the lock is released at the end
-    assert json.loads((copy / "metrics.json").read_text())["train"]["epochs_run"] == 2
+    train = json.loads((copy / "metrics.json").read_text())["train"]
+    assert train["epochs_run"] == 1 and train["global_steps"] > 4
 
 
 def test_resume_refuses_a_changed_manifest_listing_the_keys(tmp_path):
