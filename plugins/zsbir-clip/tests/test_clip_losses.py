@@ -30,7 +30,7 @@ def test_matches_naive_loop(seed, margin):
     e1, e2 = e.clone().requires_grad_(), e.clone().requires_grad_()
     loss = ClipTripletLoss(margin=margin)({"embedding": e1}, {}, None)
     ref = naive(e2, margin)
-    assert math.isclose(float(loss), float(ref), rel_tol=1e-5, abs_tol=1e-6)
+    assert math.isclose(loss.item(), ref.item(), rel_tol=1e-5, abs_tol=1e-6)
     loss.backward()
     ref.backward()
     assert torch.allclose(e1.grad, e2.grad.float(), atol=1e-5)

@@ -98,11 +98,15 @@ def test_missing_file_and_pretrained_without_file_name_the_key(tiny, tmp_path):
         clip_text(config=tiny)
 
 
-def test_a_file_of_another_architecture_is_refused(weights_file, tmp_path):
+def test_a_file_of_another_architecture_is_refused(weights_file, tiny, tmp_path):
     model, path = weights_file
+    other = json.loads(open(tiny).read())
+    other["vision_cfg"]["width"] = 32  # a different (still tiny) architecture
+    cfg = tmp_path / "other.json"
+    cfg.write_text(json.dumps(other))
     with pytest.raises(ValueError, match=r"backbone\.weights: .*not an open_clip state dict "
-                                         r"for ViT-B-32"):
-        clip_vit(arch="ViT-B-32", weights=str(path))
+                                         r"for .*other\.json"):
+        clip_vit(config=str(cfg), weights=str(path))
 
 
 def test_a_checkpoint_being_rebuilt_skips_the_file(tiny, tmp_path):
