@@ -80,6 +80,11 @@ class ZsbirGroup(click.Group):
         except ManifestError as exc:
             _print_manifest_error(exc)
             sys.exit(2)
+        except click.UsageError as exc:  # one line, not click's usage + hint + error
+            where = exc.ctx.command_path if exc.ctx is not None else "zsbir"
+            err_console.print(f"[bold red]error:[/] {escape(exc.format_message())} "
+                              f"(see `{escape(where)} --help`)", highlight=False)
+            sys.exit(2)
         except _user_errors() as exc:
             _print_error(exc)
             sys.exit(1)

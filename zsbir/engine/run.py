@@ -7,7 +7,9 @@
   ``final.pt`` (evaluated weights + fitted hashers); all ``torch.load(weights_only=True)``;
 - ``metrics.json``: results keyed by protocol, hasher and metric, with each formula;
 - ``features.npz``: query/gallery embeddings and labels (``zsbir evaluate --features``);
-- ``retrievals.png``: top-ranked photos for a few queries; ``log.txt``.
+- ``retrievals.png``: top-ranked photos for a few queries;
+- ``log.txt`` (every line the console showed, timestamped), ``scalars.csv`` and
+  ``tensorboard/`` (per-step and per-epoch scalars: :mod:`zsbir.engine.tracking`).
 """
 
 from __future__ import annotations
@@ -163,6 +165,20 @@ def skipped_report(indexed: Any, trained: Any, evaluated: Any) -> dict[str, Any]
     return {"count": len(files), "by_stage": counts, "files": files}
 
 
+def _note_resume_changes(ckpt: dict[str, Any], manifest: Manifest, run_dir: Path) -> None:
+    """Log the (safe) keys a resume changed, and keep manifest.resolved.toml describing
+    the run as it now continues (``--set run.device=cpu``, new evaluation settings)."""
+    changed = [path for path, _, _ in manifest_changes(ckpt["manifest"], manifest.data)]
+    if changed:
+        log.info("resuming with changed settings: %s", ", ".join(changed))
+    path = run_dir / RESOLVED
+    text = manifest.to_toml()
+    if path.read_text(encoding="utf-8") != text:
+        tmp = path.with_name(f".{RESOLVED}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+
+
 #: what a run writes in its directory besides checkpoints/ (removed by run.overwrite)
 _OUTPUTS = ("metrics.json", "features.npz", "retrievals.png", "log.txt", "scalars.csv")
 
@@ -211,12 +227,43 @@ def _prepare_dir(run_dir: Path, manifest: Manifest, resume: bool) -> RunLock:
 
 
 def _file_logging(run_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(run_dir / "log.txt")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    """``log.txt``: every ``zsbir`` log record (what the console shows: phases, epochs,
+    evaluation, warnings) and Python warnings, timestamped; appended to on resume."""
+    handler = logging.FileHandler(run_dir / "log.txt", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
+                                           "%Y-%m-%d %H:%M:%S"))
     root = logging.getLogger("zsbir")
     root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").addHandler(handler)
     return handler
+
+
+def _class_lists(data: Any) -> dict[str, Any]:
+    """The class split a run used (names and counts), for ``metrics.json``."""
+    val_labels = sorted({int(v) for v in np.unique(data.val.labels)}) if len(data.val) else []
+    seen, unseen = list(data.seen_classes), list(data.unseen_classes)
+    validation = [data.classes[i] for i in val_labels]
+    return {"seen": seen, "unseen": unseen, "validation": validation,
+            "counts": {"seen": len(seen), "unseen": len(unseen),
+                       "validation": len(validation), "validation_images": len(data.val)},
+            "note": "validation: held-out images of these seen classes (model selection)"}
+
+
+def _log_results(results: dict[str, Any], run_dir: Path) -> None:
+    """The final results, as the console's table shows them, into ``log.txt`` only."""
+    file_only = {"console": False}
+    for task, per_hasher in results["results"].items():
+        for tag, entry in per_hasher.items():
+            values = " ".join(f"{k}={v['value']:.4f}" for k, v in entry.items()
+                              if k != "per_class" and isinstance(v, dict))
+            log.info("result %s %s: %s", task, tag, values, extra=file_only)
+    for task, chance in results["chance"].items():
+        log.info("chance level of %s (gallery positive rate): %.4f", task, chance,
+                 extra=file_only)
+    log.info("results in %s/ (metrics.json, scalars.csv, log.txt)", run_dir, extra=file_only)
 
 
 def run_experiment(
@@ -241,18 +288,29 @@ def run_experiment(
 def _run_locked(manifest: Manifest, run_dir: Path, resume: bool,
                 progress: Callable[[dict[str, Any]], None] | None,
                 stop_after_steps: int | None) -> dict[str, Any]:
+    from zsbir.engine.tracking import RunTracker
+    from zsbir.progress import phase
+
     ckpt = None
     if resume:  # checked before anything is built: a refused resume changes nothing
         ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
         check_resumable(ckpt, manifest, run_dir)
     handler = _file_logging(run_dir)
+    tracker = None
     try:
+        if ckpt is not None:
+            _note_resume_changes(ckpt, manifest, run_dir)
         t0 = time.perf_counter()
-        exp = build(manifest, run_dir)
-        log.info("built %s: %s", manifest.run.name, exp.data.summary())
+        log.info("run %s -> %s", manifest.run.name, run_dir)
+        with phase("building data and model"):
+            exp = build(manifest, "train", run_dir)
+        log.info("built %s: %s", manifest.run.name,
+                 ", ".join(f"{k} {v}" for k, v in exp.data.summary().items()))
         for path, reason in exp.data.skipped:  # one line each in log.txt; the console
             _file_only(handler, logging.WARNING,  # has the protocol's count and first one
                        "left out while indexing: %s (%s)", path, reason)
+        tracker = RunTracker(run_dir, manifest.train.epochs, progress)
+        progress = tracker
         trainer = Trainer(exp, run_dir, progress, stop_after_steps)
         if ckpt is not None:
             try:
@@ -273,7 +331,10 @@ def _run_locked(manifest: Manifest, run_dir: Path, resume: bool,
         best = run_dir / "checkpoints" / "best.pt"
         if manifest.train.select == "best_val" and best.is_file():
             exp.model.load_state_dict(load_checkpoint(best)["model"])
-        results = evaluate_experiment(exp, run_dir, progress)
+        tracker.close_bar()
+        with phase("evaluating"):
+            results = evaluate_experiment(exp, run_dir, progress)
+        results["classes"] = _class_lists(exp.data)
         results["train"] = {
             "epochs_run": state["epoch"], "global_steps": state["global_step"],
             "best_epoch": state["best_epoch"], "best_val_accuracy": state["best_val"],
@@ -293,11 +354,15 @@ def _run_locked(manifest: Manifest, run_dir: Path, resume: bool,
                                  results["skipped_images"]["by_stage"].items()))
         results["versions"] = package_versions()
         results["device"] = str(exp.ctx.device)
+        results["files"] = {"scalars": "scalars.csv", "tensorboard": "tensorboard/",
+                            "log": "log.txt"}
         (run_dir / "metrics.json").write_text(json.dumps(results, indent=2, default=float))
+        _log_results(results, run_dir)
         atomic_save({"model": exp.model.state_dict(),
                      "hashers": [{"name": t["name"], "state": h.state_dict()}
                                  for t, h in zip(manifest.hashers, exp.hashers)],
                      "manifest": manifest.data,
+                     "plugins": dict(manifest.plugins),
                      "classes": {"seen": exp.data.seen_classes,
                                  "unseen": exp.data.unseen_classes}},
                     run_dir / "checkpoints" / "final.pt")
@@ -308,7 +373,11 @@ def _run_locked(manifest: Manifest, run_dir: Path, resume: bool,
                    str(exc).strip().splitlines()[0] if str(exc).strip() else "")
         raise
     finally:
+        if tracker is not None:
+            tracker.close()
         logging.getLogger("zsbir").removeHandler(handler)
+        logging.getLogger("py.warnings").removeHandler(handler)
+        logging.captureWarnings(False)
         handler.close()
 
 
@@ -323,19 +392,23 @@ def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
     unseen photos of each class are split in two by position; odd ones query even ones).
     """
     from zsbir.data.base import PHOTO, Split
+    from zsbir.progress import phase
 
     m, data, ev = exp.manifest, exp.data, exp.manifest.evaluation
     t0 = time.perf_counter()
     stacked = _stack_views(exp)  # rerankers that need the model: also embed image views
-    q_emb, q_kept, skipped = embed_split(exp, data.query)
-    g_emb, g_kept, g_skip = embed_split(exp, data.gallery)
+    with phase(f"embedding {len(data.query)} queries"):
+        q_emb, q_kept, skipped = embed_split(exp, data.query)
+    with phase(f"embedding {len(data.gallery)} gallery images"):
+        g_emb, g_kept, g_skip = embed_split(exp, data.gallery)
     skipped += g_skip
     q_lab, g_lab = data.query.labels[q_kept], data.gallery.labels[g_kept]
     name = m.protocol["name"]
     tasks = {name: (q_emb, q_lab, g_emb, g_lab)}
     if ev.generalized and not data.generalized:
         seen = Split.concat(data.train.of_domain(PHOTO), data.val.of_domain(PHOTO))
-        s_emb, s_kept, s_skip = embed_split(exp, seen)
+        with phase(f"embedding {len(seen)} seen-class photos (generalized)"):
+            s_emb, s_kept, s_skip = embed_split(exp, seen)
         skipped += s_skip
         tasks[f"{name}-generalized"] = (q_emb, q_lab, np.concatenate([g_emb, s_emb]),
                                         np.concatenate([g_lab, seen.labels[s_kept]]))
@@ -355,9 +428,12 @@ def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
 
     fit_on = g_emb
     if any(t["name"] != "none" for t in m.hashers):
-        fit_on, _, _ = embed_split(exp, data.train)  # SAKE: ITQ on training embeddings
-    for hasher in exp.hashers:
-        hasher.fit(fit_on, seed=m.run.seed)
+        with phase(f"embedding {len(data.train)} training images (to fit the hashers)"):
+            fit_on, _, _ = embed_split(exp, data.train)  # SAKE: ITQ on training embeddings
+    with phase("fitting hashers", total=len(exp.hashers), unit="hashers") as advance:
+        for hasher in exp.hashers:
+            hasher.fit(fit_on, seed=m.run.seed)
+            advance()
 
     results: dict[str, Any] = {"protocol": dict(m.protocol), "results": {}, "chance": {},
                                "sizes": {}}
@@ -366,7 +442,8 @@ def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
         per_hasher = {}
         views, (qe, ge) = (qe, ge), (qe[:, :q_emb.shape[1]], ge[:, :q_emb.shape[1]])
         for hasher in exp.hashers:
-            per_hasher[hasher.tag] = _score(exp, hasher, qe, ql, ge, gl)
+            with phase(f"scoring {task} {hasher.tag}"):
+                per_hasher[hasher.tag] = _score(exp, hasher, qe, ql, ge, gl)
             if progress:
                 progress({"evaluated": f"{task} {hasher.tag}",
                           "metrics": {k: v["value"] for k, v in per_hasher[hasher.tag].items()
