@@ -118,6 +118,7 @@ async function search() {
     if (mine !== sequence) return;  // a newer request is on its way
     if (!res.ok) { setStatus(data.error || res.statusText, true); return; }
     showResults(data.results);
+    resultsEl.dataset.request = String(mine);  // which answer the grid shows
     setStatus(`${data.results.length} results in ${data.ms} ms`);
   } catch (err) {
     if (mine === sequence) setStatus(`search failed: ${err}`, true);
