@@ -117,8 +117,12 @@ def test_resume_works_in_the_moved_directory_from_any_working_directory(tmp_path
     other = tmp_path / "other"
     other.mkdir()
     monkeypatch.chdir(tmp_path)
-    res = cli("run", "--resume", "elsewhere/copied", "--quiet")
+    res = cli("run", "--resume", "elsewhere/copied", "--quiet", "--set",
+              "evaluation.grid_queries=1")  # a key declared safe to change
     assert res.exit_code == 0, res.output
+    assert "grid_queries = 1" in (copy / RESOLVED).read_text()  # the file says what ran
+    assert "grid_queries = 0" in (orig / RESOLVED).read_text()
+    assert (copy / "retrievals.png").is_file() and not (orig / "retrievals.png").exists()
     assert (copy / "metrics.json").is_file() and (copy / "checkpoints/final.pt").is_file()
     # the original is untouched: no results, and its checkpoint is the one it saved
     assert not (orig / "metrics.json").exists() and not (orig / "checkpoints/final.pt").exists()
