@@ -179,20 +179,6 @@ def _note_resume_changes(ckpt: dict[str, Any], manifest: Manifest, run_dir: Path
         tmp.replace(path)
 
 
-def _note_resume_changes(ckpt: dict[str, Any], manifest: Manifest, run_dir: Path) -> None:
-    """Log the (safe) keys a resume changed, and keep manifest.resolved.toml describing
-    the run as it now continues (``--set run.device=cpu``, new evaluation settings)."""
-    changed = [path for path, _, _ in manifest_changes(ckpt["manifest"], manifest.data)]
-    if changed:
-        log.info("resuming with changed settings: %s", ", ".join(changed))
-    path = run_dir / RESOLVED
-    text = manifest.to_toml()
-    if path.read_text(encoding="utf-8") != text:
-        tmp = path.with_name(f".{RESOLVED}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-
-
 #: what a run writes in its directory besides checkpoints/ (removed by run.overwrite)
 _OUTPUTS = ("metrics.json", "features.npz", "retrievals.png", "log.txt", "scalars.csv")
 
@@ -312,8 +298,6 @@ def _run_locked(manifest: Manifest, run_dir: Path, resume: bool,
     handler = _file_logging(run_dir)
     tracker = None
     try:
-        if ckpt is not None:
-            _note_resume_changes(ckpt, manifest, run_dir)
         if ckpt is not None:
             _note_resume_changes(ckpt, manifest, run_dir)
         t0 = time.perf_counter()
