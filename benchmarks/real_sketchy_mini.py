@@ -272,20 +272,17 @@ def _signed(vals: list[float]) -> str:
     return text if text.startswith("-") else "+" + text
 
 
-def table(results: dict[str, dict[int, dict[str, Any]]]) -> str:
-    lines = ["| row | seeds | mAP@all (VOC) | P@25 | chance | wall s | train images/s |",
-             "|---|---|---|---|---|---|---|"]
-    for row, per_seed in results.items():
-        runs = list(per_seed.values())
-        if not runs:
-            continue
-        rates = [r["images_per_s"] for r in runs if r["images_per_s"]]
-        rate = f"{statistics.mean(rates):.1f}" if rates else "-"
-        lines.append(
-            f"| {LABELS[row]} | {len(runs)} | {_ms([r['map@all'] for r in runs])} | "
-            f"{_ms([r['p@25'] for r in runs])} | {runs[0]['chance']:.3f} | "
-            f"{statistics.mean(r['wall_s'] for r in runs):.0f} | {rate} |")
-    return "\n".join(lines)
+def table(results: dict[str, dict[int, dict[str, Any]]], out: Path) -> str:
+    """The paper-style table, built by ``zsbir compare``'s code from the run directories:
+    one row per method, mean ± std over its seeds; unseen-class task, real-valued ranking;
+    chance, wall time and training images/s beside the metrics."""
+    from zsbir.report.compare import build_table, load_run, render
+
+    groups = {LABELS[row]: [load_run(out / f"{row}_seed{seed}") for seed in per_seed]
+              for row, per_seed in results.items() if per_seed}
+    task = next(iter(groups.values()))[0].metrics["protocol"]["name"]
+    return render(build_table(groups, METRICS, ["real"], [task],
+                              ["chance", "seconds", "images_per_s"]), "markdown")
 
 
 def rerank_table(results: dict[str, dict[int, dict[str, Any]]]) -> str:
@@ -369,7 +366,7 @@ def main() -> None:
                       f"{res['images_per_s'] or 0:.1f} img/s)", flush=True)
     order = [r for r in ("a-pooled", "a-svd", "b", "c", "d", "e") if r in results]
     results = {r: results[r] for r in order}
-    print("\n" + table(results), flush=True)
+    print("\n" + table(results, args.out), flush=True)
     if any(r.get("tasks") for per in results.values() for r in per.values()):
         print("\n" + rerank_table(results), flush=True)
     figures: dict[str, Any] = {"results": results, "load_at_end": os.getloadavg()[0]}

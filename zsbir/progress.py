@@ -230,6 +230,7 @@ class ConsoleLogHandler(logging.Handler):
                 msg = f"warning: {msg}"
             else:
                 style = None
-            self.console.print(msg, style=style, highlight=False, markup=False)
+            # soft_wrap: one record, one line, also in pipes and log captures
+            self.console.print(msg, style=style, highlight=False, markup=False, soft_wrap=True)
         except Exception:  # noqa: BLE001 - logging must never raise
             self.handleError(record)
