@@ -50,15 +50,19 @@ class RunDirError(RuntimeError):
 
 
 #: Keys of the resolved manifest a resumed run may change, because they do not touch the
-#: trained state: where the run lives, the device and data-loader workers, logging and
-#: checkpoint frequency, and everything used only after training (evaluation, hashers,
-#: rerankers, which weights are evaluated). Any other difference between the resolved
-#: manifest and the one stored in ``last.pt`` makes ``--resume`` refuse (exit 2).
-#: A key covers everything under it (``evaluation`` covers ``evaluation.metrics``).
+#: trained state: where the run and its data live (a run moved to another machine), the
+#: device and data-loader workers, memory layout, logging and checkpoint frequency, the
+#: student's initial weights file (the checkpoint replaces those weights), and everything
+#: used only after training (evaluation, hashers, rerankers, which weights are
+#: evaluated). Any other difference between the resolved manifest and the one stored in
+#: ``last.pt`` makes ``--resume`` refuse (exit 2). A key covers everything under it
+#: (``evaluation`` covers ``evaluation.metrics``).
 RESUME_SAFE_KEYS: tuple[str, ...] = (
     "run.name", "run.output_dir", "run.device", "run.cache_dir", "run.overwrite",
+    "protocol.root", "protocol.cache_dir", "protocol.rebuild_index", "backbone.weights",
     "data.workers", "data.eval_batch_size", "train.log_every", "train.checkpoint_every",
-    "train.compile", "train.select", "evaluation", "hashers", "rerankers",
+    "train.compile", "train.channels_last", "train.select", "evaluation", "hashers",
+    "rerankers",
 )
 
 
