@@ -38,6 +38,7 @@ def primitives(out: Path) -> None:
     assert abs(float(means["a"]) - (w - 1) / 2) < 1e-6 and float(means["b"]) == 2.0
 
     assert D.all_ranks(True) and not D.all_ranks(r != 0)
+    assert D.gather_objects(("x", r)) == [("x", k) for k in range(w)]
     rows = D.gather_rows(None if r == 0 else torch.full((2, 3), float(r)))
     assert rows.shape == (2 * (w - 1), 3) and float(rows[0, 0]) == 1.0
     assert D.gather_rows(None) is None

@@ -60,6 +60,7 @@ __all__ = [
     "convert_sync_batchnorm",
     "all_ranks",
     "gather_concat",
+    "gather_objects",
     "gather_rows",
     "init_distributed",
     "is_distributed",
@@ -180,6 +181,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj if rank() == src else None]
     dist.broadcast_object_list(box, src=src, device=_comm_device())
     return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (pickled; small objects), in rank order, on every rank."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_gather_arrays(x: np.ndarray | torch.Tensor) -> list[np.ndarray | torch.Tensor]:
@@ -349,6 +359,23 @@ def partition_files(paths: Sequence[str], shard: int, num_shards: int) -> list[s
 
 
 # ---------------------------------------------------------------------------- models
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks, differentiable: the gradient of every rank's input is the sum of
+    the ranks' output gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        y = x.clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        g = grad.clone()
+        dist.all_reduce(g, op=dist.ReduceOp.SUM)
+        return g
+
+
 class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics are those of the global batch across all ranks,
     for CPU tensors (gloo), where ``nn.SyncBatchNorm`` refuses to run.
@@ -366,13 +393,11 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (self.training and is_distributed()):
             return super().forward(input)
-        from torch.distributed.nn.functional import all_reduce
-
         dims = [0, *range(2, input.dim())]
         x = input.float()
         count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype)
         stats = torch.cat([count, x.sum(dims), (x * x).sum(dims)])
-        stats = all_reduce(stats, op=dist.ReduceOp.SUM)
+        stats = _AllReduceSum.apply(stats)
         c = x.shape[1]
         n, mean = stats[0], stats[1:1 + c] / stats[0]
         var = (stats[1 + c:] / n - mean * mean).clamp_min(0)
@@ -475,7 +500,14 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> tuple[nn.Module, _Weight
     convert_sync_batchnorm(model, device)
     ids = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else None
-    ddp = DDP(model, device_ids=ids, broadcast_buffers=False, find_unused_parameters=True)
+    # BatchNorm buffers are equal on every rank (synchronized statistics): no per-forward
+    # buffer broadcast; globally unused parameters keep grad None, as in one process
+    import inspect
+
+    sync = ({"forward_sync_buffers": False}
+            if "forward_sync_buffers" in inspect.signature(DDP).parameters
+            else {"broadcast_buffers": False})
+    ddp = DDP(model, device_ids=ids, find_unused_parameters=True, **sync)
     state = _WeightState()
     ddp.register_comm_hook(state, _weighted_allreduce)
     return ddp, state
