@@ -48,7 +48,7 @@ from .base import Reranker, topk_rows
 __all__ = ["KReciprocal"]
 
 #: Pairs handled at once in the Jaccard sum over the inverted index (bounds its memory).
-_PAIR_BUDGET = 1 << 22
+_PAIR_BUDGET = 1 << 21
 
 
 def _dedupe(idx: torch.Tensor, valid: torch.Tensor, sentinel: int
@@ -164,15 +164,21 @@ class KReciprocal(Reranker):
 
     def _build_expanded(self, n: int) -> None:
         """Gallery V after local query expansion, as an inverted index (column -> rows)."""
-        src = self.nbr[:, :self.kq_gallery + 1]  # the item and its k2 - 1 nearest
-        cols = self.v_idx[src].flatten(1)  # (G, k2 * L)
-        vals = self.v_val[src].flatten(1) / (self.kq_gallery + 1)
-        rows = torch.arange(n, device=cols.device)[:, None].expand_as(cols)
-        nz = vals > 0
-        key = rows[nz] * n + cols[nz]
-        uniq, inv = torch.unique(key, return_inverse=True)
-        summed = torch.zeros(uniq.shape[0], device=vals.device).index_add_(0, inv, vals[nz])
-        e_row, e_col = uniq // n, uniq % n
+        e_rows, e_cols, e_vals = [], [], []
+        block = max(1, (1 << 22) // max(1, (self.kq_gallery + 1) * self.v_idx.shape[1]))
+        for lo in range(0, n, block):  # row blocks bound the (rows, k2 * L) work arrays
+            src = self.nbr[lo:lo + block, :self.kq_gallery + 1]  # item + its k2 - 1 nearest
+            cols = self.v_idx[src].flatten(1)  # (rows, k2 * L)
+            vals = self.v_val[src].flatten(1) / (self.kq_gallery + 1)
+            rows = torch.arange(lo, lo + src.shape[0], device=cols.device)[:, None]
+            nz = vals > 0
+            key = rows.expand_as(cols)[nz] * n + cols[nz]
+            uniq, inv = torch.unique(key, return_inverse=True)
+            e_vals.append(torch.zeros(uniq.shape[0], device=vals.device)
+                          .index_add_(0, inv, vals[nz]))
+            e_rows.append(uniq // n)
+            e_cols.append(uniq % n)
+        e_row, e_col, summed = torch.cat(e_rows), torch.cat(e_cols), torch.cat(e_vals)
         order = torch.argsort(e_col, stable=True)
         self.inv_rows, self.inv_vals = e_row[order], summed[order]
         counts = torch.bincount(e_col, minlength=n)
