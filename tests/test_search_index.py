@@ -180,38 +180,43 @@ def test_update_embeds_only_new_and_changed(tiny_run, photos, sketches, tmp_path
     assert sum(counted) == 0
 
 
-def test_killed_build_is_usable_and_resumes(tiny_run, photos, sketches, tmp_path,
-                                            monkeypatch, counted):
-    calls = {"n": 0}
-    original = store._commit_batch
+KILLER = """
+import os, signal, sys
+import zsbir.search.store as store
+original, done = store._commit_batch, []
+def commit_then_die(*args):
+    original(*args)
+    done.append(1)
+    if len(done) == 2:  # SIGKILL right after the second committed batch: no cleanup at all
+        os.kill(os.getpid(), signal.SIGKILL)
+store._commit_batch = commit_then_die
+from zsbir.cli import main
+main(sys.argv[1:])
+"""
 
-    def dies_after_two(*args, **kwargs):
-        if calls["n"] == 2:
-            raise KeyboardInterrupt  # killed after two committed batches
-        calls["n"] += 1
-        return original(*args, **kwargs)
 
-    monkeypatch.setattr(store, "_commit_batch", dies_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        store.build_index(tiny_run, photos, tmp_path / "idx", device="cpu", batch_size=4,
-                          workers=0)
-    monkeypatch.setattr(store, "_commit_batch", original)
-    # the last committed state: 2 batches of 4 files in path order (c0/bad.png among
-    # them: 7 photos), searchable without the faiss file
-    with Index.open(tmp_path / "idx", "cpu") as idx:
+def test_killed_build_is_usable_and_resumes(tiny_run, photos, sketches, tmp_path, counted):
+    idx_dir = tmp_path / "idx"
+    proc = subprocess.run([sys.executable, "-c", KILLER, "index", "build", str(tiny_run),
+                           str(photos), str(idx_dir), "--batch-size", "4", "--workers", "0",
+                           "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr
+    lock = json.loads((idx_dir / "write.lock").read_text())  # left behind by the killed pid
+    assert lock["host"] == socket.gethostname()
+    assert not (idx_dir / "photos.faiss").exists()
+    # the last committed state: 2 batches of 4 files in path order (c0/bad.png among them:
+    # 7 photos), searchable although the faiss file was never written
+    with Index.open(idx_dir, "cpu") as idx:
         assert len(idx) == 7
         assert len(idx.search(sketches[0], top=20)) == 7
-    # a kill -9 leaves the lock behind: a dead pid on this host is a stale lock
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (tmp_path / "idx" / "write.lock").write_text(json.dumps(
-        {"pid": dead.pid, "host": socket.gethostname(), "started": "earlier"}))
+    # running the build again resumes: the stale lock is replaced, only the rest embedded
     counted.clear()
-    out = build(tiny_run, photos, tmp_path / "idx", "--batch-size", "4")
-    assert "resumed" in out and "stale write lock" in out
-    assert sum(counted) == 14 - 8  # only the files not committed before (13 + bad.png)
-    with Index.open(tmp_path / "idx", "cpu") as idx:
+    out = build(tiny_run, photos, idx_dir, "--batch-size", "4")
+    assert "resumed" in out and f"stale write lock of pid {lock['pid']}" in out
+    assert sum(counted) == 14 - 8  # the files not committed before (13 photos + bad.png)
+    with Index.open(idx_dir, "cpu") as idx:
         assert len(idx) == 13
+    assert not (idx_dir / "write.lock").exists()
 
 
 def test_second_writer_is_refused(tiny_run, photos, tmp_path):
