@@ -80,6 +80,11 @@ def test_search_by_strokes_upload_and_raw_body_agree_with_the_api(client, index_
     assert first["url"] == f"/photos/{first['id']}" and first["label"] in {"c0", "c1", "c2"}
     only = client.post("/api/search", json={"drawing": STROKES, "top": 9, "class": "c2"}).json()
     assert len(only["results"]) == 3 and {x["label"] for x in only["results"]} == {"c2"}
+    with Index.open(index_dir, "cpu") as idx:
+        want = [r.id for r in idx.search(render_strokes(STROKES), top=4, rerank="alpha_qe")]
+    reranked = client.post("/api/search", json={"drawing": STROKES, "top": 4,
+                                                "rerank": "alpha_qe"}).json()
+    assert [x["id"] for x in reranked["results"]] == want
 
 
 @pytest.mark.parametrize("kwargs, status, message", [
@@ -94,6 +99,8 @@ def test_search_by_strokes_upload_and_raw_body_agree_with_the_api(client, index_
     ({"json": {"drawing": STROKES, "top": "x"}}, 400, "top must be an integer"),
     ({"json": {"drawing": STROKES, "class": "zebra"}}, 400, "no photos labelled 'zebra'"),
     ({"json": {"drawing": STROKES, "pen_width": -1}}, 400, "pen_width"),
+    ({"json": {"drawing": STROKES, "rerank": "no_such"}}, 400, "unknown reranker"),
+    ({"json": {"drawing": STROKES, "rerank": 3}}, 400, "reranker name"),
     ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400,
      "malformed JSON"),
     ({"files": {"sketch": ("s.png", b"not an image", "image/png")}}, 400, "not an image"),

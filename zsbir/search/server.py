@@ -7,7 +7,8 @@ Routes:
 - ``GET /api/info``: the index's name, size, model, hasher, score name and labels;
 - ``POST /api/search``: a sketch, either uploaded as a PNG/JPEG file (``multipart/form-data``
   field ``sketch``, or the raw bytes with an ``image/*`` content type) or as JSON
-  ``{"drawing": [[[xs], [ys]], ...], "top": 10, "pen_width": 3, "class": null}``
+  ``{"drawing": [[[xs], [ys]], ...], "top": 10, "pen_width": 3, "class": null,
+  "rerank": null}`` (``rerank``: a registered reranker's name, real-valued indexes)
   (QuickDraw's ``drawing`` field, :mod:`zsbir.search.strokes`) -> ``{"results": [{id,
   name, label, score, url, thumb}], "score": "cosine similarity", "ms": ...}``;
 - ``GET /photos/{id}`` (``?size=N``: a JPEG thumbnail, longest side N): only photos the
@@ -100,7 +101,7 @@ def create_app(index: str | Path | Index, device: str = "auto",
         t0 = time.perf_counter()
         try:
             ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-            top, label, pen = 10, None, None
+            top, label, pen, rerank = 10, None, None, None
             if ctype == "application/json":
                 body = await _read_body(request, max_upload_bytes)
                 try:
@@ -114,6 +115,9 @@ def create_app(index: str | Path | Index, device: str = "auto",
                 label = data.get("class")
                 if label is not None and not isinstance(label, str):
                     raise HTTPError(400, '"class" must be a string')
+                rerank = data.get("rerank")
+                if rerank is not None and not isinstance(rerank, str):
+                    raise HTTPError(400, '"rerank" must be a reranker name')
                 pen = data.get("pen_width")
                 if pen is not None and (isinstance(pen, bool)
                                         or not isinstance(pen, (int, float)) or pen <= 0):
@@ -141,7 +145,7 @@ def create_app(index: str | Path | Index, device: str = "auto",
                                      "an image/* body) or JSON strokes {\"drawing\": ...}")
             if isinstance(query, (bytes, bytearray)) and not query:
                 raise HTTPError(400, "the uploaded sketch is empty")
-            results = await run_in_threadpool(_search, idx, query, top, label, pen)
+            results = await run_in_threadpool(_search, idx, query, top, label, pen, rerank)
         except HTTPError as exc:
             return _error(exc.status, exc.message)
         except SearchError as exc:
@@ -210,8 +214,8 @@ async def _read_body_limit_only(request: Request, limit: int) -> None:
         raise HTTPError(413, f"upload too large ({declared} bytes; the limit is {limit})")
 
 
-def _search(idx: Index, query: Any, top: int, label: str | None, pen: float | None
-            ) -> list[dict[str, Any]]:
+def _search(idx: Index, query: Any, top: int, label: str | None, pen: float | None,
+            rerank: str | None = None) -> list[dict[str, Any]]:
     if isinstance(query, list):
         from zsbir.search.strokes import render_strokes
 
@@ -219,7 +223,7 @@ def _search(idx: Index, query: Any, top: int, label: str | None, pen: float | No
     elif not isinstance(query, (bytes, bytearray)):
         raise HTTPError(400, '"drawing" must be a list of strokes [[xs], [ys]]')
     out = []
-    for r in idx.search(query, top=top, label=label):
+    for r in idx.search(query, top=top, label=label, rerank=rerank):
         out.append({"id": r.id, "name": Path(r.path).name, "label": r.label,
                     "score": r.score, "rank": r.rank, "url": f"/photos/{r.id}",
                     "thumb": f"/photos/{r.id}?size=256"})
