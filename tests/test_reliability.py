@@ -537,8 +537,8 @@ def test_broken_checkpoint_on_resume_is_one_line(tmp_path, label, content, expec
     no_traceback(res)
     assert says(res, str(d / "checkpoints/last.pt"), expect)
     assert len(res.output.strip().splitlines()) <= 3
-    with pytest.raises(CheckpointError):
-        load_checkpoint(d / "checkpoints/last.pt")
+    with pytest.raises(CheckpointError, match=r"weights file '[^']*last\.pt'"):
+        load_checkpoint(d / "checkpoints/last.pt", what="weights file")
 
 
 def test_resume_of_a_directory_that_is_not_a_run(tmp_path):

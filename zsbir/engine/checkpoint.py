@@ -136,20 +136,21 @@ def clean_stale_temporaries(directory: str | Path) -> list[Path]:
     return removed
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True`` (no arbitrary code runs).
 
     Raises :class:`CheckpointError` naming the file when it is missing, empty, truncated,
-    not a checkpoint, or holds objects other than plain data."""
+    not a ``torch.save`` file, or holds objects other than plain data. ``what`` names the
+    file in those messages (``"weights file"`` for a backbone's weights, say)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {str(path)!r}")
+        raise CheckpointError(f"no {what} at {str(path)!r}")
     try:
         size = path.stat().st_size
     except OSError as exc:
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {exc.strerror}") from exc
+        raise CheckpointError(f"cannot read {what} {str(path)!r}: {exc.strerror}") from exc
     if size == 0:
-        raise CheckpointError(f"checkpoint {str(path)!r} is empty (0 bytes): it was not "
+        raise CheckpointError(f"{what} {str(path)!r} is empty (0 bytes): it was not "
                               "written completely")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -157,24 +158,24 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         with open(path, "rb") as fh:
             head = fh.read(2)
         if not (head[:1] == b"\x80" or zipfile.is_zipfile(path)):  # no pickle, no zip
-            raise CheckpointError(f"checkpoint {str(path)!r} is truncated or not a checkpoint "
+            raise CheckpointError(f"{what} {str(path)!r} is truncated or not a {what} "
                                   f"({size} bytes; not a torch.save file)") from exc
         detail = next((ln.strip() for ln in str(exc).splitlines()
                        if ln.strip() and "WeightsUnpickler" not in ln and "PyTorch" not in ln
                        and "weights_only" not in ln), "")
         raise CheckpointError(
-            f"refusing to load checkpoint {str(path)!r}: it holds objects other than plain "
-            "data (tensors, numbers, strings, lists, dicts), so it was not written by zsbir"
-            + (f" ({detail[:120]})" if detail else "")) from exc
+            f"refusing to load {what} {str(path)!r}: it holds objects other than plain "
+            "data (tensors, numbers, strings, lists, dicts), which could run code when "
+            "loaded" + (f" ({detail[:120]})" if detail else "")) from exc
     except OSError as exc:
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: "
+        raise CheckpointError(f"cannot read {what} {str(path)!r}: "
                               f"{exc.strerror or exc}") from exc
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, KeyError,
             AttributeError, TypeError, IndexError) as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} is truncated or not a checkpoint "
+        raise CheckpointError(f"{what} {str(path)!r} is truncated or not a {what} "
                               f"({size} bytes; {type(exc).__name__})") from exc
     if not isinstance(ckpt, dict):
-        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(ckpt).__name__}, "
+        raise CheckpointError(f"{what} {str(path)!r} holds a {type(ckpt).__name__}, "
                               "not a dict")
     return ckpt
 
