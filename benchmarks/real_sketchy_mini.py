@@ -147,7 +147,9 @@ def run_untrained(seed: int, args: argparse.Namespace) -> dict[str, dict[str, An
         m = manifest_for(variant, seed, args)
         run_dir = run_dir_of(m)
         done = run_dir / "metrics.json"
-        if args.reuse and done.is_file():
+        if args.report_only and not done.is_file():
+            continue
+        if (args.reuse or args.report_only) and done.is_file():
             saved = json.loads(done.read_text())
             out[variant] = _summary(saved, saved["wall_s"])
             continue
@@ -168,15 +170,17 @@ def run_untrained(seed: int, args: argparse.Namespace) -> dict[str, dict[str, An
     return out
 
 
-def run_trained(row: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_trained(row: str, seed: int, args: argparse.Namespace) -> dict[str, Any] | None:
     """Rows (b)-(e): an ordinary run of the row's manifest."""
     from zsbir.engine.run import run_dir_of, run_experiment
 
     m = manifest_for(row, seed, args)
     done = run_dir_of(m) / "metrics.json"
-    if args.reuse and done.is_file():
+    if (args.reuse or args.report_only) and done.is_file():
         saved = json.loads(done.read_text())
         return _summary(saved, saved.get("wall_s", float("nan")))
+    if args.report_only:
+        return None
     if run_dir_of(m).exists():
         shutil.rmtree(run_dir_of(m))  # a previous, unfinished or replaced run
     t0 = time.perf_counter()
@@ -334,6 +338,8 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="manifest override for every row")
     p.add_argument("--json", type=Path, default=None, help="write all figures here")
+    p.add_argument("--report-only", action="store_true",
+                   help="only read the runs that have finished (metrics.json); run nothing")
     p.add_argument("--no-rerank", dest="rerank", action="store_false",
                    help="score the plain ranking only (default: also every reranker in "
                         "RERANKERS, side by side)")
@@ -360,6 +366,9 @@ def main() -> None:
                           f"({res['wall_s']:.0f} s)", flush=True)
             else:
                 res = run_trained(row, seed, args)
+                if res is None:  # --report-only: this run has not finished
+                    print("  not finished: left out", flush=True)
+                    continue
                 results.setdefault(row, {})[seed] = res
                 print(f"  {row}: mAP@all {res['map@all']:.4f} P@25 {res['p@25']:.4f} "
                       f"chance {res['chance']:.3f} ({res['wall_s']:.0f} s, "
