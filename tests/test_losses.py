@@ -212,7 +212,11 @@ def test_sake_errors():
         SakeLoss.from_matrix(a)({"embedding": student}, batch, teacher)
     with pytest.raises(ValueError, match="lambda1"):
         SakeLoss(lambda1=-1.0)
-    assert SakeLoss.requires == frozenset({"teacher", "imagenet_head"})
+    from zsbir.registry import declared
+
+    assert declared(SakeLoss, "requires", {"lambda1": 1.0}) == {"teacher"}
+    assert declared(SakeLoss, "requires", {"lambda1": 0.0}) == frozenset()  # WordNet alone
+    assert SakeLoss.output_keys == {"imagenet_logits"}
 
 
 # ----------------------------------------------------------------------------- knowledge
@@ -244,7 +248,8 @@ def test_knowledge_preservation_is_sake_teacher_loss():
     kp = KnowledgePreservationLoss()(out, batch, teacher)
     lt = SakeLoss(lambda1=1.0, lambda2=0.0, photos_only=False)(out, batch, teacher)
     torch.testing.assert_close(kp, lt)
-    assert KnowledgePreservationLoss.requires == frozenset({"teacher", "imagenet_head"})
+    assert KnowledgePreservationLoss.requires == frozenset({"teacher"})
+    assert KnowledgePreservationLoss.output_keys == {"imagenet_logits"}
     with pytest.raises(ValueError, match="temperature"):
         KnowledgePreservationLoss(temperature=0.0)
 

@@ -68,7 +68,9 @@ def test_teachers_are_interchangeable():
     """A SAKE network with the offline teacher, and SBTKNet with the online one, validate."""
     sake = load(EXAMPLES / "sake_tuberlin.toml")
     sake["teacher"] = {"name": "class_mean"}
+    sake["protocol"]["root"] = str(EXAMPLES)  # validation checks the dataset root exists
     resolve(sake)
     sbt = load(EXAMPLES / "sbtknet_tuberlin.toml")
     sbt["teacher"] = {"name": "online"}
+    sbt["protocol"]["root"] = str(EXAMPLES)
     resolve(sbt)

@@ -1,4 +1,5 @@
-"""The retrieval network's heads: SAKE's truncated-SVD initialization and head layouts."""
+"""The registered heads (SAKE's truncated-SVD initialization, SAKE and SBTKNet layouts),
+the retrieval network and the ImageNet-classifier teacher network."""
 
 from __future__ import annotations
 
@@ -7,7 +8,15 @@ import torch
 from torch import nn
 
 from zsbir.models.backbone import Backbone
-from zsbir.models.net import RetrievalNet, TeacherNet, svd_init
+from zsbir.models.heads import ParallelHead, StackedHead
+from zsbir.models.net import ImageNetClassifier as TeacherNet
+from zsbir.models.net import RetrievalNet, svd_init
+
+
+def net(bb, num_classes, embed_dim, heads_on="embedding", imagenet_head="none"):
+    cls = StackedHead if heads_on == "embedding" else ParallelHead
+    return RetrievalNet(bb, cls(bb, num_classes, embed_dim=embed_dim,
+                                imagenet_head=imagenet_head))
 
 
 class LinearBackbone(Backbone):
@@ -34,8 +43,8 @@ def test_svd_heads_approximate_pretrained_logits_better_as_d_grows():
     target = bb.fc(bb(x))
     errors = []
     for d in (4, 16, 32, 48):
-        net = RetrievalNet(bb, num_classes=5, embed_dim=d, imagenet_head="svd")
-        out = net(x)
+        model = net(bb, num_classes=5, embed_dim=d, imagenet_head="svd")
+        out = model(x)
         errors.append((out["imagenet_logits"] - target).norm().item() / target.norm().item())
     assert all(a > b for a, b in zip(errors, errors[1:])), errors
     assert errors[-1] < 1e-5  # full rank: exact
@@ -54,22 +63,22 @@ def test_svd_init_factors():
 def test_head_layouts_and_outputs():
     bb = LinearBackbone()
     x = torch.randn(3, 3, 4, 4)
-    stacked = RetrievalNet(bb, num_classes=7, embed_dim=8, imagenet_head="svd")
-    assert stacked.classifier.in_features == 8 and stacked.imagenet_head.in_features == 8
-    side = RetrievalNet(bb, num_classes=7, embed_dim=8, heads_on="features",
-                        imagenet_head="pretrained")
-    assert side.classifier.in_features == 48
-    assert torch.equal(side.imagenet_head.weight, bb.fc.weight)
+    stacked = net(bb, num_classes=7, embed_dim=8, imagenet_head="svd")
+    assert stacked.head.classifier.in_features == 8
+    assert stacked.head.imagenet_head.in_features == 8
+    side = net(bb, num_classes=7, embed_dim=8, heads_on="features", imagenet_head="pretrained")
+    assert side.head.classifier.in_features == 48
+    assert torch.equal(side.head.imagenet_head.weight, bb.fc.weight)
     out = side(x)
     assert out["embedding"].shape == (3, 8) and out["logits"].shape == (3, 7)
     assert torch.allclose(out["imagenet_logits"], bb.fc(bb(x)))
-    plain = RetrievalNet(bb, num_classes=7, embed_dim=8)
+    plain = net(bb, num_classes=7, embed_dim=8)
     assert "imagenet_logits" not in plain(x)
 
 
 def test_pretrained_head_needs_pretrained_backbone():
     with pytest.raises(ValueError, match="pretrained ImageNet weights"):
-        RetrievalNet(LinearBackbone(pretrained=False), 5, 8, imagenet_head="svd")
+        net(LinearBackbone(pretrained=False), 5, 8, imagenet_head="svd")
     with pytest.raises(ValueError, match="no pretrained ImageNet classifier"):
         TeacherNet(LinearBackbone(pretrained=False))
 
@@ -78,3 +87,12 @@ def test_teacher_net_is_frozen():
     t = TeacherNet(LinearBackbone())
     t.train()
     assert not t.training and not any(p.requires_grad for p in t.parameters())
+    x = torch.randn(2, 3, 4, 4)
+    signal = t(x)
+    assert torch.allclose(signal["logits"], t.head(signal["features"]))
+
+
+def test_heads_declare_outputs_from_their_parameters():
+    assert "imagenet_logits" not in StackedHead.provides({"imagenet_head": "none"})
+    assert "imagenet_logits" in StackedHead.provides({"imagenet_head": "svd"})
+    assert ParallelHead.provides({}) == {"embedding", "logits"}

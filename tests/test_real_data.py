@@ -59,7 +59,7 @@ def test_tiny_cross_entropy_run_on_real_sketchy(shared_dir, tmp_path, one_thread
         "protocol": {"name": "folder", "root": str(root), "num_unseen": 3, "seed": 0},
         "data": {"image_size": 64, "workers": 0, "augment_prob": 0.0},
         "backbone": backbone,
-        "model": {"embed_dim": 64},
+        "model": {"head": {"name": "stacked", "embed_dim": 64}},
         "losses": [{"name": "ce"}],
         "sampler": {"name": "random"},
         "optimizer": {"name": "adam", "lr": lr, "weight_decay": 1e-4},

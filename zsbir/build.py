@@ -1,30 +1,47 @@
-"""Manifest -> Experiment: the one function that turns names into objects.
+"""Manifest -> objects: the one function every command uses (``build``).
 
 Read :func:`build` top to bottom to see how a run is assembled. Nothing here is
-method-specific: SAKE, SBTKNet and RPKD differ only in the registered names their
-manifests give.
+method-specific: SAKE, SBTKNet, RPKD and plugin methods differ only in the registered
+names their manifests give. Every component table, at any depth, is built the same way
+by :func:`build_component`: its nested component tables first (``[teacher.network]``,
+``[teacher.network.backbone]``, ``[model.head.network]``, ...), passed to it as keyword
+arguments with whatever it asks for among the injected values (``ctx``, ...).
+
+Purposes:
+
+- ``"train"``: everything (``zsbir run``, ``zsbir bench``);
+- ``"evaluate"``: protocol data, model, hashers and rerankers; no teacher, losses or
+  optimizer (scoring a model, trained or not);
+- ``"embed"``: model, transform and hashers from a checkpoint, no data
+  (``zsbir index``, ``zsbir search``, ``zsbir serve``): pretrained weights are not read,
+  the checkpoint's replace them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from zsbir.context import BuildContext, default_cache_dir
 from zsbir.data.base import ProtocolData
 from zsbir.data.loading import Transform
-from zsbir.manifest import Manifest
-from zsbir.models.net import RetrievalNet, TeacherNet
+from zsbir.engine.step import loss_labels
+from zsbir.manifest import COMPONENT_KEYS, Manifest
+from zsbir.models.net import RetrievalNet
 from zsbir.registry import _singular, get_registry
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BuildError", "Experiment", "build", "call_component", "resolve_device"]
+__all__ = ["BuildError", "Experiment", "Purpose", "build", "build_component",
+           "call_component", "resolve_device"]
+
+Purpose = Literal["train", "evaluate", "embed"]
 
 
 class BuildError(ValueError):
@@ -34,21 +51,25 @@ class BuildError(ValueError):
 
 @dataclass
 class Experiment:
-    """Everything a run needs, built and wired."""
+    """Everything a run needs, built and wired (fields a purpose does not need are
+    ``None`` or empty)."""
 
     manifest: Manifest
     ctx: BuildContext
-    data: ProtocolData
+    data: ProtocolData | None
     model: RetrievalNet
     teacher: Any | None
     losses: list[tuple[str, float, torch.nn.Module]]
     sampler: Any
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    optimizer: torch.optim.Optimizer | None
+    scheduler: Any
     hashers: list[Any]
     train_transform: Transform
     eval_transform: Transform
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    step: Any = None
+    rerankers: list[Any] = field(default_factory=list)
+    purpose: str = "train"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -57,20 +78,44 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"run.device = {name!r} but CUDA is not available here "
-                           "(use \"auto\" or \"cpu\")")
+        raise BuildError(f"run.device = {name!r} but CUDA is not available here "
+                         "(use \"auto\" or \"cpu\")")
     return device
 
 
-def call_component(kind: str, table: dict[str, Any], ctx: BuildContext,
-                   skip: tuple[str, ...] = (), **injected: Any) -> Any:
-    """Call a registered component with its manifest parameters plus whatever it asks
-    for among ``ctx`` and the ``injected`` values."""
+def _is_nested(key: str, value: Any) -> bool:
+    if key not in COMPONENT_KEYS:
+        return False
+    if isinstance(value, dict):
+        return "name" in value
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(v, dict) and "name" in v for v in value)
+
+
+def build_component(kind: str, table: dict[str, Any], ctx: BuildContext,
+                    skip: tuple[str, ...] = (), **injected: Any) -> Any:
+    """Build a resolved component table: nested component tables first (bottom-up), then
+    the component with its parameters plus whatever it asks for among ``ctx`` and the
+    ``injected`` values. Reserved keys (``weight``) and ``skip`` are not passed."""
     obj = get_registry(kind).get(table["name"])
-    params = {k: v for k, v in table.items() if k != "name" and k not in skip}
     accepted = inspect.signature(obj).parameters
-    extra = {"ctx": ctx, **injected}
-    params.update({k: v for k, v in extra.items() if k in accepted})
+    reserved = {"name", "weight", *skip}
+    params: dict[str, Any] = {}
+    for key, value in table.items():
+        if key in reserved:
+            continue
+        if _is_nested(key, value):
+            sub = COMPONENT_KEYS[key]
+            value = ([build_component(sub, v, ctx) for v in value] if isinstance(value, list)
+                     else build_component(sub, value, ctx))
+        params[key] = value
+    if not ctx.load_pretrained:  # a checkpoint's weights replace the pretrained ones
+        if "pretrained" in accepted:
+            params["pretrained"] = False
+        if "weights" in accepted:
+            params["weights"] = accepted["weights"].default if accepted[
+                "weights"].default is not inspect.Parameter.empty else None
+    params.update({k: v for k, v in {"ctx": ctx, **injected}.items() if k in accepted})
     try:
         return obj(**params)
     except (ValueError, TypeError) as exc:
@@ -79,85 +124,129 @@ def call_component(kind: str, table: dict[str, Any], ctx: BuildContext,
         raise BuildError(f"{_singular(kind)} {table['name']!r}: {exc}") from exc
 
 
-def build(manifest: Manifest, run_dir: Path | None = None) -> Experiment:
-    """Build the protocol, model, teacher, losses, sampler, optimizer, schedule and
-    hashers a manifest names (in that order: later parts use what earlier ones found)."""
+#: the name older code and plugins used
+call_component = build_component
+
+
+def transforms_for(manifest: Manifest, backbone: Any) -> tuple[Transform, Transform]:
+    """(train, eval) transforms: the manifest's augmentation, the backbone weights'
+    normalization and resize filter (``backbone.pretrained_cfg``)."""
+    d = manifest.data_cfg
+    cfg = backbone.pretrained_cfg
+    norm: dict[str, Any] = ({"mean": tuple(cfg.mean), "std": tuple(cfg.std)}
+                            if d.normalize == "backbone" else {"mean": None, "std": None})
+    common = dict(size=d.image_size, interpolation=cfg.interpolation, **norm)
+    train = Transform(train=True, augment_prob=d.augment_prob, flip=d.flip, scale=d.scale,
+                      rotation=d.rotation, translation=d.translation, **common)
+    return train, Transform(train=False, **common)
+
+
+def build(manifest: Manifest, purpose: Purpose = "train", run_dir: Path | None = None,
+          checkpoint: dict[str, Any] | None = None) -> Experiment:
+    """Build what a manifest names, for ``purpose`` (see the module docstring), in this
+    order (later parts use what earlier ones found): protocol, model (backbone + head),
+    teacher, losses, step, sampler, optimizer, schedule, hashers, rerankers.
+
+    ``checkpoint``: a checkpoint dict (``final.pt``, ``best.pt``): the model's weights (and
+    the hashers' fitted state, and the class lists for ``embed``) come from it.
+    """
+    if purpose not in ("train", "evaluate", "embed"):
+        raise ValueError(f"unknown build purpose {purpose!r}")
+    if purpose == "embed" and checkpoint is None:
+        raise ValueError("build(purpose='embed') needs the checkpoint holding the weights")
     run, train = manifest.run, manifest.train
     ctx = BuildContext(
         device=resolve_device(run.device), seed=run.seed, run_dir=run_dir,
         cache_dir=Path(run.cache_dir).expanduser() if run.cache_dir else default_cache_dir(),
-        image_size=manifest.data_cfg.image_size,
+        image_size=manifest.data_cfg.image_size, purpose=purpose,
+        load_pretrained=purpose != "embed",
     )
     torch.manual_seed(run.seed)  # model initialization is part of the seeded run
+    training = purpose == "train"
 
     # 1. data: the protocol fixes the seen/unseen classes every later part relies on
-    data: ProtocolData = call_component("protocols", manifest.protocol, ctx)
-    ctx.seen_classes, ctx.unseen_classes = list(data.seen_classes), list(data.unseen_classes)
-    d = manifest.data_cfg
-    train_tf = Transform(d.image_size, train=True, augment_prob=d.augment_prob, flip=d.flip,
-                         scale=d.scale, rotation=d.rotation, translation=d.translation)
-    eval_tf = Transform(d.image_size, train=False)
+    data: ProtocolData | None = None
+    if purpose == "embed":
+        assert checkpoint is not None
+        ctx.seen_classes = list(checkpoint["classes"]["seen"])
+        ctx.unseen_classes = list(checkpoint["classes"]["unseen"])
+    else:
+        data = build_component("protocols", manifest.protocol, ctx)
+        ctx.seen_classes, ctx.unseen_classes = list(data.seen_classes), list(data.unseen_classes)
 
-    # 2. the student: backbone + heads
-    backbone = call_component("backbones", manifest.backbone, ctx)
-    m = manifest.model
-    model = RetrievalNet(backbone, num_classes=len(data.seen_classes), embed_dim=m.embed_dim,
-                         heads_on=m.heads_on, imagenet_head=m.imagenet_head, dropout=m.dropout)
+    # 2. the student: backbone + head; the transforms follow the backbone's weights
+    backbone = build_component("backbones", manifest.backbone, ctx)
+    head = build_component("heads", manifest.head, ctx, backbone=backbone,
+                           num_classes=len(ctx.seen_classes))
+    model = RetrievalNet(backbone, head)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
     model.to(ctx.device)
+    train_tf, eval_tf = transforms_for(manifest, backbone)
 
-    # 3. the teacher: a frozen pretrained network behind a signal strategy
+    # 3. the teacher: a frozen network ([teacher.network]) behind a signal strategy
     teacher = None
-    if manifest.teacher is not None:
-        net_table = manifest.teacher.get("backbone") or manifest.backbone
-        network = TeacherNet(call_component("backbones", net_table, ctx)).to(ctx.device)
-        teacher = call_component("teachers", manifest.teacher, ctx, skip=("backbone",),
-                                 network=network)
+    if training and manifest.teacher is not None:
+        teacher = build_component("teachers", manifest.teacher, ctx)
+        teacher.to(ctx.device)
 
-    # 4. losses, each with its weight
-    losses = [(t["name"], float(t["weight"]),
-               call_component("losses", t, ctx, skip=("weight",)).to(ctx.device))
-              for t in manifest.losses]
+    # 4. losses (each with its weight and a unique log label) and the training step
+    losses: list[tuple[str, float, torch.nn.Module]] = []
+    step = sampler = optimizer = scheduler = None
+    if training:
+        labels = loss_labels([t["name"] for t in manifest.losses])
+        losses = [(label, float(t["weight"]), build_component("losses", t, ctx).to(ctx.device))
+                  for label, t in zip(labels, manifest.losses)]
+        step = build_component("steps", train.step, ctx)
 
-    # 5. batches, optimizer, schedule
-    sampler = call_component("samplers", manifest.sampler, ctx, labels=data.train.labels,
-                             domains=data.train.domains, batch_size=train.batch_size,
-                             seed=run.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    params += [p for _, _, loss in losses for p in loss.parameters() if p.requires_grad]
-    optimizer = call_component("optimizers", manifest.optimizer, ctx, params=params)
-    steps = len(sampler) if not train.max_steps_per_epoch else min(
-        len(sampler), train.max_steps_per_epoch)
-    scheduler = call_component("schedulers", manifest.schedule, ctx, optimizer=optimizer,
-                               epochs=train.epochs, steps_per_epoch=steps)
+        # 5. batches, optimizer, schedule
+        sampler = build_component("samplers", manifest.sampler, ctx, labels=data.train.labels,
+                                  domains=data.train.domains, batch_size=train.batch_size,
+                                  seed=run.seed)
+        params = [p for p in model.parameters() if p.requires_grad]
+        params += [p for _, _, loss in losses for p in loss.parameters() if p.requires_grad]
+        optimizer = build_component("optimizers", manifest.optimizer, ctx, params=params)
+        steps = len(sampler) if not train.max_steps_per_epoch else min(
+            len(sampler), train.max_steps_per_epoch)
+        scheduler = build_component("schedulers", manifest.schedule, ctx, optimizer=optimizer,
+                                    epochs=train.epochs, steps_per_epoch=steps)
 
-    # 6. how embeddings are indexed for retrieval
-    hashers = [call_component("hashers", t, ctx) for t in manifest.hashers]
+    # 6. how embeddings are indexed and re-ranked for retrieval
+    hashers = [build_component("hashers", t, ctx) for t in manifest.hashers]
+    if checkpoint is not None and checkpoint.get("hashers"):
+        for h, saved in zip(hashers, checkpoint["hashers"]):
+            h.load_state_dict(saved["state"])
+    rerankers = [build_component("rerankers", t, ctx) for t in manifest.rerankers]
 
-    fingerprint = {
-        "protocol": manifest.protocol,
-        "train_files": _digest(data.train.sources),
-        "teacher_backbone": _with_file_stamp(
-            (manifest.teacher or {}).get("backbone") or manifest.backbone),
-        "transform": eval_tf.describe(),
-        "normalize": d.normalize,
-    }
+    fingerprint: dict[str, Any] = {}
+    if data is not None:
+        fingerprint = {
+            "protocol": manifest.protocol,
+            "train_files": _digest(data.train.sources),
+            "teacher_network": _with_file_stamps((manifest.teacher or {}).get("network")),
+            "transform": eval_tf.describe(),
+        }
     return Experiment(manifest, ctx, data, model, teacher, losses, sampler, optimizer,
-                      scheduler, hashers, train_tf, eval_tf, fingerprint)
+                      scheduler, hashers, train_tf, eval_tf, fingerprint, step, rerankers,
+                      purpose)
 
 
-def _with_file_stamp(table: dict[str, Any]) -> dict[str, Any]:
-    """A backbone table plus its weights file's size and mtime, so that a file replaced
-    at the same path invalidates caches keyed by the teacher."""
+def _with_file_stamps(table: Any) -> Any:
+    """A component table plus, for every ``weights`` file in it (nested tables too), its
+    size and mtime, so that a file replaced at the same path invalidates caches."""
+    if isinstance(table, list):
+        return [_with_file_stamps(t) for t in table]
+    if not isinstance(table, dict):
+        return table
+    out = {k: _with_file_stamps(v) for k, v in table.items()}
     weights = table.get("weights")
-    if not weights or not Path(weights).expanduser().is_file():
-        return dict(table)
-    st = Path(weights).expanduser().stat()
-    return {**table, "weights_stamp": [st.st_size, st.st_mtime_ns]}
+    if isinstance(weights, str) and weights and Path(weights).expanduser().is_file():
+        st = Path(weights).expanduser().stat()
+        out["weights_stamp"] = [st.st_size, st.st_mtime_ns]
+    return out
 
 
 def _digest(items: list[str]) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     for s in items:
         h.update(s.encode())

@@ -27,6 +27,11 @@ class BuildContext:
     #: unseen (test) class names, labels n_seen..n_seen+n_unseen-1
     unseen_classes: list[str] = field(default_factory=list)
     image_size: int = 224
+    #: what the objects are built for: "train", "evaluate" or "embed" (index / search)
+    purpose: str = "train"
+    #: whether components load pretrained weights; False when a checkpoint's weights
+    #: replace them (``embed``), so nothing is read or initialized twice
+    load_pretrained: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -35,10 +35,10 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from zsbir.constraints import constraints_of
-from zsbir.registry import INJECTED, Component, RegistryError, get_registry
+from zsbir.constraints import Length, Pattern, Range, constraints_of
+from zsbir.registry import INJECTED, Component, RegistryError, _singular, get_registry
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -52,16 +52,21 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------- core sections
+_PLAIN_NAME = Pattern(r"[A-Za-z0-9][A-Za-z0-9_.\-]*",
+                      "a plain name (letters, digits, '_', '-', '.'; no '/' and not empty)")
+_DEVICE = Pattern(r"auto|cpu|mps|cuda(:\d+)?", "\"auto\", \"cpu\", \"mps\" or \"cuda[:N]\"")
+
+
 @dataclass
 class RunConfig:
     """``[run]``: where results go and how the run is seeded."""
 
-    name: str = "run"
+    name: Annotated[str, _PLAIN_NAME] = "run"
     #: results land in ``output_dir/name`` (relative paths: to the working directory)
     output_dir: str = "runs"
-    seed: int = 0
+    seed: Annotated[int, Range(ge=0, lt=2**63)] = 0
     #: "auto" picks CUDA when available, else CPU; or "cpu", "cuda", "cuda:1", "mps"
-    device: str = "auto"
+    device: Annotated[str, _DEVICE] = "auto"
     #: where caches (file indexes, teacher targets, WordNet) go; default ~/.cache/zsbir
     cache_dir: str = ""
     #: refuse to reuse a run directory that already holds results
@@ -70,108 +75,125 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    """``[data]``: image decoding, augmentation and loading."""
+    """``[data]``: image decoding, augmentation and loading.
 
-    image_size: int = 224
+    Normalization is not set here: it comes from the student backbone's weights
+    (``pretrained_cfg``: mean, std), as timm's and torchvision's weights carry it.
+    """
+
+    image_size: Annotated[int, Range(ge=16, le=4096)] = 224
     #: data-loader worker processes; -1 = automatic (CUDA: one per core, at most 8;
     #: CPU: one, so that decoding overlaps compute without starving it)
-    workers: int = -1
+    workers: Annotated[int, Range(ge=-1, le=256)] = -1
     #: SAKE's recipe: with this probability, a random affine transform + flip
-    augment_prob: float = 0.7
+    augment_prob: Annotated[float, Range(ge=0, le=1)] = 0.7
     flip: bool = True
-    scale: list[float] = field(default_factory=lambda: [0.7, 1.3])
-    rotation: float = 30.0
-    translation: float = 10.0
-    normalize: Literal["imagenet", "none"] = "imagenet"
+    scale: Annotated[list[float], Length(exactly=2)] = field(default_factory=lambda: [0.7, 1.3])
+    rotation: Annotated[float, Range(ge=0, le=180)] = 30.0
+    translation: Annotated[float, Range(ge=0)] = 10.0
+    #: "backbone": the mean/std the backbone's weights expect; "none": raw [0, 1] pixels
+    normalize: Literal["backbone", "none"] = "backbone"
     #: an unreadable image: "skip" it (reported and counted) or "fail" the run
     on_corrupt: Literal["skip", "fail"] = "skip"
     #: images per batch when embedding for evaluation
-    eval_batch_size: int = 64
+    eval_batch_size: Annotated[int, Range(ge=1, le=65536)] = 64
 
 
 @dataclass
 class ModelConfig:
-    """``[model]``: the heads on top of the backbone's pooled features.
+    """``[model]``: what sits on the backbone's pooled features.
 
-    SAKE (Liu et al., ICCV 2019) stacks them: features -> embedding (d) -> classifier and
-    ImageNet head, both on the embedding. SBTKNet (Tursun et al.) puts FC_sim, FC_id and
-    FC_soft side by side on the pooled features: ``heads_on = "features"``.
+    ``[model.head]`` names a registered head (``zsbir list heads``): ``stacked`` (SAKE,
+    Liu et al. ICCV 2019: features -> embedding -> classifier and ImageNet head) or
+    ``parallel`` (SBTKNet, Tursun et al.: FC_sim, FC_id, FC_soft side by side), or a
+    plugin's.
     """
 
-    embed_dim: int = 512
-    #: what the seen-class classifier and ImageNet head read: the embedding or the features
-    heads_on: Literal["embedding", "features"] = "embedding"
-    #: "svd": SAKE's truncated-SVD init from the pretrained classifier (needs heads_on =
-    #: embedding); "pretrained": copy the pretrained classifier (heads_on = features);
-    #: "random"; "none": no ImageNet head
-    imagenet_head: Literal["svd", "pretrained", "random", "none"] = "none"
-    #: also initialize the embedding layer by SVD when imagenet_head = "svd"
-    dropout: float = 0.0
+    head: dict[str, Any] = field(default_factory=lambda: {"name": "stacked"})
 
 
 @dataclass
 class TrainConfig:
-    """``[train]``: the loop."""
+    """``[train]``: the loop. ``[train.step]`` names the training step (``zsbir list
+    steps``): ``default`` is forward, teacher, weighted losses, backward, optimizer step."""
 
-    epochs: int = 20
-    batch_size: int = 40
+    epochs: Annotated[int, Range(ge=1, le=100_000)] = 20
+    batch_size: Annotated[int, Range(ge=1, le=1_000_000)] = 40
     #: stop an epoch after this many steps (0 = the sampler's full epoch)
-    max_steps_per_epoch: int = 0
+    max_steps_per_epoch: Annotated[int, Range(ge=0)] = 0
     #: save a resumable checkpoint every N steps (0 = only at epoch ends)
-    checkpoint_every: int = 200
+    checkpoint_every: Annotated[int, Range(ge=0)] = 200
     #: evaluate seen-class validation accuracy every N epochs (0 = never)
-    val_every: int = 1
+    val_every: Annotated[int, Range(ge=0)] = 1
     #: stop when validation accuracy has not improved for N epochs (0 = never)
-    early_stopping: int = 0
+    early_stopping: Annotated[int, Range(ge=0)] = 0
     #: which weights are evaluated at the end: the best validation epoch or the last
     select: Literal["best_val", "last"] = "best_val"
-    #: clip the gradient norm (0 = off)
-    grad_clip: float = 0.0
-    log_every: int = 10
+    #: clip the gradient norm of every trained parameter, losses' included (0 = off)
+    grad_clip: Annotated[float, Range(ge=0)] = 0.0
+    log_every: Annotated[int, Range(ge=1)] = 10
     #: mixed precision: "auto" = bf16 autocast on CUDA, off on CPU (fp32 master weights,
     #: losses computed in fp32)
     amp: Literal["auto", "bf16", "off"] = "auto"
     #: channels-last memory format: "auto" = on for CUDA
     channels_last: Literal["auto", "on", "off"] = "auto"
-    #: torch.compile the student and the online teacher ("reduce-overhead" adds CUDA graphs,
-    #: for small batches such as SAKE's 40)
+    #: torch.compile the student and the teacher network ("reduce-overhead" adds CUDA
+    #: graphs, for small batches such as SAKE's 40)
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+    step: dict[str, Any] = field(default_factory=lambda: {"name": "default"})
 
 
 @dataclass
 class EvalConfig:
     """``[evaluation]``: what is measured on the unseen classes."""
 
-    metrics: list[str] = field(default_factory=lambda: ["map@all", "p@100"])
+    metrics: Annotated[list[str], Length(min=1)] = field(
+        default_factory=lambda: ["map@all", "p@100"])
     #: also score generalized ZS-SBIR: seen-class photos join the gallery (SBTKNet Table 3)
     generalized: bool = False
     #: also score photo-to-photo retrieval among unseen photos (ZS-PBIR, SAKE Table 4)
     pbir: bool = False
     per_class: bool = False
     #: queries shown in the retrieval grid PNG (0 = no grid)
-    grid_queries: int = 6
-    grid_top: int = 10
+    grid_queries: Annotated[int, Range(ge=0, le=100)] = 6
+    grid_top: Annotated[int, Range(ge=1, le=100)] = 10
     #: queries per chunk in the ranking engine (0 = from a memory budget)
-    chunk_size: int = 0
+    chunk_size: Annotated[int, Range(ge=0)] = 0
 
 
 CORE_SECTIONS: dict[str, type] = {
     "run": RunConfig, "data": DataConfig, "model": ModelConfig, "train": TrainConfig,
     "evaluation": EvalConfig,
 }
-#: component sections: key -> (registry kind, is a list, required, default table, reserved keys)
-COMPONENT_SECTIONS: dict[str, tuple[str, bool, bool, Any, dict[str, Any]]] = {
-    "protocol": ("protocols", False, True, None, {}),
-    "backbone": ("backbones", False, True, None, {}),
-    "teacher": ("teachers", False, False, None, {"backbone": None}),
-    "losses": ("losses", True, True, None, {"weight": 1.0}),
-    "sampler": ("samplers", False, False, {"name": "random"}, {}),
-    "optimizer": ("optimizers", False, False, {"name": "adam"}, {}),
-    "schedule": ("schedulers", False, False, {"name": "constant"}, {}),
-    "hashers": ("hashers", True, False, [{"name": "none"}], {}),
+#: every manifest key whose tables are components, at any depth, and its registry kind:
+#: ``[backbone]``, ``[model.head]``, ``[teacher.network]``, ``[teacher.network.backbone]``,
+#: ``[train.step]``, ``[[losses]]``, ...
+COMPONENT_KEYS: dict[str, str] = {
+    "protocol": "protocols", "backbone": "backbones", "head": "heads",
+    "network": "networks", "teacher": "teachers", "losses": "losses", "step": "steps",
+    "sampler": "samplers", "optimizer": "optimizers", "schedule": "schedulers",
+    "hashers": "hashers", "rerankers": "rerankers",
 }
+#: keys the toolkit reads from a component table besides the component's own parameters
+RESERVED: dict[str, dict[str, Any]] = {"losses": {"weight": 1.0}}
+#: top-level component sections: key -> (is a list, required, default table)
+COMPONENT_SECTIONS: dict[str, tuple[bool, bool, Any]] = {
+    "protocol": (False, True, None),
+    "backbone": (False, True, None),
+    "teacher": (False, False, None),
+    "losses": (True, True, None),
+    "sampler": (False, False, {"name": "random"}),
+    "optimizer": (False, False, {"name": "adam"}),
+    "schedule": (False, False, {"name": "constant"}),
+    "hashers": (True, False, [{"name": "none"}]),
+    "rerankers": (True, False, []),
+}
+#: the teacher's network when ``[teacher.network]`` is not given: an ImageNet classifier
+#: on (a fresh copy of) the student's backbone
+DEFAULT_TEACHER_NETWORK = "imagenet_classifier"
 SECTION_ORDER = ("run", "protocol", "data", "backbone", "model", "teacher", "losses",
-                 "sampler", "optimizer", "schedule", "train", "hashers", "evaluation")
+                 "sampler", "optimizer", "schedule", "train", "hashers", "rerankers",
+                 "evaluation", "plugins")
 
 
 # ---------------------------------------------------------------------------- errors
@@ -201,7 +223,9 @@ class ManifestError(ValueError):
 @dataclass
 class Manifest:
     """A validated manifest: core sections as dataclasses, component tables as dicts with
-    every default filled in, and the plain-data form (``data``) saved with runs."""
+    every default filled in (nested component tables too), and the plain-data form
+    (``data``) saved with runs. ``plugins`` records the distribution and version of every
+    plugin a component of the manifest comes from."""
 
     run: RunConfig
     data_cfg: DataConfig
@@ -216,7 +240,13 @@ class Manifest:
     optimizer: dict[str, Any]
     schedule: dict[str, Any]
     hashers: list[dict[str, Any]]
+    rerankers: list[dict[str, Any]] = field(default_factory=list)
+    plugins: dict[str, str] = field(default_factory=dict)
     source: str = "<manifest>"
+
+    @property
+    def head(self) -> dict[str, Any]:
+        return self.model.head
 
     @property
     def data(self) -> dict[str, Any]:
@@ -228,7 +258,8 @@ class Manifest:
                 out[key] = dataclasses.asdict(getattr(self, attr))
             else:
                 value = getattr(self, key)
-                if value is not None:
+                if value is not None and value != {} and not (key == "rerankers"
+                                                               and not value):
                     out[key] = value
         return out
 
@@ -458,164 +489,267 @@ def validate_params(obj: Any, kind: str, table: Mapping[str, Any], path: str,
 
 
 # ---------------------------------------------------------------------------- resolve
-def _core(cls: type, table: Any, path: str, problems: list[Problem]) -> Any:
-    if not isinstance(table, dict):
-        problems.append(Problem(path, f"expected a table, got {_value_repr(table)}"))
-        return cls()
-    values = validate_params(cls, "", table, path, problems)
-    try:
-        return cls(**values)
-    except TypeError:
-        return cls()
+@dataclass
+class Node:
+    """One component found while resolving: where it is, what it is, its resolved table."""
+
+    path: str
+    kind: str
+    component: Component
+    params: dict[str, Any]
 
 
-def _component(kind: str, table: Any, path: str, problems: list[Problem],
-               reserved: dict[str, Any]) -> tuple[dict[str, Any] | None, Component | None]:
-    if not isinstance(table, dict):
-        problems.append(Problem(path, f"expected a table, got {_value_repr(table)}"))
-        return None, None
-    name = table.get("name")
-    if not isinstance(name, str):
-        problems.append(Problem(f"{path}.name", "required: the registered component's name"
-                                + (f", got {_value_repr(name)}" if name is not None else "")))
-        return None, None
-    registry = get_registry(kind)
-    try:
-        comp = registry.component(name)
-    except RegistryError as exc:
-        problems.append(Problem(f"{path}.name", str(exc)))
-        return None, None
-    params = validate_params(comp.obj, kind, table, path, problems,
-                             skip=("name", *reserved))
-    resolved: dict[str, Any] = {"name": name}
-    for key, default in reserved.items():
-        value = table.get(key, default)
-        if key == "weight":
-            value = check_type(value, float, f"{path}.weight", problems)
-        if value is not None:
-            resolved[key] = value
-    resolved.update(params)
-    return resolved, comp
+def _is_component_value(key: str, value: Any) -> bool:
+    if key not in COMPONENT_KEYS:
+        return False
+    return isinstance(value, dict) or (isinstance(value, list) and bool(value)
+                                       and all(isinstance(v, dict) for v in value))
+
+
+class _Resolver:
+    """Walks a manifest once; every table under a key of :data:`COMPONENT_KEYS`, at any
+    depth, is resolved against its registry the same way (confection-style)."""
+
+    def __init__(self, raw: Mapping[str, Any]):
+        self.raw = raw
+        self.problems: list[Problem] = []
+        self.nodes: list[Node] = []
+
+    def problem(self, path: str, message: str) -> None:
+        self.problems.append(Problem(path, message))
+
+    def component(self, kind: str, table: Any, path: str,
+                  extra_skip: Sequence[str] = ()) -> dict[str, Any] | None:
+        """A component table resolved (defaults filled, nested components resolved)."""
+        if not isinstance(table, dict):
+            self.problem(path, f"expected a table, got {_value_repr(table)}")
+            return None
+        resolved: dict[str, Any] = {}
+        # reserved keys are the toolkit's: checked whatever the name says
+        for key, default in RESERVED.get(kind, {}).items():
+            value = table.get(key, default)
+            if key == "weight":
+                value = check_type(value, Annotated[float, Range(ge=0)], f"{path}.{key}",
+                                   self.problems)
+            if value is not None:
+                resolved[key] = value
+        nested = {k: v for k, v in table.items() if _is_component_value(k, v)}
+        name = table.get("name")
+        comp: Component | None = None
+        if not isinstance(name, str):
+            self.problem(f"{path}.name", "required: the registered component's name"
+                         + (f", got {_value_repr(name)}" if name is not None else ""))
+        else:
+            try:
+                comp = get_registry(kind).component(name)
+            except RegistryError as exc:
+                self.problem(f"{path}.name", str(exc))
+        for key, value in nested.items():  # nested errors are reported even if name is bad
+            resolved[key] = self.nested(key, value, f"{path}.{key}")
+        if comp is None:
+            return None
+        skip = ("name", *RESERVED.get(kind, {}), *nested, *extra_skip)
+        params = validate_params(comp.obj, kind, table, path, self.problems, skip=skip)
+        accepted = inspect.signature(comp.obj).parameters
+        for key in nested:
+            if key not in accepted and not any(p.kind is p.VAR_KEYWORD
+                                               for p in accepted.values()):
+                self.problem(f"{path}.{key}", f"{_singular(kind)} {name!r} takes no "
+                             f"{key!r} component")
+        out = {"name": name, **resolved, **params}
+        out.update({k: resolved[k] for k in nested})
+        self.nodes.append(Node(path, kind, comp, out))
+        return out
+
+    def nested(self, key: str, value: Any, path: str) -> Any:
+        kind = COMPONENT_KEYS[key]
+        if isinstance(value, list):
+            return [self.component(kind, t, f"{path}[{i}]") for i, t in enumerate(value)]
+        return self.component(kind, value, path)
+
+    def core(self, key: str, cls: type) -> Any:
+        table = self.raw.get(key, {})
+        if not isinstance(table, dict):
+            self.problem(key, f"expected a table, got {_value_repr(table)}")
+            return cls()
+        nested = {k: v for k, v in table.items() if k in COMPONENT_KEYS}
+        values = validate_params(cls, "", table, key, self.problems, skip=tuple(nested))
+        for k, v in nested.items():
+            if not any(f.name == k for f in dataclasses.fields(cls)):
+                self.problem(f"{key}.{k}", "unknown parameter")
+                continue
+            values[k] = self.component(COMPONENT_KEYS[k], v, f"{key}.{k}")
+        for f in dataclasses.fields(cls):  # default component tables are resolved too
+            if f.name in COMPONENT_KEYS and f.name not in nested:
+                default = f.default_factory() if callable(f.default_factory) else f.default
+                values[f.name] = self.component(COMPONENT_KEYS[f.name], default,
+                                                f"{key}.{f.name}")
+        try:
+            return cls(**{k: v for k, v in values.items() if v is not None})
+        except TypeError:
+            return cls()
 
 
 def resolve(raw: Mapping[str, Any], source: str = "<manifest>") -> Manifest:
     """Validate a manifest dict; fill defaults; raise :class:`ManifestError` listing every
     problem. Nothing is built here except registry lookups (which may import a plugin)."""
-    problems: list[Problem] = []
-    known = set(CORE_SECTIONS) | set(COMPONENT_SECTIONS)
+    r = _Resolver(raw)
+    known = set(CORE_SECTIONS) | set(COMPONENT_SECTIONS) | {"plugins"}
     for key in raw:
         if key not in known:
-            problems.append(Problem(key, "unknown section" + _suggest(key, sorted(known))))
+            r.problem(key, "unknown section" + _suggest(key, sorted(known)))
 
-    core = {k: _core(cls, raw.get(k, {}), k, problems) for k, cls in CORE_SECTIONS.items()}
+    core = {k: r.core(k, cls) for k, cls in CORE_SECTIONS.items()}
     comps: dict[str, Any] = {}
-    classes: dict[str, Any] = {}
-    for key, (kind, is_list, required, default, reserved) in COMPONENT_SECTIONS.items():
+    for key, (is_list, required, default) in COMPONENT_SECTIONS.items():
         table = raw.get(key, default)
         if table is None:
             if required:
-                problems.append(Problem(key, "required section is missing"))
+                r.problem(key, "required section is missing")
             comps[key] = [] if is_list else None
             continue
+        if key == "teacher" and isinstance(table, dict) and "network" not in table:
+            if "backbone" in table:
+                r.problem("teacher.backbone", "the teacher's network is now "
+                          "[teacher.network] (name = \"imagenet_classifier\") with its "
+                          "backbone in [teacher.network.backbone]")
+                table = {k: v for k, v in table.items() if k != "backbone"}
+            table = {**table, "network": {"name": DEFAULT_TEACHER_NETWORK,
+                                          "backbone": raw.get("backbone")}}
         if is_list:
-            if not isinstance(table, list) or not table:
-                problems.append(Problem(key, f"expected an array of tables ([[{key}]]), "
-                                             f"got {_value_repr(table)}"))
+            if not isinstance(table, list) or (required and not table):
+                r.problem(key, f"expected an array of tables ([[{key}]]), "
+                               f"got {_value_repr(table)}")
                 comps[key] = []
                 continue
-            comps[key], classes[key] = [], []
-            for i, t in enumerate(table):
-                r, c = _component(kind, t, f"{key}[{i}]", problems, reserved)
-                comps[key].append(r)
-                classes[key].append(c)
+            comps[key] = r.nested(key, table, key) if table else []
         else:
-            comps[key], classes[key] = _component(kind, table, key, problems, reserved)
+            comps[key] = r.component(COMPONENT_SECTIONS_KIND[key], table, key)
 
-    _cross_checks(core, comps, classes, raw, problems)
-    if problems:
-        raise ManifestError(problems, source)
+    _cross_checks(core, comps, r)
+    if r.problems:  # in the order of the manifest's sections (stable within one)
+        order = {k: i for i, k in enumerate(SECTION_ORDER)}
+        r.problems.sort(key=lambda p: order.get(re.split(r"[.\[]", p.path)[0], -1))
+        raise ManifestError(r.problems, source)
     return Manifest(
         run=core["run"], data_cfg=core["data"], model=core["model"], train=core["train"],
-        evaluation=core["evaluation"], source=source,
-        **{k: v for k, v in comps.items()},
+        evaluation=core["evaluation"], source=source, plugins=plugins_used(r.nodes),
+        **comps,
     )
 
 
-def _cross_checks(core: dict[str, Any], comps: dict[str, Any], classes: dict[str, Any],
-                  raw: Mapping[str, Any], problems: list[Problem]) -> None:
-    """Checks that span sections: can the sampler and teacher feed every loss, etc."""
-    model: ModelConfig = core["model"]
-    train: TrainConfig = core["train"]
-    # teacher network: [teacher.backbone] or the student's backbone table
-    teacher = comps.get("teacher")
-    if teacher is not None and isinstance(raw.get("teacher"), dict):
-        tb = raw["teacher"].get("backbone")
-        if tb is not None:
-            resolved, _ = _component("backbones", tb, "teacher.backbone", problems, {})
-            teacher["backbone"] = resolved
-            tb_pretrained = (resolved or {}).get("pretrained", True)
-        else:
-            tb_pretrained = (comps.get("backbone") or {}).get("pretrained", True)
-        if tb_pretrained is False and not (teacher.get("backbone") or {}).get("weights") \
-                and not (comps.get("backbone") or {}).get("weights"):
-            problems.append(Problem(
-                "teacher", "the teacher network needs ImageNet weights, but its backbone has "
-                "pretrained = false (set backbone.pretrained = true or give [teacher.backbone])"))
-    sampler_cls = classes.get("sampler")
-    structure = getattr(sampler_cls.obj, "structure", "items") if sampler_cls else "items"
-    for i, (loss, comp) in enumerate(zip(comps.get("losses") or [], classes.get("losses") or [])):
-        if loss is None or comp is None:
+COMPONENT_SECTIONS_KIND = {k: COMPONENT_KEYS[k] for k in COMPONENT_SECTIONS}
+
+
+def plugins_used(nodes: Sequence[Node]) -> dict[str, str]:
+    """``{distribution: version}`` of every plugin whose component the manifest uses."""
+    import importlib.metadata as md
+
+    out: dict[str, str] = {}
+    for node in nodes:
+        dist = node.component.package
+        if dist == "zsbir" or dist in out:
             continue
-        needs = getattr(comp.obj, "requires", frozenset())
-        path = f"losses[{i}]"
-        keys = getattr(comp.obj, "teacher_keys", frozenset())
-        t_comp = classes.get("teacher")
-        provides = getattr(t_comp.obj, "provides", None) if t_comp is not None else None
-        if teacher is not None and provides is not None and not keys <= provides:
-            problems.append(Problem(path, f"loss {loss['name']!r} reads the teacher signal's "
-                                          f"{', '.join(sorted(keys - provides))}, which teacher "
-                                          f"{teacher['name']!r} does not provide "
-                                          f"(it provides {', '.join(sorted(provides))})"))
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[dist] = "unknown"
+    return dict(sorted(out.items()))
+
+
+def components(manifest: Manifest) -> list[Node]:
+    """Every component of a resolved manifest, with its path (re-resolved, cheap)."""
+    r = _Resolver(manifest.data)
+    for k, cls in CORE_SECTIONS.items():
+        r.core(k, cls)
+    for key, (is_list, _, _) in COMPONENT_SECTIONS.items():
+        value = getattr(manifest, key)
+        if value:
+            r.nested(key, value, key) if is_list else r.component(COMPONENT_KEYS[key],
+                                                                   value, key)
+    return r.nodes
+
+
+def _cross_checks(core: dict[str, Any], comps: dict[str, Any], r: _Resolver) -> None:
+    """Checks that span sections: can the head, sampler and teacher feed every loss; the
+    components' own ``check_manifest`` hooks; metric names."""
+    from zsbir.registry import declared
+
+    by_path = {n.path: n for n in r.nodes}
+    plain = {**{k: dataclasses.asdict(v) for k, v in core.items()},
+             **{k: v for k, v in comps.items() if v is not None}}
+    head = by_path.get("model.head")
+    outputs = {"features"} | (set(declared(head.component.obj, "provides", head.params))
+                              if head else {"embedding", "logits"})
+    teacher = by_path.get("teacher")
+    t_provides = (declared(teacher.component.obj, "provides", teacher.params)
+                  if teacher else None)
+    sampler = by_path.get("sampler")
+    structure = getattr(sampler.component.obj, "structure", "items") if sampler else "items"
+    for node in r.nodes:
+        if node.kind != "losses":
+            continue
+        name, params = node.params["name"], node.params
+        needs = declared(node.component.obj, "requires", params)
+        keys = declared(node.component.obj, "teacher_keys", params)
+        out_keys = set(declared(node.component.obj, "output_keys", params))
+        if "imagenet_head" in needs:  # older spelling of output_keys = {"imagenet_logits"}
+            out_keys.add("imagenet_logits")
         if "teacher" in needs and teacher is None:
-            problems.append(Problem(path, f"loss {loss['name']!r} needs a teacher signal: "
-                                          "add a [teacher] table (e.g. name = \"online\")"))
-        if "imagenet_head" in needs and model.imagenet_head == "none":
-            problems.append(Problem(path, f"loss {loss['name']!r} needs an ImageNet head: set "
-                                          "model.imagenet_head (\"svd\", \"pretrained\" or "
-                                          "\"random\")"))
+            r.problem(node.path, f"loss {name!r} needs a teacher signal: add a [teacher] "
+                      "table (e.g. name = \"online\")")
+        if "teacher" in needs and t_provides is not None and not keys <= t_provides:
+            r.problem(node.path, f"loss {name!r} reads the teacher signal's "
+                      f"{', '.join(sorted(keys - t_provides))}, which teacher "
+                      f"{teacher.params['name']!r} does not provide "
+                      f"(it provides {', '.join(sorted(t_provides))})")
+        missing = out_keys - outputs
+        if head is not None and missing:
+            r.problem(node.path, f"loss {name!r} reads the model output(s) "
+                      f"{', '.join(sorted(missing))}, which head {head.params['name']!r} "
+                      f"does not produce with these parameters (it produces "
+                      f"{', '.join(sorted(outputs))}); see `zsbir describe heads "
+                      f"{head.params['name']}`")
         if "quadruplet" in needs and structure != "quadruplet":
-            problems.append(Problem(path, f"loss {loss['name']!r} needs quadruplet batches: "
-                                          "set [sampler] name = \"quadruplet\""))
-    if model.imagenet_head == "svd" and model.heads_on != "embedding":
-        problems.append(Problem("model.imagenet_head", "\"svd\" initialization needs "
-                                "model.heads_on = \"embedding\""))
-    if model.imagenet_head == "pretrained" and model.heads_on != "features":
-        problems.append(Problem("model.imagenet_head", "\"pretrained\" copies the backbone's "
-                                "classifier, so it needs model.heads_on = \"features\""))
-    for key, value, low in (("train.epochs", train.epochs, 1),
-                            ("train.batch_size", train.batch_size, 1),
-                            ("model.embed_dim", model.embed_dim, 1),
-                            ("data.image_size", core["data"].image_size, 16)):
-        if isinstance(value, int) and value < low:
-            problems.append(Problem(key, f"must be >= {low}, got {value}"))
-    for i, h in enumerate(comps.get("hashers") or []):
-        bits = (h or {}).get("bits")
-        if isinstance(bits, int) and bits > model.embed_dim:
-            problems.append(Problem(f"hashers[{i}].bits", f"{bits} bits exceed model.embed_dim "
-                                    f"({model.embed_dim}): a hasher cannot make more bits "
-                                    "than the embedding has dimensions"))
-    if structure == "quadruplet" and train.batch_size % 4:
-        problems.append(Problem("train.batch_size", "the quadruplet sampler needs a multiple "
-                                f"of 4 images, got {train.batch_size}"))
-    try:
-        from zsbir.evaluation import parse_metric
-    except ImportError:  # pragma: no cover - evaluation package always ships
-        return
+            r.problem(node.path, f"loss {name!r} needs quadruplet batches: set [sampler] "
+                      "name = \"quadruplet\"")
+    for node in r.nodes:  # the components' own cross-key checks
+        hook = getattr(node.component.obj, "check_manifest", None)
+        if callable(hook):
+            for msg in hook(node.params, plain) or ():
+                r.problem(node.path, msg)
+    embed_dim = (head.params.get("embed_dim") if head else None)
+    for node in r.nodes:
+        bits = node.params.get("bits") if node.kind == "hashers" else None
+        if isinstance(bits, int) and isinstance(embed_dim, int) and bits > embed_dim:
+            r.problem(f"{node.path}.bits", f"{bits} bits exceed the head's embed_dim "
+                      f"({embed_dim}): a hasher cannot make more bits than the embedding "
+                      "has dimensions")
+    if structure == "quadruplet" and core["train"].batch_size % 4:
+        r.problem("train.batch_size", "the quadruplet sampler needs a multiple of 4 images, "
+                  f"got {core['train'].batch_size}")
+    dev = core["run"].device
+    if isinstance(dev, str) and dev.startswith("cuda") and not _cuda_available():
+        r.problem("run.device", f"{dev!r} but CUDA is not available on this machine "
+                  "(use \"auto\" or \"cpu\")")
+    from zsbir.evaluation.metrics import parse_metric
+
     for i, m in enumerate(core["evaluation"].metrics):
         try:
             parse_metric(m)
         except ValueError as exc:
-            problems.append(Problem(f"evaluation.metrics[{i}]", str(exc)))
+            r.problem(f"evaluation.metrics[{i}]", str(exc))
+
+
+def _cuda_available() -> bool:
+    if "torch" not in sys.modules:
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            return False
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 # ---------------------------------------------------------------------------- TOML writing

@@ -40,6 +40,7 @@ __all__ = [
     "Registry",
     "RegistryError",
     "UnknownComponentError",
+    "declared",
     "discover_plugins",
     "get_registry",
     "plugin_failures",
@@ -157,12 +158,17 @@ class Component:
 
     @property
     def summary(self) -> str:
-        doc = inspect.getdoc(self.obj) or ""
-        return doc.strip().splitlines()[0] if doc.strip() else ""
+        """The docstring's first full sentence, as plain text (never cut mid-sentence)."""
+        from zsbir.docstrings import first_sentence
+
+        return first_sentence(inspect.getdoc(self.obj) or "")
 
     @property
     def doc(self) -> str:
-        return inspect.getdoc(self.obj) or ""
+        """The docstring as plain text (reST roles and literals reduced to their words)."""
+        from zsbir.docstrings import plain_doc
+
+        return plain_doc(inspect.getdoc(self.obj) or "")
 
     @property
     def location(self) -> str:
@@ -188,6 +194,16 @@ class Component:
             if p.name not in injected and p.name != "self"
             and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
         ]
+
+
+def declared(obj: Any, attr: str, params: dict[str, Any] | None = None) -> frozenset[str]:
+    """A component's declared ``requires``/``provides``/``teacher_keys``/``output_keys``:
+    a frozenset, or a callable of the resolved manifest parameters returning one (e.g.
+    ``sake`` needs a teacher only when ``lambda1 > 0``)."""
+    value = getattr(obj, attr, frozenset())
+    if callable(value) and not isinstance(value, (set, frozenset)):
+        value = value(dict(params or {}))
+    return frozenset(value or ())
 
 
 def _singular(kind: str) -> str:
@@ -451,11 +467,22 @@ def load_all_plugins() -> list[PluginFailure]:
 
 
 _builtins_loaded = False
+_builtin_error: str | None = None
 
 
 def _ensure_builtins() -> None:
-    """Import the modules that register the built-in components (once)."""
-    global _builtins_loaded
+    """Import the modules that register the built-in components (once). A built-in module
+    that fails to import is a bug in zsbir or its environment: every later lookup says so
+    (instead of "unknown component")."""
+    global _builtins_loaded, _builtin_error
+    if _builtin_error is not None:
+        raise RegistryError(_builtin_error)
     if not _builtins_loaded:
         _builtins_loaded = True
-        importlib.import_module("zsbir.components")
+        try:
+            importlib.import_module("zsbir.components")
+        except Exception as exc:
+            _builtin_error = (f"zsbir's built-in components failed to import "
+                              f"({type(exc).__name__}: {exc}); reinstall zsbir or fix the "
+                              "environment")
+            raise

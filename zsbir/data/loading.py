@@ -52,9 +52,16 @@ class CorruptImageError(RuntimeError):
         super().__init__(message)
 
 
+_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+             "nearest": Image.NEAREST, "lanczos": Image.LANCZOS}
+
+
 @dataclass
 class Transform:
-    """Resize (+ SAKE-style random affine and flip when ``train``) to uint8 CHW."""
+    """Resize (+ SAKE-style random affine and flip when ``train``) to uint8 CHW; the
+    normalization (``mean``, ``std`` in [0, 1] scale, ``None``: none) is applied on the
+    device by :func:`to_device`. Built from the backbone's
+    :class:`~zsbir.models.backbone.PretrainedCfg`, so the weights decide it."""
 
     size: int
     train: bool = False
@@ -63,9 +70,13 @@ class Transform:
     scale: Sequence[float] = (0.7, 1.3)
     rotation: float = 30.0
     translation: float = 10.0
+    mean: Sequence[float] | None = IMAGENET_MEAN
+    std: Sequence[float] | None = IMAGENET_STD
+    interpolation: str = "bilinear"
 
     def __call__(self, img: Image.Image, seed: int | None = None) -> torch.Tensor:
-        img = img.resize((self.size, self.size), Image.BILINEAR) if img.size != (
+        resample = _RESAMPLE.get(self.interpolation, Image.BILINEAR)
+        img = img.resize((self.size, self.size), resample) if img.size != (
             self.size, self.size) else img
         if self.train and seed is not None:
             rng = np.random.default_rng(seed)
@@ -88,7 +99,9 @@ class Transform:
         """Plain data identifying the transform (cache keys)."""
         return {"size": self.size, "train": self.train, "augment_prob": self.augment_prob,
                 "flip": self.flip, "scale": list(self.scale), "rotation": self.rotation,
-                "translation": self.translation}
+                "translation": self.translation, "interpolation": self.interpolation,
+                "mean": list(self.mean) if self.mean is not None else None,
+                "std": list(self.std) if self.std is not None else None}
 
 
 def _affine(img: Image.Image, angle: float, scale: float, tx: float, ty: float) -> Image.Image:
@@ -186,14 +199,15 @@ def make_loader(dataset: ImageDataset, batches: BatchList | Sequence[Sequence[An
     )
 
 
-def to_device(batch: dict[str, Any], device: torch.device, normalize: str = "imagenet",
+def to_device(batch: dict[str, Any], device: torch.device, transform: Transform | None = None,
               channels_last: bool = False) -> dict[str, Any]:
-    """Move a batch to the device and turn uint8 images into normalized float32."""
+    """Move a batch to the device and turn uint8 images into float32 normalized with the
+    transform's ``mean``/``std`` (none without a transform or when they are ``None``)."""
     out = dict(batch)
     img = batch["image"].to(device, non_blocking=True).float().div_(255.0)
-    if normalize == "imagenet":
-        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    if transform is not None and transform.mean is not None and transform.std is not None:
+        mean = torch.tensor(transform.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(transform.std, device=device).view(1, 3, 1, 1)
         img = (img - mean) / std
     if channels_last:
         img = img.contiguous(memory_format=torch.channels_last)

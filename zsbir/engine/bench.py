@@ -35,7 +35,7 @@ def bench_train(manifest: Manifest, steps: int = 50, warmup: int = 5,
     import tempfile
     from pathlib import Path
 
-    exp = build(manifest)
+    exp = build(manifest, "train")
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(exp, Path(tmp))
         if exp.teacher is not None:
@@ -67,7 +67,7 @@ def bench_train(manifest: Manifest, steps: int = 50, warmup: int = 5,
             t0 = time.perf_counter()
             batch = next(source)
             t1 = time.perf_counter()
-            trainer._step(batch)
+            trainer.train_step(batch)
             _sync(device)
             t2 = time.perf_counter()
             if i == warmup:

@@ -31,7 +31,7 @@ def _run(exp: Any, split: Split, fn: Callable[[dict[str, Any]], torch.Tensor]
             skipped.extend(batch["skipped"])
             if "image" not in batch:
                 continue
-            b = to_device(batch, exp.ctx.device, cfg.normalize)
+            b = to_device(batch, exp.ctx.device, exp.eval_transform)
             outs.append(fn(b).float().cpu())
             kept.append(batch["index"].numpy())
     if not outs:
@@ -67,11 +67,12 @@ def teacher_outputs(network: Any, split: Split, exp: Any
     """The teacher's ImageNet logits and pooled features over a split (eval transform),
     with the labels of the items read."""
     network.to(exp.ctx.device).eval()
+    n_logits: list[int] = []
 
     def both(b: dict[str, Any]) -> torch.Tensor:
-        feats = network.backbone(b["image"], b["domain"])
-        return torch.cat([network.head(feats), feats], dim=1)
+        signal = network(b["image"], b["domain"])
+        n_logits[:] = [signal["logits"].shape[1]]
+        return torch.cat([signal["logits"], signal["features"]], dim=1)
 
     out, kept, _ = _run(exp, split, both)
-    n_logits = network.head.out_features
-    return out[:, :n_logits], out[:, n_logits:], torch.as_tensor(split.labels[kept])
+    return out[:, :n_logits[0]], out[:, n_logits[0]:], torch.as_tensor(split.labels[kept])

@@ -15,13 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from zsbir.build import resolve_device
+from zsbir.build import build
 from zsbir.data.base import PHOTO, SKETCH, Split, read_image_file
-from zsbir.data.loading import ImageDataset, Transform, collate, to_device
+from zsbir.data.loading import ImageDataset, collate, to_device
 from zsbir.engine.checkpoint import load_checkpoint
 from zsbir.manifest import resolve
-from zsbir.models.net import RetrievalNet
-from zsbir.registry import backbones, hashers
 
 __all__ = ["TrainedModel", "build_index", "load_trained", "search_index"]
 
@@ -29,7 +27,9 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 
 
 class TrainedModel:
-    """A run's evaluated network, transform and fitted hashers, ready to embed images."""
+    """A run's evaluated network, transform and fitted hashers, ready to embed images:
+    built by :func:`zsbir.build.build` with ``purpose="embed"`` from ``final.pt`` (a run
+    directory's, or a copy of it, e.g. inside a search index)."""
 
     def __init__(self, run_dir: str | Path, device: str = "auto"):
         run_dir = Path(run_dir)
@@ -38,32 +38,23 @@ class TrainedModel:
             raise FileNotFoundError(f"{str(run_dir)!r} has no checkpoints/final.pt: only a "
                                     "finished `zsbir run` can index photos")
         ckpt = load_checkpoint(final)
-        self.manifest = resolve(ckpt["manifest"], str(final))
-        self.device = resolve_device(device)
-        table = {k: v for k, v in self.manifest.backbone.items() if k != "name"}
-        # the trained weights replace any pretrained ones: build the bare architecture
-        table.update(pretrained=False, weights=None)
-        factory = backbones.get(self.manifest.backbone["name"])
-        backbone = factory(**{k: v for k, v in table.items() if v is not None})
-        m = self.manifest.model
-        head = "none" if m.imagenet_head == "none" else "random"  # shapes only
-        self.model = RetrievalNet(backbone, len(ckpt["classes"]["seen"]), m.embed_dim,
-                                  m.heads_on, head, m.dropout)
-        self.model.load_state_dict(ckpt["model"])
-        self.model.to(self.device).eval()
-        self.hashers = []
-        for entry, spec in zip(ckpt["hashers"], self.manifest.hashers):
-            h = hashers.get(entry["name"])(**{k: v for k, v in spec.items() if k != "name"})
-            h.load_state_dict(entry["state"])
-            self.hashers.append(h)
-        self.transform = Transform(self.manifest.data_cfg.image_size)
+        manifest = resolve(ckpt["manifest"], str(final))
+        manifest.run.device = device
+        exp = build(manifest, "embed", checkpoint=ckpt)
+        self.manifest = manifest
+        self.device = exp.ctx.device
+        self.model = exp.model.eval()
+        self.hashers = exp.hashers
+        self.rerankers = exp.rerankers
+        self.transform = exp.eval_transform
         self.classes = ckpt["classes"]
 
     @torch.inference_mode()
     def embed_batch(self, batch: dict[str, Any]) -> np.ndarray:
         """Embeddings (N, d) of a batch from :func:`zsbir.data.loading.collate` (uint8
         images as the loader yields them; normalized here on the model's device)."""
-        return self.embed_batch(batch)
+        b = to_device(batch, self.device, self.transform)
+        return self.model(b["image"], b["domain"])["embedding"].float().cpu().numpy()
 
     @torch.inference_mode()
     def embed_images(self, images: list[Any], domain: int) -> np.ndarray:
@@ -95,8 +86,7 @@ class TrainedModel:
             skipped += batch["skipped"]
             if "image" not in batch:
                 continue
-            b = to_device(batch, self.device, self.manifest.data_cfg.normalize)
-            feats.append(self.model(b["image"], b["domain"])["embedding"].float().cpu())
+            feats.append(torch.from_numpy(self.embed_batch(batch)))
             kept += [paths[j] for j in batch["index"].tolist()]
         emb = torch.cat(feats).numpy() if feats else np.zeros((0, self.model.embed_dim))
         return emb, kept, skipped

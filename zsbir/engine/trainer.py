@@ -1,4 +1,11 @@
-"""The training loop: batches from the sampler, weighted losses, checkpoints, validation.
+"""The training loop: batches from the sampler, the registered step, checkpoints,
+validation. What happens to one batch is the step's (:mod:`zsbir.engine.step`); the
+trainer keeps the loop, mixed precision, schedules, checkpoints and logging.
+
+Non-finite values: the loss terms are checked at every logging step and before every
+checkpoint, and the weights before every checkpoint, so a checkpoint only ever holds
+finite weights; a run that diverges stops with :class:`DivergedError` naming the step
+and the loss terms, leaving ``last.pt`` at the last finite state.
 
 Resumability: the sampler's batches depend only on (seed, epoch), augmentation seeds
 only on (seed, epoch, step, position), and every RNG state, the optimizer, the schedule
@@ -10,6 +17,7 @@ same weights as the uninterrupted run.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,10 +29,15 @@ import torch
 from zsbir.build import Experiment
 from zsbir.data.loading import BatchList, ImageDataset, make_loader, to_device, worker_count
 from zsbir.engine.checkpoint import atomic_save, capture_rng, package_versions, restore_rng
+from zsbir.engine.step import StepContext
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainState", "Trainer", "aug_seed"]
+__all__ = ["DivergedError", "TrainState", "Trainer", "aug_seed"]
+
+
+class DivergedError(FloatingPointError):
+    """The loss or the weights became non-finite; the message names step and loss terms."""
 
 
 def speed_settings(train: Any, device: torch.device) -> tuple[torch.dtype | None, bool]:
@@ -78,22 +91,34 @@ class Trainer:
         if m.train.compile != "off":
             self.forward = torch.compile(exp.model, mode=m.train.compile)
             net = getattr(exp.teacher, "network", None)
-            if net is not None:
+            if isinstance(net, torch.nn.Module):  # the teacher calls network(image, domain)
                 exp.teacher.network = torch.compile(net, mode=m.train.compile)
+        self.params = [p for p in exp.model.parameters() if p.requires_grad]
+        self.params += [p for _, _, loss in exp.losses for p in loss.parameters()
+                        if p.requires_grad]
+        self.step_ctx = StepContext(
+            model=exp.model, forward=self.forward, teacher=exp.teacher, losses=exp.losses,
+            optimizer=exp.optimizer, params=self.params, device=self.device,
+            amp_dtype=self.amp_dtype, grad_clip=m.train.grad_clip)
+        self.first_loss: float | None = None
+        self.warned_growth = False
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         exp = self.exp
+        step_state = getattr(exp.step, "state_dict", None)
         return {
             "format": "zsbir.checkpoint/1",
             "model": exp.model.state_dict(),
             "losses": [loss.state_dict() for _, _, loss in exp.losses],
             "optimizer": exp.optimizer.state_dict(),
             "scheduler": exp.scheduler.state_dict(),
+            "step": step_state() if callable(step_state) else {},
             "rng": capture_rng(),
             "train_state": dict(self.state),
             "manifest": exp.manifest.data,
             "versions": package_versions(),
+            "plugins": dict(exp.manifest.plugins),
             "classes": {"seen": exp.data.seen_classes, "unseen": exp.data.unseen_classes},
         }
 
@@ -104,11 +129,26 @@ class Trainer:
             loss.load_state_dict(sd)
         exp.optimizer.load_state_dict(ckpt["optimizer"])
         exp.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("step") and hasattr(exp.step, "load_state_dict"):
+            exp.step.load_state_dict(ckpt["step"])
         restore_rng(ckpt["rng"])
         self.state = TrainState(ckpt["train_state"])
 
     def save(self, name: str = "last.pt") -> Path:
+        self._check_weights()
         return atomic_save(self.state_dict(), self.ckpt_dir / name)
+
+    def _check_weights(self) -> None:
+        """Refuse to checkpoint non-finite weights (one host sync per checkpoint)."""
+        bad = [n for n, t in self.exp.model.state_dict().items()
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            st = self.state
+            raise DivergedError(
+                f"the weights became non-finite by epoch {st['epoch']}, step {st['step']} "
+                f"(global step {st['global_step']}; {len(bad)} tensors, e.g. {bad[0]}): "
+                "training diverged; checkpoints/last.pt keeps the last finite state. Lower "
+                "the learning rate, set train.grad_clip, or check the inputs")
 
     # ------------------------------------------------------------------ loop
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
@@ -157,20 +197,25 @@ class Trainer:
                     log.warning("skipped unreadable image %s (%s)", source, err)
                 batch = self._drop_incomplete(batch, expected)
             if "image" in batch:
-                terms = self._step(batch)
+                terms = self.train_step(batch)
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_sum += 1
                 images += len(batch["image"])
             st["step"], st["global_step"] = step + 1, st["global_step"] + 1
-            if n_sum and (st["global_step"] % cfg.log_every == 0 or step + 1 == len(batches)):
-                self._check_finite(sums)  # the only host sync: at log steps
+            update = getattr(exp.scheduler, "step_update", None)
+            if callable(update):  # per-iteration schedules (warm-up, one-cycle)
+                update(st["global_step"])
+            saving = bool(cfg.checkpoint_every and st["global_step"] % cfg.checkpoint_every == 0)
+            if n_sum and (saving or st["global_step"] % cfg.log_every == 0
+                          or step + 1 == len(batches)):
+                self._check_finite(sums, n_sum)  # host syncs: at log steps and checkpoints
                 elapsed = time.perf_counter() - t0
                 self.progress({"epoch": epoch, "step": step + 1, "steps": len(batches),
                                "loss": {k: float(v) / n_sum for k, v in sums.items()},
                                "images_per_s": images / max(elapsed, 1e-9),
                                "lr": exp.optimizer.param_groups[0]["lr"]})
-            if cfg.checkpoint_every and st["global_step"] % cfg.checkpoint_every == 0:
+            if saving:
                 self.save()
             if self.stop_after_steps is not None and st["global_step"] >= self.stop_after_steps:
                 return False
@@ -181,8 +226,15 @@ class Trainer:
         self._end_epoch(epoch, record)
         return True
 
+    def train_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Run the manifest's step on one loader batch (moved and normalized here)."""
+        self.step_ctx.global_step = self.state["global_step"]
+        b = to_device(batch, self.device, self.exp.train_transform, self.channels_last)
+        return self.exp.step(self.step_ctx, b)
+
     def _end_epoch(self, epoch: int, record: dict[str, Any]) -> None:
         exp, cfg, st = self.exp, self.exp.manifest.train, self.state
+        self._check_weights()  # before best.pt can be written from them
         if cfg.val_every and len(exp.data.val) and (epoch + 1) % cfg.val_every == 0:
             from zsbir.engine.embed import validation_accuracy
 
@@ -203,13 +255,28 @@ class Trainer:
         st["epoch"], st["step"] = epoch + 1, 0
         self.save()
 
-    def _check_finite(self, sums: dict[str, torch.Tensor]) -> None:
-        if not torch.isfinite(sums["total"]):
-            raise FloatingPointError(
-                f"the loss became non-finite before epoch {self.state['epoch']}, step "
-                f"{self.state['step']} (sums: "
-                + ", ".join(f"{k}={float(v):.4g}" for k, v in sums.items())
-                + "); lower the learning rate or check the inputs")
+    def _check_finite(self, sums: dict[str, torch.Tensor], n: int) -> None:
+        """Stop on a non-finite loss term; warn once when the mean loss has grown by three
+        orders of magnitude since the first logged value (divergence on its way)."""
+        st = self.state
+        values = {k: float(v) / max(n, 1) for k, v in sums.items()}
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            raise DivergedError(
+                f"the loss became non-finite by epoch {st['epoch']}, step {st['step']} "
+                f"(global step {st['global_step']}; non-finite: {', '.join(bad)}; terms: "
+                + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+                + "); checkpoints/last.pt keeps the last finite state. Lower the learning "
+                "rate, set train.grad_clip, or check the inputs")
+        total = abs(values.get("total", 0.0))
+        if self.first_loss is None:
+            self.first_loss = max(total, 1e-12)
+        elif total > 1e3 * self.first_loss and not self.warned_growth:
+            self.warned_growth = True
+            log.warning("the loss grew from %.4g to %.4g (x%.0f) by epoch %d step %d: "
+                        "training may be diverging (learning rate too high?)",
+                        self.first_loss, total, total / self.first_loss, st["epoch"],
+                        st["step"])
 
     def _drop_incomplete(self, batch: dict[str, Any], expected: np.ndarray) -> dict[str, Any]:
         """Quadruplet batches: drop every quadruplet that lost an item to a bad file."""
@@ -225,27 +292,3 @@ class Trainer:
             return {"skipped": batch["skipped"]}
         idx = torch.as_tensor(keep)
         return {k: (v[idx] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-
-    def _step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """One optimization step; no host synchronization (terms stay on the device)."""
-        exp = self.exp
-        b = to_device(batch, self.device, exp.manifest.data_cfg.normalize, self.channels_last)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
-            out = self.forward(b["image"], b["domain"])
-            teacher = exp.teacher(b) if exp.teacher is not None else None
-        total = torch.zeros((), device=self.device)
-        terms: dict[str, torch.Tensor] = {}
-        for name, weight, loss in exp.losses:  # losses compute in fp32
-            value = loss(out, b, teacher)
-            terms[name] = value.detach()
-            total = total + weight * value
-        exp.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        clip = exp.manifest.train.grad_clip
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(exp.model.parameters(), clip)
-        exp.optimizer.step()
-        terms["total"] = total.detach()
-        return terms
-

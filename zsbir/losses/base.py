@@ -19,8 +19,11 @@ from its manifest table (minus ``name`` and ``weight``) and called as
 
 It returns a scalar tensor; the total loss is the manifest-weighted sum. ``requires``
 declares what the loss needs, so that validation rejects a manifest that cannot feed it:
-``"teacher"``, ``"imagenet_head"``, ``"quadruplet"``; and ``teacher_keys`` the keys of the
-teacher signal it reads, checked against the teacher strategy's ``provides``.
+``"teacher"``, ``"quadruplet"``; ``output_keys`` the model outputs it reads (checked
+against the head's ``provides``); ``teacher_keys`` the keys of the teacher signal it
+reads, checked against the teacher strategy's ``provides``. Each may be a frozenset or a
+function of the loss's resolved parameters (``sake`` with ``lambda1 = 0`` needs no
+teacher).
 """
 
 from __future__ import annotations
@@ -33,13 +36,15 @@ from torch import nn
 Outputs = dict[str, torch.Tensor]
 Batch = dict[str, torch.Tensor]
 
-REQUIREMENTS = frozenset({"teacher", "imagenet_head", "quadruplet"})
+REQUIREMENTS = frozenset({"teacher", "quadruplet"})
 
 
 class Loss(nn.Module):
     """Base class of registered losses; see the module docstring for the contract."""
 
     requires: ClassVar[frozenset[str]] = frozenset()
+    #: model outputs the loss reads besides "embedding", "logits" and "features"
+    output_keys: ClassVar[frozenset[str]] = frozenset()
     #: keys of the teacher signal the loss reads; validation checks the manifest's teacher
     #: strategy ``provides`` them
     teacher_keys: ClassVar[frozenset[str]] = frozenset()

@@ -15,14 +15,45 @@ exactly which file would be used and how to provide one.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["Backbone", "TimmBackbone", "WeightsNotFoundError", "find_cached_weights",
-           "load_state_dict_file", "resolve_weights"]
+__all__ = ["IMAGENET_CFG", "Backbone", "PretrainedCfg", "TimmBackbone", "WeightsNotFoundError",
+           "find_cached_weights", "load_state_dict_file", "resolve_weights"]
+
+
+@dataclass(frozen=True)
+class PretrainedCfg:
+    """What a backbone's weights expect of their input, after timm's ``pretrained_cfg``
+    and torchvision's weights ``transforms()``: the data transform is derived from it.
+
+    Attributes:
+        mean, std: per-channel normalization in [0, 1] scale.
+        input_size: (C, H, W) the weights were trained at (informational: the manifest's
+            ``data.image_size`` decides the size used).
+        interpolation: resize filter ("bilinear", "bicubic").
+        source: where the weights came from (a file path, a package, ``"random init"``).
+    """
+
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    interpolation: str = "bilinear"
+    source: str = "random init"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean": list(self.mean), "std": list(self.std),
+                "input_size": list(self.input_size), "interpolation": self.interpolation,
+                "source": self.source}
+
+
+#: ImageNet mean/std, 224 px, bilinear: what most ImageNet weights (and zsbir's own
+#: untrained backbones) use
+IMAGENET_CFG = PretrainedCfg()
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -41,6 +72,8 @@ class Backbone(nn.Module):
     num_features: int
     conditional: bool = False
     pretrained: bool = False
+    #: what the weights expect of their input (the data transform follows it)
+    pretrained_cfg: PretrainedCfg = IMAGENET_CFG
 
     def forward(self, x: torch.Tensor, domain: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -53,11 +86,22 @@ class Backbone(nn.Module):
 class TimmBackbone(Backbone):
     """Any timm model, pooled features from ``forward_head(pre_logits=True)``."""
 
-    def __init__(self, model: nn.Module, pretrained: bool):
+    def __init__(self, model: nn.Module, pretrained: bool, source: str | None = None):
         super().__init__()
         self.model = model
         self.num_features = int(model.num_features)
         self.pretrained = pretrained
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        self.pretrained_cfg = PretrainedCfg(
+            mean=tuple(cfg.get("mean", IMAGENET_CFG.mean)),
+            std=tuple(cfg.get("std", IMAGENET_CFG.std)),
+            input_size=tuple(cfg.get("input_size", IMAGENET_CFG.input_size)),
+            # the weights' filter; untrained models keep zsbir's bilinear
+            interpolation=str(cfg.get("interpolation") or "bilinear") if pretrained
+            else "bilinear",
+            source=source or (f"timm {cfg.get('architecture', '?')}"
+                              f"{'.' + cfg['tag'] if cfg.get('tag') else ''}"
+                              if pretrained else "random init"))
 
     def forward(self, x: torch.Tensor, domain: torch.Tensor | None = None) -> torch.Tensor:
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)

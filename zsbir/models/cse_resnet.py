@@ -38,11 +38,17 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 
 import torch
 from torch import nn
 
-from zsbir.models.backbone import Backbone, load_state_dict_file, resolve_weights
+from zsbir.models.backbone import (
+    IMAGENET_CFG,
+    Backbone,
+    load_state_dict_file,
+    resolve_weights,
+)
 from zsbir.registry import backbones
 
 __all__ = ["CSEModule", "CSEResNet", "CSEResNetBottleneck", "cse_resnet50", "se_resnet50"]
@@ -245,6 +251,8 @@ def _create(name: str, conditional: bool, pretrained: bool, weights: str | None,
 
         ref = timm.create_model(TIMM_NAME, pretrained=True)
         model.load_imagenet_state_dict(ref.state_dict(), source=f"timm {TIMM_NAME}")
+    if model.pretrained:  # legacy SE-ResNet-50 weights: ImageNet mean/std, bilinear
+        model.pretrained_cfg = replace(IMAGENET_CFG, source=str(source or f"timm {TIMM_NAME}"))
     return model
 
 

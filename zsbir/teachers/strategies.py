@@ -10,7 +10,9 @@
   training. The table is cached on disk, keyed by the teacher weights, the protocol, the
   split's files and the transform, and reused by later runs.
 
-Either serves any model with an ImageNet head; the losses (``sake``,
+The network is ``[teacher.network]`` (kind ``networks``; by default an ImageNet classifier
+on the student's backbone table), any frozen module returning a signal dict. Either
+strategy serves any model with an ImageNet head; the losses (``sake``,
 ``knowledge_preservation``) decide how logits become targets. A signal is a dict:
 ``"logits"`` (B, 1000) and ``"features"`` (B, F), the teacher's pooled features (per item
 for ``online``, the class mean for ``class_mean``).
@@ -28,7 +30,6 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from zsbir.context import BuildContext
-from zsbir.models.net import TeacherNet
 from zsbir.registry import teachers
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class OnlineTeacher(Teacher):
 
     provides: ClassVar[frozenset[str]] = frozenset({"logits", "features"})
 
-    def __init__(self, network: TeacherNet):
+    def __init__(self, network: torch.nn.Module):
         self.network = network
 
     def to(self, device: torch.device) -> OnlineTeacher:
@@ -73,8 +74,8 @@ class OnlineTeacher(Teacher):
     @torch.inference_mode()
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.forward_calls += 1
-        features = self.network.backbone(batch["image"], batch["domain"])
-        return {"logits": self.network.head(features).float(), "features": features.float()}
+        signal = self.network(batch["image"], batch["domain"])
+        return {k: v.float() for k, v in signal.items()}
 
 
 @teachers.register("class_mean")
@@ -90,12 +91,12 @@ class ClassMeanTeacher(Teacher):
 
     provides: ClassVar[frozenset[str]] = frozenset({"logits", "features", "class_features"})
 
-    def __init__(self, network: TeacherNet, ctx: BuildContext,
+    def __init__(self, network: torch.nn.Module, ctx: BuildContext,
                  domains: Literal["photo", "all"] = "photo",
                  cache: bool = True):
         if domains not in ("photo", "all"):
             raise ValueError(f"teacher.domains must be 'photo' or 'all', got {domains!r}")
-        self.network: TeacherNet | None = network
+        self.network: torch.nn.Module | None = network
         self.num_classes = ctx.num_seen
         self.cache_dir = Path(ctx.cache_dir) / "teacher"
         self.domains = domains

@@ -66,7 +66,7 @@ def test_used_from_a_manifest(tmp_path):
     raw = apply_overrides(raw, [
         f"run.output_dir={json.dumps(str(tmp_path))}", "protocol.num_classes=6",
         "protocol.num_unseen=2", "protocol.photos_per_class=4", "protocol.sketches_per_class=4",
-        "protocol.image_size=32", "data.image_size=32", "data.workers=0", "model.embed_dim=8",
+        "protocol.image_size=32", "data.image_size=32", "data.workers=0", "model.head.embed_dim=8",
         "train.epochs=1", "train.batch_size=8", "sampler.sketches_per_batch=4",
         "hashers[1].bits=8", "evaluation.grid_queries=0"])
     m = resolve(raw)
