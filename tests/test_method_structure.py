@@ -241,3 +241,24 @@ def test_plugin_versions_recorded_in_resolved_manifest():
     assert "zsbir-example" in m.plugins
     assert "plugins" in m.data and m.to_toml().count("[plugins]") == 1
     assert resolve(m.data).plugins == m.plugins
+
+
+def test_checkpoints_record_plugin_versions(tmp_path):
+    pytest.importorskip("zsbir_example")
+    from zsbir.engine.checkpoint import load_checkpoint
+    from zsbir.engine.run import run_experiment
+    from zsbir.manifest import apply_overrides
+
+    raw = apply_overrides(quick(), [
+        f"run.output_dir=\"{tmp_path}\"", "protocol.image_size=32", "data.image_size=32",
+        "model.head.embed_dim=8", "hashers[1].bits=8", "train.epochs=1",
+        "train.max_steps_per_epoch=2", "train.batch_size=8", "evaluation.grid_queries=0",
+        "sampler.sketches_per_batch=4"])
+    raw["losses"].append({"name": "cross_domain_triplet", "weight": 0.5})
+    m = resolve(raw)
+    run_experiment(m)
+    run_dir = tmp_path / m.run.name
+    for name in ("last.pt", "final.pt"):
+        ckpt = load_checkpoint(run_dir / "checkpoints" / name)
+        assert ckpt["plugins"] == m.plugins and "zsbir-example" in ckpt["plugins"]
+    assert "[plugins]" in (run_dir / "manifest.resolved.toml").read_text()

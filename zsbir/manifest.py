@@ -350,6 +350,8 @@ def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "none"
     origin = typing.get_origin(tp)
+    if origin is typing.Annotated:  # the base type; constraints: see constraint_text
+        return _type_name(typing.get_args(tp)[0])
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
@@ -360,6 +362,13 @@ def _type_name(tp: Any) -> str:
     if origin in (dict, Mapping):
         return "table"
     return getattr(tp, "__name__", str(tp))
+
+
+def constraint_text(tp: Any) -> str:
+    """The declared constraints of an annotation, e.g. ``">= 1, <= 4096"`` (or "")."""
+    if typing.get_origin(tp) is not typing.Annotated:
+        return ""
+    return "; ".join(str(c) for c in constraints_of(tuple(typing.get_args(tp)[1:])))
 
 
 def _value_repr(v: Any) -> str:

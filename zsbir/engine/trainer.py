@@ -243,7 +243,8 @@ class Trainer:
             if acc > st["best_val"]:
                 st["best_val"], st["best_epoch"], st["bad_epochs"] = acc, epoch, 0
                 atomic_save({"model": exp.model.state_dict(), "epoch": epoch,
-                             "val_accuracy": acc, "manifest": exp.manifest.data},
+                             "val_accuracy": acc, "manifest": exp.manifest.data,
+                             "plugins": dict(exp.manifest.plugins)},
                             self.ckpt_dir / "best.pt")
             else:
                 st["bad_epochs"] += 1
