@@ -623,8 +623,13 @@ def _hash_features(spec: str, q: Any, g: Any) -> tuple[str, Any, Any, str]:
         raise click.BadParameter(f"query_features {q.shape} and gallery_features {g.shape} "
                                  "must be non-empty (N, d) arrays of one d",
                                  param_hint="--features")
+    from zsbir.build import build_component
+    from zsbir.context import BuildContext
+    from zsbir.manifest import resolve_component
+
+    table = resolve_component("hashers", {"name": name, **kwargs}, "--hasher", spec)
     try:
-        h = hashers.get(name)(**kwargs)
+        h = build_component("hashers", table, BuildContext())
         h.fit(g, seed=0)
         return h.tag, h.encode(q), h.encode(g), "hamming" if h.binary else "cosine"
     except (TypeError, ValueError, RuntimeError) as exc:  # LinAlgError is a ValueError

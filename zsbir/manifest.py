@@ -48,6 +48,7 @@ else:  # pragma: no cover
 __all__ = [
     "DataConfig", "EvalConfig", "Manifest", "ManifestError", "ModelConfig", "Problem",
     "RunConfig", "TrainConfig", "apply_overrides", "dump_toml", "load", "resolve",
+    "resolve_component",
 ]
 
 
@@ -648,6 +649,17 @@ def resolve(raw: Mapping[str, Any], source: str = "<manifest>") -> Manifest:
 
 
 COMPONENT_SECTIONS_KIND = {k: COMPONENT_KEYS[k] for k in COMPONENT_SECTIONS}
+
+
+def resolve_component(kind: str, table: Mapping[str, Any], path: str,
+                      source: str = "<command line>") -> dict[str, Any]:
+    """One component table (e.g. from a command-line option) resolved like a manifest's:
+    defaults filled, types and constraints checked; :class:`ManifestError` otherwise."""
+    r = _Resolver({})
+    out = r.component(kind, dict(table), path)
+    if r.problems or out is None:
+        raise ManifestError(r.problems, source)
+    return out
 
 
 def plugins_used(nodes: Sequence[Node]) -> dict[str, str]:
