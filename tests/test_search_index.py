@@ -129,6 +129,19 @@ def test_search_equals_brute_force_cosine(tiny_run, photos, sketches, tmp_path):
         np.testing.assert_allclose([r.score for r in res], row[order], atol=1e-5)
 
 
+def test_real_ivf_index_reports_recall(tiny_run, photos, sketches, tmp_path):
+    out = build(tiny_run, photos, tmp_path / "idx", "--ann", "ivf")
+    assert "IVF search: nprobe" in out and "recall@10 against exact search" in out
+    build(tiny_run, photos, tmp_path / "flat")
+    with Index.open(tmp_path / "idx", "cpu") as ivf, Index.open(tmp_path / "flat", "cpu") as flat:
+        assert ivf.meta["ann"] == "ivf" and 0.95 <= ivf.meta["recall_at_10"] <= 1.0
+        assert ivf.meta["nprobe"] <= ivf.meta["nlist"]
+        # 13 photos: one cell, so the IVF ranking is the exact one
+        for a, b in zip(_ranking(ivf, sketches), _ranking(flat, sketches)):
+            assert [p for p, _ in a] == [p for p, _ in b]
+            np.testing.assert_allclose([v for _, v in a], [v for _, v in b], atol=1e-5)
+
+
 def test_binary_ivf_index_reports_recall_and_hamming(tiny_run, photos, sketches, tmp_path):
     out = build(tiny_run, photos, tmp_path / "idx", "--hasher", "itq8", "--ann", "ivf")
     assert "recall@10 against exact search" in out

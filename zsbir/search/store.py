@@ -11,8 +11,9 @@ An index directory holds everything a search needs (the run directory is not rea
 - ``photos.faiss``: the search structure, derived from the stored embeddings:
   ``IndexFlatIP`` on L2-normalized embeddings for real-valued hashers, ``IndexBinaryFlat``
   for binary codes (ITQ, sign); with ``ann = "ivf"`` an ``IndexIVFFlat`` /
-  ``IndexBinaryIVF`` whose ``nprobe`` is the smallest power of two reaching recall@10 >= 0.95
-  against exact search (measured, and stored in ``meta``);
+  ``IndexBinaryIVF`` (built by :mod:`zsbir.hashing.ann`) whose ``nprobe`` is the smallest
+  power of two reaching recall@10 >= 0.95 against exact search (measured, and stored in
+  ``meta``);
 - ``write.lock`` while a writer runs (:mod:`zsbir.search.lock`).
 
 Vector ``i`` of ``photos.faiss`` is the ``i``-th photo in path order. The SQLite database is
@@ -414,16 +415,11 @@ def make_faiss(con: sqlite3.Connection, tm: Any, meta: dict[str, Any]) -> tuple[
                                                           meta.get("dim") or 1)
     info: dict[str, Any] = {}
     if meta["ann"] == "ivf" and n >= 2:
-        nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))
-        if binary:
-            quantizer = faiss.IndexBinaryFlat(8 * width)
-            index = faiss.IndexBinaryIVF(quantizer, 8 * width, nlist)
-        else:
-            quantizer = faiss.IndexFlatIP(width)
-            index = faiss.IndexIVFFlat(quantizer, width, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(codes)
-        index.add(codes)
-        info = _tune_nprobe(index, codes, binary, nlist)
+        from zsbir.hashing.ann import build_binary_ivf, build_ivf
+
+        ann = build_binary_ivf(codes, nprobe=1) if binary else build_ivf(codes, nprobe=1)
+        info = _tune_nprobe(ann, codes, binary)
+        index = ann.index
     elif binary:
         index = faiss.IndexBinaryFlat(8 * width)
         if n:
@@ -435,25 +431,24 @@ def make_faiss(con: sqlite3.Connection, tm: Any, meta: dict[str, Any]) -> tuple[
     return FaissIndex(index, ids, paths, labels, binary, meta["generation"]), info
 
 
-def _tune_nprobe(index: Any, codes: np.ndarray, binary: bool, nlist: int) -> dict[str, Any]:
-    """Smallest power-of-two nprobe whose recall@10 (the 10 nearest *other* photos of up to
-    500 photos of the collection, against exact search) reaches 0.95."""
-    import faiss
+def _tune_nprobe(ann: Any, codes: np.ndarray, binary: bool) -> dict[str, Any]:
+    """The smallest power-of-two ``nprobe`` whose recall@10 against exact search reaches
+    0.95 (:func:`zsbir.hashing.ann.recall_at_k`; Hamming ties at the 10th distance count as
+    hits), measured with up to 500 photos of the collection as queries and their 10 nearest
+    *other* photos (each query's own entry, first in both rankings, is left out)."""
+    from zsbir.hashing.ann import build_exact, recall_at_k
 
     n = codes.shape[0]
-    rng = np.random.default_rng(0)
-    q = codes[rng.choice(n, min(n, IVF_RECALL_QUERIES), replace=False)]
-    k = min(11, n)
-    exact = (faiss.IndexBinaryFlat(codes.shape[1] * 8) if binary
-             else faiss.IndexFlatIP(codes.shape[1]))
-    exact.add(codes)
-    _, truth = exact.search(q, k)
-    nprobe, recall = 1, 0.0
+    q = codes[np.random.default_rng(0).choice(n, min(n, IVF_RECALL_QUERIES), replace=False)]
+    k = min(10, n - 1)
+    exact = build_exact(codes, binary=binary).search(q, k + 1)
+    exact = (exact[0][:, 1:], exact[1][:, 1:])
+    nlist = int(ann.params["nlist"])
+    nprobe = 1
     while True:
-        index.nprobe = nprobe
-        _, got = index.search(q, k)
-        recall = float(np.mean([len(set(t[1:]) & set(g[1:])) / max(1, k - 1)
-                                for t, g in zip(truth, got)]))
+        ann.set_nprobe(nprobe)
+        v, i = ann.search(q, k + 1)
+        recall = recall_at_k((v[:, 1:], i[:, 1:]), exact, k, binary=binary)
         if recall >= IVF_TARGET_RECALL or nprobe >= nlist:
             break
         nprobe = min(nlist, nprobe * 2)
