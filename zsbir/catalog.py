@@ -66,7 +66,34 @@ def _entry_of(comp: Any) -> dict[str, Any]:
         rel = ""
     return {"name": comp.name, "module": getattr(target, "__module__", ""),
             "qualname": getattr(target, "__qualname__", comp.name), "file": rel,
-            "summary": comp.summary, "doc": comp.doc, "params": param_rows(comp)}
+            "summary": comp.summary, "doc": comp.doc, "params": param_rows(comp),
+            "declares": declarations(comp)}
+
+
+#: what a component may declare for validation (see zsbir.registry.declared)
+DECLARED = ("requires", "provides", "output_keys", "teacher_keys")
+
+
+def declarations(comp: Any) -> list[str]:
+    """``requires``/``provides``/... lines for ``describe``: the set, evaluated at the
+    default parameters, marked when it depends on the parameters."""
+    from zsbir.registry import declared
+
+    defaults = {p.name: p.default for p in comp.parameters()
+                if p.default is not inspect.Parameter.empty}
+    out = []
+    for attr in DECLARED:
+        raw = getattr(comp.obj, attr, None)
+        if raw is None:
+            continue
+        value = declared(comp.obj, attr, defaults)
+        dynamic = callable(raw) and not isinstance(raw, (set, frozenset))
+        text = ", ".join(sorted(value)) or "nothing"
+        if dynamic:
+            text += " (at the defaults; depends on the parameters)"
+        if value or dynamic:
+            out.append(f"{attr}: {text}")
+    return out
 
 
 def generate() -> dict[str, list[dict[str, Any]]]:

@@ -318,10 +318,12 @@ def describe(kind: str, name: str) -> None:
     if entry is not None:
         package, location = "zsbir", catalog.source_line(entry)
         rows, doc = entry["params"], entry["doc"]
+        declares = entry.get("declares", [])
     else:
         comp = reg.component(name)
         package, location = comp.package, comp.location
         rows, doc = catalog.param_rows(comp), comp.doc
+        declares = catalog.declarations(comp)
     console.print(f"[bold]{reg.kind}[/] [bold cyan]{escape(name)}[/]  ({escape(package)})",
                   highlight=False)
     console.print(f"defined at {location}", highlight=False, markup=False)
@@ -329,6 +331,8 @@ def describe(kind: str, name: str) -> None:
     for row in rows:
         table.add_row(*(escape(c) for c in row))
     console.print(table)
+    for line in declares:  # what validation checks against the rest of the manifest
+        console.print(line, highlight=False, markup=False)
     if doc:  # the docstring's own line breaks, not re-wrapped
         console.print(doc, highlight=False, markup=False, soft_wrap=True)
 

@@ -14,12 +14,15 @@ plain frozen dataclasses, so ``zsbir describe`` can print them (``str(constraint
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Constraint", "ExistingPath", "Length", "Pattern", "Range"]
+__all__ = ["Constraint", "ExistingPath", "Length", "Pattern", "Range", "paths_unchecked"]
 
 
 class Constraint:
@@ -100,6 +103,21 @@ class Pattern(Constraint):
         return self.what or f"matches {self.regex}"
 
 
+#: whether :class:`ExistingPath` looks at the filesystem (off while re-resolving a saved
+#: manifest for ``embed``, which reads neither the data nor the pretrained weights)
+_CHECK_PATHS: ContextVar[bool] = ContextVar("zsbir_check_paths", default=True)
+
+
+@contextlib.contextmanager
+def paths_unchecked() -> Iterator[None]:
+    """Within this block, :class:`ExistingPath` accepts any path."""
+    token = _CHECK_PATHS.set(False)
+    try:
+        yield
+    finally:
+        _CHECK_PATHS.reset(token)
+
+
 @dataclass(frozen=True)
 class ExistingPath(Constraint):
     """A path that must exist (``kind``: "dir", "file" or "any"); empty means unset."""
@@ -107,7 +125,7 @@ class ExistingPath(Constraint):
     kind: str = "any"
 
     def check(self, value: Any) -> str | None:
-        if not isinstance(value, str) or not value:
+        if not isinstance(value, str) or not value or not _CHECK_PATHS.get():
             return None
         p = Path(value).expanduser()
         ok = {"dir": p.is_dir, "file": p.is_file}.get(self.kind, p.exists)()

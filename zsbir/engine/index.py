@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from zsbir.build import build
+from zsbir.constraints import paths_unchecked
 from zsbir.data.base import PHOTO, SKETCH, Split, read_image_file
 from zsbir.data.loading import ImageDataset, collate, to_device
 from zsbir.engine.checkpoint import load_checkpoint
@@ -38,7 +39,8 @@ class TrainedModel:
             raise FileNotFoundError(f"{str(run_dir)!r} has no checkpoints/final.pt: only a "
                                     "finished `zsbir run` can index photos")
         ckpt = load_checkpoint(final)
-        manifest = resolve(ckpt["manifest"], str(final))
+        with paths_unchecked():  # embedding reads neither the data nor pretrained weights
+            manifest = resolve(ckpt["manifest"], str(final))
         manifest.run.device = device
         exp = build(manifest, "embed", checkpoint=ckpt)
         self.manifest = manifest
