@@ -1,10 +1,8 @@
-"""Index a photo collection with a trained run, and search it with sketches.
+"""A trained run's model, ready to embed images: :func:`load_trained`.
 
-``zsbir index RUN_DIR PHOTOS/ -o photos.index.npz`` embeds every image under a folder
-with the run's evaluated weights (``checkpoints/final.pt``) and encodes it with one of the
-run's fitted hashers (real-valued cosine, or binary codes searched by Hamming distance);
-``zsbir search photos.index.npz sketch.png`` ranks the collection for a sketch through
-faiss (:func:`zsbir.hashing.search.search`). The index file is plain numpy data.
+Used by the photo search (:mod:`zsbir.search`: ``zsbir index build|update``,
+``zsbir search``, ``zsbir serve``), which copies the run's ``checkpoints/final.pt`` into
+its index directory and loads it from there.
 """
 
 from __future__ import annotations
@@ -17,14 +15,12 @@ import torch
 
 from zsbir.build import build
 from zsbir.constraints import paths_unchecked
-from zsbir.data.base import PHOTO, SKETCH, Split, read_image_file
+from zsbir.data.base import Split, read_image_file
 from zsbir.data.loading import ImageDataset, collate, to_device
 from zsbir.engine.checkpoint import load_checkpoint
 from zsbir.manifest import resolve
 
-__all__ = ["TrainedModel", "build_index", "load_trained", "search_index"]
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
+__all__ = ["TrainedModel", "load_trained"]
 
 
 class TrainedModel:
@@ -97,38 +93,3 @@ class TrainedModel:
 def load_trained(run_dir: str | Path, device: str = "auto") -> TrainedModel:
     return TrainedModel(run_dir, device)
 
-
-def build_index(run_dir: str | Path, photo_dir: str | Path, out: str | Path,
-                hasher: str | None = None, device: str = "auto") -> dict[str, Any]:
-    """Embed every image under ``photo_dir`` and save codes + paths to ``out`` (.npz)."""
-    photo_dir = Path(photo_dir)
-    if not photo_dir.is_dir():
-        raise FileNotFoundError(f"no folder {str(photo_dir)!r}")
-    paths = sorted(str(p) for p in photo_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise FileNotFoundError(f"no images under {str(photo_dir)!r}")
-    tm = load_trained(run_dir, device)
-    h = tm.hasher(hasher)
-    emb, kept, skipped = tm.embed(paths, PHOTO)
-    np.savez(out, codes=h.encode(emb), paths=np.array(kept), binary=h.binary,
-             hasher=h.tag, run_dir=str(Path(run_dir).resolve()))
-    return {"indexed": len(kept), "skipped": skipped, "hasher": h.tag, "out": str(out)}
-
-
-def search_index(index_path: str | Path, sketches: list[str], top: int = 10,
-                 device: str = "auto") -> list[dict[str, Any]]:
-    """Rank the indexed photos for each sketch: ``[{query, results: [(path, score)]}]``
-    (score: cosine similarity, or Hamming distance for binary codes)."""
-    from zsbir.hashing.search import search
-
-    with np.load(index_path) as idx:
-        codes, paths = idx["codes"], idx["paths"].tolist()
-        binary, tag, run_dir = bool(idx["binary"]), str(idx["hasher"]), str(idx["run_dir"])
-    tm = load_trained(run_dir, device)
-    emb, kept, skipped = tm.embed(list(sketches), SKETCH)
-    if skipped:
-        raise ValueError("cannot read sketch " + "; ".join(f"{p}: {e}" for p, e in skipped))
-    q = tm.hasher(tag).encode(emb)
-    scores, order = search(q, codes, min(top, len(paths)), binary=binary)
-    return [{"query": s, "results": [(paths[j], float(v)) for j, v in zip(row, vals)]}
-            for s, row, vals in zip(kept, order, scores)]
