@@ -246,12 +246,14 @@ def validate(manifest: str, overrides: tuple[str, ...], show: bool) -> None:
 @main.command("list")
 @click.argument("kind", required=False)
 @click.argument("pattern", required=False, default="*")
-def list_(kind: str | None, pattern: str) -> None:
+@click.option("--weights", is_flag=True,
+              help="Mark with [weights] the backbones whose pretrained weights are on this "
+                   "machine (imports torch and timm: seconds).")
+def list_(kind: str | None, pattern: str, weights: bool) -> None:
     """List registered components (all kinds, or KIND), filtered by a wildcard PATTERN.
 
     Built-in components are listed from zsbir's catalog and plugins from their metadata:
-    nothing is imported (``zsbir list backbones`` also checks which backbones have
-    pretrained weights on this machine, which imports torch).
+    nothing is imported.
     """
     import fnmatch
 
@@ -266,7 +268,7 @@ def list_(kind: str | None, pattern: str) -> None:
         for name in sorted(n for n in names if fnmatch.fnmatchcase(n, pattern)):
             if name in builtins.get(k, {}):  # a built-in wins over a plugin of its name
                 package, summary = builtins[k][name]
-                if k == "backbones" and kind:
+                if k == "backbones" and weights:
                     summary = _weights_note(name) + summary
                 rows.append((k, name, package, summary))
             else:
