@@ -83,7 +83,7 @@ def _ranking(idx: Index, sketches, top=20):
 def test_build_writes_a_self_contained_index(tiny_run, photos, sketches, tmp_path):
     out = build(tiny_run, photos, tmp_path / "idx")
     assert "13 photos embedded" in out and "1 skipped" in out and "bad.png" in out
-    assert "photos/s" in out
+    assert "photos/s" in out and "embedding photos: done, 14 photos" in out  # progress lines
     idx_dir = tmp_path / "idx"
     for name in ("model.pt", "index.sqlite", "photos.faiss"):
         assert (idx_dir / name).is_file(), name
