@@ -143,11 +143,19 @@ def _pool(cmd: str, m: dict[str, str]) -> list[str]:
                      "hashers[0].bits=-1", "protocol.name=nope", "run.seed=1.5",
                      str(EXAMPLES / "quickstart.toml")],
         "run": ["--resume", "--quiet", "-q", "--set", "train.epochs=-1", "protocol=1"],
+        # no valid manifest, run or index in these pools: nothing trains or serves
+        "bench": ["train", "--steps", "--warmup", "--batch-size", "--synthetic-data",
+                  "--json", "--set", "3", "-2", "x"],
+        "index": ["build", "update", "--hasher", "--ann", "--device", "--batch-size",
+                  "--workers", "flat", "ivf", "cpu", "4", "-1"],
+        "search": ["--top", "--class", "--rerank", "--json", "--device", "0", "-5",
+                   "alpha_qe", "nope", "cpu"],
     }
     return pools[cmd] + files + ODD
 
 
-COMMANDS = ("list", "describe", "plugins", "evaluate", "report", "compare", "validate", "run")
+COMMANDS = ("list", "describe", "plugins", "evaluate", "report", "compare", "validate", "run",
+            "bench", "index", "search")
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
@@ -160,7 +168,7 @@ def test_fuzzed_arguments_exit_cleanly(cmd, material):
         for spec in ("itq:abc", "itq:0", "lsh", "itq:99999", "sign", "itq:4"):
             for feats in ("good", "mismatch", "short", "labels_only", "garbage", "npy"):
                 cases.append([cmd, "--features", material[feats], "--hasher", spec])
-    if cmd == "run":  # never a manifest that would train
+    if cmd in ("run", "bench"):  # never a manifest that would train
         cases = [[a for a in c if not a.endswith("quickstart.toml")] for c in cases]
     problems = []
     for args in cases:
