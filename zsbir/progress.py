@@ -78,8 +78,8 @@ class _Display:
             self.progress = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                TextColumn("left"), TimeRemainingColumn(), console=self.console,
-                transient=True)
+                TextColumn("elapsed,"), TimeRemainingColumn(), TextColumn("left"),
+                console=self.console, transient=True)
             self.progress.start()
         self.open += 1
         return self.progress
