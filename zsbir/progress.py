@@ -163,7 +163,9 @@ def phase(name: str, total: int | None = None, unit: str = "items") -> Iterator[
     try:
         yield advance
     except BaseException:
-        log.info("%s: failed after %s", name, format_seconds(time.perf_counter() - t0))
+        # log.txt only: the console shows the error itself
+        log.info("%s: failed after %s", name, format_seconds(time.perf_counter() - t0),
+                 extra={"console": False})
         raise
     finally:
         _depth -= 1
