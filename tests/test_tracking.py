@@ -131,6 +131,29 @@ def test_phase_plain_lines_with_time_left(caplog, monkeypatch):
     assert lines[-1].startswith("embedding gallery: done, 10 images in ")
 
 
+def test_long_phase_lines_thin_out(caplog, monkeypatch):
+    """At most one line per tenth of the elapsed time: ~10 lines per decade of duration."""
+    console = Console(file=io.StringIO(), force_terminal=False)
+    clock = iter(range(10**6))
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: float(next(clock)))
+    with caplog.at_level(logging.INFO, logger="zsbir"), \
+            progress.display(console, live=False, interval=2):
+        with progress.phase("long", total=2000) as advance:
+            for _ in range(2000):
+                advance()
+    times = [int(m.group(1)) for r in caplog.records
+             if (m := re.search(r"(\d+)/2000 items", r.getMessage()))]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    # reference: a line whenever the gap reaches max(2, elapsed / 10)
+    want, last = [], 0
+    for t in range(1, 2001):
+        if t - last >= max(2, 0.1 * t):
+            want.append(t)
+            last = t
+    assert len(times) == pytest.approx(len(want), abs=2) and 40 < len(times) < 70
+    assert gaps[-1] > 100  # an hour-long phase is not one line every 10 s
+
+
 def test_phase_nested_short_phases_are_quiet_and_failures_are_logged(caplog):
     with caplog.at_level(logging.INFO, logger="zsbir"):
         with progress.phase("outer"):

@@ -15,8 +15,9 @@ What is shown depends on the :func:`display` the command line sets up:
 - on a terminal: a rich progress bar per open phase (description, bar, count, elapsed,
   time left), removed when the phase ends;
 - otherwise (a pipe, a log file, CI, tests): plain lines through :mod:`logging`, at most one
-  every ``interval`` seconds per phase (``ZSBIR_PROGRESS_INTERVAL``, default 10 s), so a
-  long phase is never silent and a short one prints only its closing line.
+  every ``interval`` seconds per phase (``ZSBIR_PROGRESS_INTERVAL``, default 10 s) and at
+  most one per tenth of the phase's running time, so a long phase is never silent, an
+  hour-long one prints a few dozen lines, and a short one prints only its closing line.
 
 Every phase also logs its start and its end (``"<name>: done, 500 images in 3.2 s"``) to the
 ``zsbir`` logger, so a run's ``log.txt`` records how long each phase took. Without a
@@ -33,7 +34,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 __all__ = ["Advance", "ConsoleLogHandler", "console_output", "display", "format_seconds",
-           "phase"]
+           "live_console", "phase"]
 
 log = logging.getLogger("zsbir.progress")
 
@@ -156,7 +157,9 @@ def phase(name: str, total: int | None = None, unit: str = "items") -> Iterator[
             bar.update(task, completed=done, **fields)
             return
         now = time.perf_counter()
-        if now - last_line >= disp.interval:
+        # every `interval` s at first, then at most every tenth of the time so far: a long
+        # phase prints a few lines per order of magnitude of its duration
+        if now - last_line >= max(disp.interval, 0.1 * (now - t0)):
             last_line = now
             log.info("%s: %s", name, _status(done - base, done, total, unit, now - t0, info))
 
