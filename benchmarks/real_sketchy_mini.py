@@ -98,8 +98,8 @@ def manifest_for(row: str, seed: int, args: argparse.Namespace) -> Any:
         f"run.seed={seed}", f"protocol.root={json.dumps(str(args.data))}",
         *(["evaluation.generalized=true"] if args.generalized else []),
         *args.overrides])
-    if args.rerank:
-        raw["rerankers"] = [dict(t) for t in RERANKERS]
+    # every reranker side by side, or none (the manifests' own default included)
+    raw["rerankers"] = [dict(t) for t in RERANKERS] if args.rerank else []
     return resolve(raw, str(path))
 
 
@@ -319,6 +319,42 @@ def rerank_table(results: dict[str, dict[int, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def compact_table(results: dict[str, dict[int, dict[str, Any]]], metric: str = "map@all"
+                  ) -> str:
+    """One line per reranker and task: its change of ``metric`` against the plain ranking
+    in every row (mean ± std over that row's seeds), the mean change over the rows, how
+    many of the (row, seed) runs it improved, and its mean wall time."""
+    rows = [r for r, per in results.items() if any(x.get("tasks") for x in per.values())]
+    if not rows:
+        return ""
+    first = next(x for x in results[rows[0]].values() if x.get("tasks"))
+    head = " | ".join(f"Δ ({r})" for r in rows)
+    lines = [f"| ranking | task | {head} | mean Δ | runs improved | s |",
+             "|---|---|" + "---|" * len(rows) + "---|---|---|"]
+    for task in first["tasks"]:
+        for key in first["tasks"][task]:
+            if "+" not in key:
+                continue
+            plain = key.split("+")[0]
+            cells, means, better, total, secs = [], [], 0, 0, []
+            for r in rows:
+                diffs = [x["tasks"][task][key][metric] - x["tasks"][task][plain][metric]
+                         for x in results[r].values()
+                         if key in x.get("tasks", {}).get(task, {})]
+                secs += [x["rerank_seconds"][f"{task} {key}"] for x in results[r].values()
+                         if f"{task} {key}" in x.get("rerank_seconds", {})]
+                cells.append(_signed(diffs) if diffs else "-")
+                if diffs:
+                    means.append(statistics.mean(diffs))
+                better += sum(d > 0 for d in diffs)
+                total += len(diffs)
+            mean = f"{statistics.mean(means):+.3f}" if means else "-"
+            sec = f"{statistics.mean(secs):.2f}" if secs else "-"
+            lines.append(f"| {key} | {task} | {' | '.join(cells)} | {mean} | "
+                         f"{better}/{total} | {sec} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -342,7 +378,7 @@ def main() -> None:
                    help="only read the runs that have finished (metrics.json); run nothing")
     p.add_argument("--no-rerank", dest="rerank", action="store_false",
                    help="score the plain ranking only (default: also every reranker in "
-                        "RERANKERS, side by side)")
+                        "RERANKERS, side by side, in place of the manifest's own)")
     p.add_argument("--no-generalized", dest="generalized", action="store_false",
                    help="skip the generalized task (gallery + seen-class photos)")
     args = p.parse_args()
@@ -378,6 +414,9 @@ def main() -> None:
     print("\n" + table(results, args.out), flush=True)
     if any(r.get("tasks") for per in results.values() for r in per.values()):
         print("\n" + rerank_table(results), flush=True)
+        for metric in METRICS:
+            print(f"\nChange of {metric} against the plain ranking:\n"
+                  + compact_table(results, metric), flush=True)
     figures: dict[str, Any] = {"results": results, "load_at_end": os.getloadavg()[0]}
     if args.speed_steps > 0:
         print(f"\n== speed (batch 40, 128 px, {args.speed_steps} steps a block; load "
