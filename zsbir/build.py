@@ -34,6 +34,7 @@ from zsbir.data.loading import Transform
 from zsbir.engine.step import loss_labels
 from zsbir.manifest import COMPONENT_KEYS, Manifest
 from zsbir.models.net import RetrievalNet
+from zsbir.progress import phase
 from zsbir.registry import _singular, get_registry
 
 log = logging.getLogger(__name__)
@@ -171,14 +172,16 @@ def build(manifest: Manifest, purpose: Purpose = "train", run_dir: Path | None =
         ctx.seen_classes = list(checkpoint["classes"]["seen"])
         ctx.unseen_classes = list(checkpoint["classes"]["unseen"])
     else:
-        data = build_component("protocols", manifest.protocol, ctx)
+        with phase("indexing the protocol's files"):
+            data = build_component("protocols", manifest.protocol, ctx)
         ctx.seen_classes, ctx.unseen_classes = list(data.seen_classes), list(data.unseen_classes)
 
     # 2. the student: backbone + head; the transforms follow the backbone's weights
-    backbone = build_component("backbones", manifest.backbone, ctx)
-    head = build_component("heads", manifest.head, ctx, backbone=backbone,
-                           num_classes=len(ctx.seen_classes))
-    model = RetrievalNet(backbone, head)
+    with phase("building the model"):
+        backbone = build_component("backbones", manifest.backbone, ctx)
+        head = build_component("heads", manifest.head, ctx, backbone=backbone,
+                               num_classes=len(ctx.seen_classes))
+        model = RetrievalNet(backbone, head)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
     model.to(ctx.device)
@@ -187,16 +190,19 @@ def build(manifest: Manifest, purpose: Purpose = "train", run_dir: Path | None =
     # 3. the teacher: a frozen network ([teacher.network]) behind a signal strategy
     teacher = None
     if training and manifest.teacher is not None:
-        teacher = build_component("teachers", manifest.teacher, ctx)
-        teacher.to(ctx.device)
+        with phase("building the teacher"):
+            teacher = build_component("teachers", manifest.teacher, ctx)
+            teacher.to(ctx.device)
 
     # 4. losses (each with its weight and a unique log label) and the training step
     losses: list[tuple[str, float, torch.nn.Module]] = []
     step = sampler = optimizer = scheduler = None
     if training:
         labels = loss_labels([t["name"] for t in manifest.losses])
-        losses = [(label, float(t["weight"]), build_component("losses", t, ctx).to(ctx.device))
-                  for label, t in zip(labels, manifest.losses)]
+        with phase("building the losses"):  # SAKE's WordNet matrix is computed here
+            losses = [(label, float(t["weight"]),
+                       build_component("losses", t, ctx).to(ctx.device))
+                      for label, t in zip(labels, manifest.losses)]
         step = build_component("steps", train.step, ctx)
 
         # 5. batches, optimizer, schedule

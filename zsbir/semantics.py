@@ -41,7 +41,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -518,22 +518,34 @@ def _similarity_matrix(classes: list[list[Any]], targets: list[Any],
 
     target_depths = [t._shortest_hypernym_paths(False) for t in targets]
     target_ancestors = [ancestors(t) for t in targets]
+    from zsbir.progress import phase
+
     out = np.zeros((len(classes), len(targets)), dtype=np.float64)
-    for i, synsets in enumerate(classes):
-        for syn in synsets:
-            depths = syn._shortest_hypernym_paths(False)
-            syn_ancestors = ancestors(syn)
-            for j, (t, tdepth) in enumerate(zip(targets, target_depths)):
-                dist = min((d + tdepth[a] for a, d in depths.items() if a in tdepth),
-                           default=None)
-                value = 0.0 if dist is None else 1.0 / (dist + 1.0)
-                if similarity == "sake":
-                    if syn == t or t in syn_ancestors or syn in target_ancestors[j]:
-                        value = 1.0
-                    elif value <= 0.2:
-                        value = 0.0
-                out[i, j] = max(out[i, j], value)
+    with phase("WordNet similarities", total=len(classes), unit="classes") as advance:
+        for i, synsets in enumerate(classes):
+            _similarity_row(out[i], synsets, targets, target_depths, target_ancestors,
+                            ancestors, similarity)
+            advance()
     return out
+
+
+def _similarity_row(row: np.ndarray, synsets: list[Any], targets: list[Any],
+                    target_depths: list[Any], target_ancestors: list[Any],
+                    ancestors: Callable[[Any], set[Any]], similarity: Similarity) -> None:
+    """One class's row of :func:`_similarity_matrix` (max over its synsets), in place."""
+    for syn in synsets:
+        depths = syn._shortest_hypernym_paths(False)
+        syn_ancestors = ancestors(syn)
+        for j, (t, tdepth) in enumerate(zip(targets, target_depths)):
+            dist = min((d + tdepth[a] for a, d in depths.items() if a in tdepth),
+                       default=None)
+            value = 0.0 if dist is None else 1.0 / (dist + 1.0)
+            if similarity == "sake":
+                if syn == t or t in syn_ancestors or syn in target_ancestors[j]:
+                    value = 1.0
+                elif value <= 0.2:
+                    value = 0.0
+            row[j] = max(row[j], value)
 
 
 def _cache_key(names: list[str], user: dict[str, list[str]], similarity: str,

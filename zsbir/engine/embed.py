@@ -15,10 +15,13 @@ from zsbir.data.loading import ImageDataset, make_loader, to_device, worker_coun
 __all__ = ["embed_split", "teacher_outputs", "validation_accuracy"]
 
 
-def _run(exp: Any, split: Split, fn: Callable[[dict[str, Any]], torch.Tensor]
-         ) -> tuple[torch.Tensor, np.ndarray, list[tuple[str, str]]]:
+def _run(exp: Any, split: Split, fn: Callable[[dict[str, Any]], torch.Tensor],
+         label: str = "embedding") -> tuple[torch.Tensor, np.ndarray, list[tuple[str, str]]]:
     """Apply ``fn`` to every batch of ``split`` (eval transform); returns stacked outputs,
-    the indices of the items that were read, and the skipped files."""
+    the indices of the items that were read, and the skipped files. Progress is shown as
+    the phase ``label``, counted in images."""
+    from zsbir.progress import phase
+
     cfg = exp.manifest.data_cfg
     ds = ImageDataset(split, exp.data.reader, exp.eval_transform, cfg.on_corrupt)
     bs = cfg.eval_batch_size
@@ -26,8 +29,9 @@ def _run(exp: Any, split: Split, fn: Callable[[dict[str, Any]], torch.Tensor]
     loader = make_loader(ds, batches, worker_count(cfg.workers, exp.ctx.device),
                          pin_memory=exp.ctx.device.type == "cuda")
     outs, kept, skipped = [], [], []
-    with torch.inference_mode():
+    with torch.inference_mode(), phase(label, total=len(split), unit="images") as advance:
         for batch in loader:
+            advance(len(batch.get("index", ())) + len(batch["skipped"]))
             skipped.extend(batch["skipped"])
             if "image" not in batch:
                 continue
@@ -39,7 +43,8 @@ def _run(exp: Any, split: Split, fn: Callable[[dict[str, Any]], torch.Tensor]
     return torch.cat(outs), np.concatenate(kept), skipped
 
 
-def embed_split(exp: Any, split: Split) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+def embed_split(exp: Any, split: Split, label: str | None = None
+                ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
     """Retrieval embeddings (N, d) float32 of the readable items, the split indices of
     those items (``split.labels[kept]`` are their labels), and the skipped files."""
     model = exp.model
@@ -47,7 +52,7 @@ def embed_split(exp: Any, split: Split) -> tuple[np.ndarray, np.ndarray, list[tu
     model.eval()
     try:
         emb, kept, skipped = _run(exp, split, lambda b: model(b["image"], b["domain"])
-                                  ["embedding"])
+                                  ["embedding"], label or f"embedding {len(split)} images")
     finally:
         model.train(was_training)
     return emb.numpy(), kept, skipped
@@ -57,7 +62,8 @@ def validation_accuracy(exp: Any) -> float:
     """Seen-class classification accuracy on the validation split (model selection)."""
     model = exp.model
     model.eval()
-    logits, kept, _ = _run(exp, exp.data.val, lambda b: model(b["image"], b["domain"])["logits"])
+    logits, kept, _ = _run(exp, exp.data.val, lambda b: model(b["image"], b["domain"])["logits"],
+                           f"validating on {len(exp.data.val)} images")
     pred = logits.argmax(1).numpy()
     return float((pred == exp.data.val.labels[kept]).mean())
 
@@ -74,5 +80,5 @@ def teacher_outputs(network: Any, split: Split, exp: Any
         n_logits[:] = [signal["logits"].shape[1]]
         return torch.cat([signal["logits"], signal["features"]], dim=1)
 
-    out, kept, _ = _run(exp, split, both)
+    out, kept, _ = _run(exp, split, both, f"teacher over {len(split)} training images")
     return out[:, :n_logits[0]], out[:, n_logits[0]:], torch.as_tensor(split.labels[kept])

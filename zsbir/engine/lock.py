@@ -1,4 +1,5 @@
-"""One writer per run directory: a lock file holding the owner's pid and host.
+"""One writer per directory (a run directory, a search index): a lock file holding the
+owner's pid and host.
 
 ``zsbir run`` and ``zsbir run --resume`` hold ``RUN_DIR/.zsbir.lock`` while they write the
 directory; a second writer (the same run name started twice, or a resume while the run is
@@ -25,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-__all__ = ["LOCK_NAME", "RunLock", "RunLockedError", "lock_owner"]
+__all__ = ["LOCK_NAME", "DirLock", "RunLock", "RunLockedError", "lock_owner"]
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,10 @@ def _alive(pid: int, start: int | None) -> bool:
     return True
 
 
-def lock_owner(run_dir: str | Path) -> dict[str, Any] | None:
+def lock_owner(run_dir: str | Path, name: str = LOCK_NAME) -> dict[str, Any] | None:
     """The lock file's contents (``None``: not locked, or unreadable)."""
     try:
-        data = json.loads((Path(run_dir) / LOCK_NAME).read_text("utf-8"))
+        data = json.loads((Path(run_dir) / name).read_text("utf-8"))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -85,26 +86,34 @@ def _stale(owner: dict[str, Any] | None, host: str) -> bool:
     return not (isinstance(pid, int) and _alive(pid, start if isinstance(start, int) else None))
 
 
-class RunLock:
-    """``with RunLock(run_dir):`` holds the run directory's lock for the block.
+class DirLock:
+    """``with DirLock(directory):`` holds the directory's lock for the block.
 
-    ``what`` (e.g. "run", "resume") is recorded for the error another writer sees.
+    ``what`` (e.g. "run", "resume", "index build") is recorded for the error another
+    writer sees. Subclasses set the file ``name``, the ``noun`` and ``advice`` of the
+    refusal and the ``error`` class; ``broke_stale`` is the stale owner taken over, if any.
     """
 
-    def __init__(self, run_dir: str | Path, what: str = "run"):
-        self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK_NAME
+    name: str = LOCK_NAME
+    noun: str = "directory"
+    advice: str = "wait for it to finish"
+    error: type[Exception] = RuntimeError
+
+    def __init__(self, directory: str | Path, what: str = "run"):
+        self.run_dir = Path(directory)
+        self.path = self.run_dir / self.name
         self.what = what
         self.host = socket.gethostname()
         self.info: dict[str, Any] = {}
         self.held = False
+        self.broke_stale: dict[str, Any] | None = None
 
-    def acquire(self) -> RunLock:
+    def acquire(self) -> DirLock:
         pid = os.getpid()
         self.info = {"pid": pid, "host": self.host, "start": _process_start(pid),
                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "what": self.what,
                      "command": " ".join(sys.argv)[:500]}
-        tmp = self.run_dir / f"{LOCK_NAME}.{pid}.tmp"
+        tmp = self.run_dir / f"{self.name}.{pid}.tmp"
         tmp.write_text(json.dumps(self.info), "utf-8")
         try:
             for _ in range(3):
@@ -113,14 +122,15 @@ class RunLock:
                     self.held = True
                     return self
                 except FileExistsError:
-                    owner = lock_owner(self.run_dir)
+                    owner = lock_owner(self.run_dir, self.name)
                     if not _stale(owner, self.host):
-                        raise RunLockedError(self._refusal(owner)) from None
+                        raise self.error(self._refusal(owner)) from None
                     log.warning("removed the stale lock of %s (%s)", self.run_dir,
                                 _describe(owner))
+                    self.broke_stale = owner or {}
                     self.path.unlink(missing_ok=True)
-            raise RunLockedError(f"could not lock run directory {str(self.run_dir)!r}: "
-                                 "another process keeps taking it")
+            raise self.error(f"could not lock {self.noun} {str(self.run_dir)!r}: "
+                             "another process keeps taking it")
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -128,25 +138,32 @@ class RunLock:
         where = "" if (owner or {}).get("host") == self.host else (
             f"; it runs on another host, so this one cannot check it: if that run is over, "
             f"delete {str(self.path)!r}")
-        return (f"run directory {str(self.run_dir)!r} is in use by another zsbir process "
-                f"({_describe(owner)}){where}; wait for it to finish, or choose another "
-                "run.name")
+        return (f"{self.noun} {str(self.run_dir)!r} is in use by another zsbir process "
+                f"({_describe(owner)}){where}; {self.advice}")
 
     def release(self) -> None:
         if not self.held:
             return
         self.held = False
-        owner = lock_owner(self.run_dir)
+        owner = lock_owner(self.run_dir, self.name)
         if owner is not None and owner.get("pid") == self.info["pid"] \
                 and owner.get("host") == self.host:
             self.path.unlink(missing_ok=True)
 
-    def __enter__(self) -> RunLock:
+    def __enter__(self) -> DirLock:
         return self.acquire()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.release()
+
+
+class RunLock(DirLock):
+    """``with RunLock(run_dir):`` holds ``RUN_DIR/.zsbir.lock`` (``zsbir run``, resume)."""
+
+    noun = "run directory"
+    advice = "wait for it to finish, or choose another run.name"
+    error = RunLockedError
 
 
 def _link(tmp: Path, path: Path) -> None:

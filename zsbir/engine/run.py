@@ -401,18 +401,18 @@ def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
     m, data, ev = exp.manifest, exp.data, exp.manifest.evaluation
     t0 = time.perf_counter()
     stacked = _stack_views(exp)  # rerankers that need the model: also embed image views
-    with phase(f"embedding {len(data.query)} queries"):
-        q_emb, q_kept, skipped = embed_split(exp, data.query)
-    with phase(f"embedding {len(data.gallery)} gallery images"):
-        g_emb, g_kept, g_skip = embed_split(exp, data.gallery)
+    q_emb, q_kept, skipped = embed_split(exp, data.query,
+                                         f"embedding {len(data.query)} queries")
+    g_emb, g_kept, g_skip = embed_split(exp, data.gallery,
+                                        f"embedding {len(data.gallery)} gallery images")
     skipped += g_skip
     q_lab, g_lab = data.query.labels[q_kept], data.gallery.labels[g_kept]
     name = m.protocol["name"]
     tasks = {name: (q_emb, q_lab, g_emb, g_lab)}
     if ev.generalized and not data.generalized:
         seen = Split.concat(data.train.of_domain(PHOTO), data.val.of_domain(PHOTO))
-        with phase(f"embedding {len(seen)} seen-class photos (generalized)"):
-            s_emb, s_kept, s_skip = embed_split(exp, seen)
+        s_emb, s_kept, s_skip = embed_split(
+            exp, seen, f"embedding {len(seen)} seen-class photos (generalized)")
         skipped += s_skip
         tasks[f"{name}-generalized"] = (q_emb, q_lab, np.concatenate([g_emb, s_emb]),
                                         np.concatenate([g_lab, seen.labels[s_kept]]))
@@ -432,8 +432,8 @@ def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
 
     fit_on = g_emb
     if any(t["name"] != "none" for t in m.hashers):
-        with phase(f"embedding {len(data.train)} training images (to fit the hashers)"):
-            fit_on, _, _ = embed_split(exp, data.train)  # SAKE: ITQ on training embeddings
+        fit_on, _, _ = embed_split(  # SAKE: ITQ on training embeddings
+            exp, data.train, f"embedding {len(data.train)} training images (to fit the hashers)")
     with phase("fitting hashers", total=len(exp.hashers), unit="hashers") as advance:
         for hasher in exp.hashers:
             hasher.fit(fit_on, seed=m.run.seed)

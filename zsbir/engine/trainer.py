@@ -168,13 +168,15 @@ class Trainer:
 
     def _prepare_teacher(self) -> None:
         from zsbir.engine.embed import teacher_outputs
+        from zsbir.progress import phase
 
         exp = self.exp
-        exp.teacher.prepare(
-            data=exp.data,
-            embed=lambda net, split: teacher_outputs(net, split, exp),
-            fingerprint=exp.fingerprint,
-        )
+        with phase("preparing the teacher"):
+            exp.teacher.prepare(
+                data=exp.data,
+                embed=lambda net, split: teacher_outputs(net, split, exp),
+                fingerprint=exp.fingerprint,
+            )
         exp.teacher.to(self.device)
 
     def _run_epoch(self) -> bool:
