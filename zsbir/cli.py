@@ -45,6 +45,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from zsbir.search.errors import SearchError
 
     errors.append(SearchError)
+    from zsbir.engine.distributed import ShardError
+
+    errors.append(ShardError)
     try:
         from zsbir.data.protocols import ProtocolError
 
@@ -150,9 +153,15 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALU
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
               help="Continue the run in RUN_DIR from its last checkpoint.")
 @click.option("--quiet", "-q", is_flag=True, help="Only print the final metrics.")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Data-parallel training processes on this machine (starts torchrun; "
+                   "NCCL on GPUs, gloo on the CPU). train.batch_size stays the global batch.")
 def run(manifest: str | None, overrides: tuple[str, ...], resume_dir: str | None,
-        quiet: bool) -> None:
-    """Train and evaluate the run MANIFEST describes."""
+        quiet: bool, nproc: int) -> None:
+    """Train and evaluate the run MANIFEST describes.
+
+    Data-parallel: ``--nproc N``, or ``torchrun --nproc-per-node N -m zsbir run MANIFEST``
+    (docs/scaling.md)."""
     from zsbir.engine.run import load_resumable, run_experiment
 
     if resume_dir:
@@ -167,11 +176,21 @@ def run(manifest: str | None, overrides: tuple[str, ...], resume_dir: str | None
         run_dir = Path(m.run.output_dir).expanduser() / m.run.name
     else:
         raise click.UsageError("missing MANIFEST (or --resume RUN_DIR)")
-    reporter = ProgressReporter(quiet=quiet)
+    if nproc > 1:  # validated above, once; each process loads it again
+        from zsbir.engine.distributed import launch_torchrun
+
+        args = [*([manifest] if manifest else []), *(a for o in overrides for a in ("--set", o)),
+                *(["--resume", resume_dir] if resume_dir else []), *(["-q"] if quiet else [])]
+        sys.exit(launch_torchrun(nproc, ["run", *args]))
+    import os
+
+    secondary = os.environ.get("RANK", "0") not in ("", "0")  # data-parallel rank > 0
+    reporter = ProgressReporter(quiet=quiet or secondary)
     with reporter:
         results = run_experiment(m, resume=bool(resume_dir), progress=reporter,
                                  run_dir=run_dir)
-    _print_results(results, run_dir)
+    if not secondary:
+        _print_results(results, run_dir)
 
 
 class ProgressReporter:

@@ -1,5 +1,10 @@
 """Running a network over a split without gradients: embeddings for retrieval, seen-class
-validation accuracy, and teacher logits for the offline ``class_mean`` teacher."""
+validation accuracy, and teacher logits for the offline ``class_mean`` teacher.
+
+Data-parallel runs (:mod:`zsbir.engine.distributed`): every process embeds a contiguous
+block of the split and the blocks are gathered in order, so every process returns what one
+process would (each call is collective: every rank must make it).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import torch
 
 from zsbir.data.base import Split
 from zsbir.data.loading import ImageDataset, make_loader, to_device, worker_count
+from zsbir.engine import distributed as D
 
 __all__ = ["embed_split", "teacher_outputs", "validation_accuracy"]
 
@@ -25,7 +31,8 @@ def _run(exp: Any, split: Split, fn: Callable[[dict[str, Any]], torch.Tensor],
     cfg = exp.manifest.data_cfg
     ds = ImageDataset(split, exp.data.reader, exp.eval_transform, cfg.on_corrupt)
     bs = cfg.eval_batch_size
-    batches = [list(range(i, min(i + bs, len(split)))) for i in range(0, len(split), bs)]
+    mine = D.shard_range(len(split), D.rank(), D.world_size())  # everything in one process
+    batches = [list(range(i, min(i + bs, mine.stop))) for i in range(mine.start, mine.stop, bs)]
     loader = make_loader(ds, batches, worker_count(cfg.workers, exp.ctx.device),
                          pin_memory=exp.ctx.device.type == "cuda")
     outs, kept, skipped = [], [], []
@@ -38,6 +45,13 @@ def _run(exp: Any, split: Split, fn: Callable[[dict[str, Any]], torch.Tensor],
             b = to_device(batch, exp.ctx.device, exp.eval_transform)
             outs.append(fn(b).float().cpu())
             kept.append(batch["index"].numpy())
+    if D.is_distributed():  # the ranks' blocks, in rank order
+        out = D.gather_rows(torch.cat(outs) if outs else None)
+        index = D.gather_concat(np.concatenate(kept) if kept else np.zeros(0, np.int64))
+        skipped = [tuple(s) for part in D.gather_objects(skipped) for s in part]
+        if out is None:
+            raise ValueError("no image of the split could be read")
+        return out, index, skipped
     if not outs:
         raise ValueError("no image of the split could be read")
     return torch.cat(outs), np.concatenate(kept), skipped

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from zsbir.build import Experiment, build
+from zsbir.engine import distributed as D
 from zsbir.engine.checkpoint import (
     CheckpointError,
     atomic_save,
@@ -282,11 +283,20 @@ def run_experiment(
     ``run_dir`` (default :func:`run_dir_of`) is where the run is written; ``--resume DIR``
     passes DIR. The directory is locked for the whole run (:class:`RunLock`)."""
     run_dir = Path(run_dir) if run_dir is not None else run_dir_of(manifest)
-    lock = _prepare_dir(run_dir, manifest, resume)
+    joined = not D.is_distributed()
+    D.init_distributed(manifest.run.device)  # torchrun's processes join their group
     try:
-        return _run_locked(manifest, run_dir, resume, progress, stop_after_steps)
+        # data-parallel: rank 0 alone prepares, locks and writes the directory
+        lock = _prepare_dir(run_dir, manifest, resume) if D.is_main() else None
+        D.barrier()
+        try:
+            return _run_locked(manifest, run_dir, resume, progress, stop_after_steps)
+        finally:
+            if lock is not None:
+                lock.release()
     finally:
-        lock.release()
+        if joined and D.is_distributed():
+            torch.distributed.destroy_process_group()
 
 
 def _run_locked(manifest: Manifest, run_dir: Path, resume: bool,
@@ -299,7 +309,7 @@ def _run_locked(manifest: Manifest, run_dir: Path, resume: bool,
     if resume:  # checked before anything is built: a refused resume changes nothing
         ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
         check_resumable(ckpt, manifest, run_dir)
-    handler = _file_logging(run_dir)
+    handler = _file_logging(run_dir) if D.is_main() else logging.NullHandler()
     tracker = None
     try:
         if ckpt is not None:
@@ -307,13 +317,17 @@ def _run_locked(manifest: Manifest, run_dir: Path, resume: bool,
         t0 = time.perf_counter()
         log.info("run %s -> %s", manifest.run.name, run_dir)
         with phase("building data and model"):
+            if not D.is_main():
+                D.barrier()  # data-parallel: rank 0 builds first (caches: WordNet, weights)
             exp = build(manifest, "train", run_dir)
+            if D.is_main():
+                D.barrier()
         log.info("built %s: %s", manifest.run.name,
                  ", ".join(f"{k} {v}" for k, v in exp.data.summary().items()))
         for path, reason in exp.data.skipped:  # one line each in log.txt; the console
             _file_only(handler, logging.WARNING,  # has the protocol's count and first one
                        "left out while indexing: %s (%s)", path, reason)
-        tracker = RunTracker(run_dir, manifest.train.epochs, progress)
+        tracker = RunTracker(run_dir, manifest.train.epochs, progress) if D.is_main() else None
         progress = tracker
         trainer = Trainer(exp, run_dir, progress, stop_after_steps)
         if ckpt is not None:
@@ -332,12 +346,16 @@ def _run_locked(manifest: Manifest, run_dir: Path, resume: bool,
                 and not state["stopped_early"]:
             return {"interrupted": True, "global_step": state["global_step"]}
         train_time = time.perf_counter() - t0
+        D.barrier()  # rank 0 has written best.pt
         best = run_dir / "checkpoints" / "best.pt"
         if manifest.train.select == "best_val" and best.is_file():
             exp.model.load_state_dict(load_checkpoint(best)["model"])
-        tracker.close_bar()
+        if tracker is not None:
+            tracker.close_bar()
         with phase("evaluating"):
             results = evaluate_experiment(exp, run_dir, progress)
+        if not D.is_main():  # it helped embed; rank 0 scores and writes
+            return results
         results["classes"] = _class_lists(exp.data)
         results["train"] = {
             "epochs_run": state["epoch"], "global_steps": state["global_step"],
@@ -434,6 +452,8 @@ def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
     if any(t["name"] != "none" for t in m.hashers):
         fit_on, _, _ = embed_split(  # SAKE: ITQ on training embeddings
             exp, data.train, f"embedding {len(data.train)} training images (to fit the hashers)")
+    if not D.is_main():  # data-parallel: the others only helped embed; rank 0 scores
+        return {"rank": D.rank(), "_eval_skipped": []}
     with phase("fitting hashers", total=len(exp.hashers), unit="hashers") as advance:
         for hasher in exp.hashers:
             hasher.fit(fit_on, seed=m.run.seed)

@@ -28,6 +28,7 @@ import torch
 
 from zsbir.build import Experiment
 from zsbir.data.loading import BatchList, ImageDataset, make_loader, to_device, worker_count
+from zsbir.engine import distributed as D
 from zsbir.engine.checkpoint import atomic_save, capture_rng, package_versions, restore_rng
 from zsbir.engine.step import StepContext
 
@@ -96,6 +97,20 @@ class Trainer:
         self.params = [p for p in exp.model.parameters() if p.requires_grad]
         self.params += [p for _, _, loss in exp.losses for p in loss.parameters()
                         if p.requires_grad]
+        # data parallelism (zsbir.engine.distributed): each process trains on its slice of
+        # every global batch; DDP averages the gradients (loss parameters by their hooks)
+        from zsbir.data.samplers import sampler_unit
+
+        self.rank, self.world = D.rank(), D.world_size()
+        self.unit = sampler_unit(exp.sampler)
+        self.ddp_weight = None
+        if self.world > 1:
+            D.shard_batches([np.arange(m.train.batch_size)], 0, self.world, self.unit)
+            ddp, self.ddp_weight = D.wrap_ddp(exp.model, self.device)
+            D.sync_extra_params([p for _, _, loss in exp.losses for p in loss.parameters()
+                                 if p.requires_grad], self.ddp_weight)
+            self.forward = ddp if m.train.compile == "off" else torch.compile(
+                ddp, mode=m.train.compile)
         self.step_ctx = StepContext(
             model=exp.model, forward=self.forward, teacher=exp.teacher, losses=exp.losses,
             optimizer=exp.optimizer, params=self.params, device=self.device,
@@ -136,6 +151,8 @@ class Trainer:
 
     def save(self, name: str = "last.pt") -> Path:
         self._check_weights()
+        if self.rank != 0:  # data-parallel: rank 0 alone writes (the weights are equal)
+            return self.ckpt_dir / name
         return atomic_save(self.state_dict(), self.ckpt_dir / name)
 
     def _check_weights(self) -> None:
@@ -171,6 +188,7 @@ class Trainer:
         from zsbir.progress import phase
 
         exp = self.exp
+        D.barrier()  # data-parallel: every rank finds the teacher cache in the same state
         with phase("preparing the teacher"):
             exp.teacher.prepare(
                 data=exp.data,
@@ -184,26 +202,41 @@ class Trainer:
         epoch, start = st["epoch"], st["step"]
         batches = self.epoch_batches(epoch)
         seed = exp.manifest.run.seed
+        # data-parallel: this process's contiguous slice of every global batch; the
+        # augmentation seeds keep the global positions, so N processes see what one sees
+        local, offsets = batches, [0] * len(batches)
+        if self.world > 1:
+            local = D.shard_batches(batches, self.rank, self.world, self.unit,
+                                    cfg.batch_size)
+            offsets = [D.shard_bounds(len(b), self.rank, self.world, self.unit)[0]
+                       for b in batches]
         self.batches.batches = [
-            [(int(i), aug_seed(seed, epoch, step, pos)) for pos, i in enumerate(b)]
-            for step, b in enumerate(batches)
+            [(int(i), aug_seed(seed, epoch, step, off + pos)) for pos, i in enumerate(b)]
+            for step, (b, off) in enumerate(zip(local, offsets))
         ][start:]
         exp.model.train()
         sums: dict[str, torch.Tensor] = {}
         n_sum, t0, images = 0, time.perf_counter(), 0
         for step, batch in enumerate(self.loader, start=start):
-            expected = batches[step]
+            expected = local[step]
             if batch["skipped"]:
                 st["skipped"].extend([list(s) for s in batch["skipped"]])
                 for source, err in batch["skipped"]:
                     log.warning("skipped unreadable image %s (%s)", source, err)
                 batch = self._drop_incomplete(batch, expected)
-            if "image" in batch:
+            has_images = "image" in batch
+            if self.world > 1:  # every process steps (DDP all-reduces), or none does
+                has_images = D.all_ranks(has_images)
+                self.ddp_weight.weight = D.slice_weight(len(batches[step]), len(expected),
+                                                        self.world)
+            if has_images:
                 terms = self.train_step(batch)
+                if self.world > 1 and self.ddp_weight.weight != 1.0:  # the global mean
+                    terms = {k: v * self.ddp_weight.weight for k, v in terms.items()}
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_sum += 1
-                images += len(batch["image"])
+                images += len(batch["image"]) * self.world
             st["step"], st["global_step"] = step + 1, st["global_step"] + 1
             update = getattr(exp.scheduler, "step_update", None)
             if callable(update):  # per-iteration schedules (warm-up, one-cycle)
@@ -211,16 +244,18 @@ class Trainer:
             saving = bool(cfg.checkpoint_every and st["global_step"] % cfg.checkpoint_every == 0)
             if n_sum and (saving or st["global_step"] % cfg.log_every == 0
                           or step + 1 == len(batches)):
-                self._check_finite(sums, n_sum)  # host syncs: at log steps and checkpoints
+                logged = D.mean_across_ranks(sums)  # the global batch's (one all-reduce)
+                self._check_finite(logged, n_sum)  # host syncs: at log steps and checkpoints
                 elapsed = time.perf_counter() - t0
                 self.progress({"epoch": epoch, "step": step + 1, "steps": len(batches),
-                               "loss": {k: float(v) / n_sum for k, v in sums.items()},
+                               "loss": {k: float(v) / n_sum for k, v in logged.items()},
                                "images_per_s": images / max(elapsed, 1e-9),
                                "lr": exp.optimizer.param_groups[0]["lr"]})
             if saving:
                 self.save()
             if self.stop_after_steps is not None and st["global_step"] >= self.stop_after_steps:
                 return False
+        sums = D.mean_across_ranks(sums)
         record = {"epoch": epoch, "loss": {k: float(v) / max(n_sum, 1) for k, v in sums.items()},
                   "images_per_s": images / max(time.perf_counter() - t0, 1e-9),
                   "lr": exp.optimizer.param_groups[0]["lr"]}
@@ -244,10 +279,11 @@ class Trainer:
             record["val_accuracy"] = acc
             if acc > st["best_val"]:
                 st["best_val"], st["best_epoch"], st["bad_epochs"] = acc, epoch, 0
-                atomic_save({"model": exp.model.state_dict(), "epoch": epoch,
-                             "val_accuracy": acc, "manifest": exp.manifest.data,
-                             "plugins": dict(exp.manifest.plugins)},
-                            self.ckpt_dir / "best.pt")
+                if self.rank == 0:  # data-parallel: rank 0 alone writes
+                    atomic_save({"model": exp.model.state_dict(), "epoch": epoch,
+                                 "val_accuracy": acc, "manifest": exp.manifest.data,
+                                 "plugins": dict(exp.manifest.plugins)},
+                                self.ckpt_dir / "best.pt")
             else:
                 st["bad_epochs"] += 1
                 if cfg.early_stopping and st["bad_epochs"] >= cfg.early_stopping:
