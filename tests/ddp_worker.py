@@ -69,6 +69,24 @@ def primitives(out: Path) -> None:
     np.testing.assert_allclose(bn.running_mean, ref.running_mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(bn.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
 
+    # timm's BatchNormAct2d (EfficientNet-Lite's): synchronized, activation kept
+    from timm.layers.norm_act import BatchNormAct2d
+
+    ref_act = BatchNormAct2d(3, act_layer=nn.ReLU)
+    ref_act.load_state_dict(ref.state_dict())
+    ref_act.running_mean.zero_()
+    ref_act.running_var.fill_(1)
+    act = D.convert_sync_batchnorm(nn.Sequential(BatchNormAct2d(3, act_layer=nn.ReLU)),
+                                   torch.device("cpu"))[0]
+    act.load_state_dict(ref_act.state_dict())
+    assert isinstance(act, BatchNormAct2d) and type(act) is not BatchNormAct2d
+    y_act_ref = ref_act(x_all)
+    y_act = act(x_all[sl.start:sl.stop])
+    assert (y_act >= 0).all() and (y_act == 0).any()  # the ReLU is applied
+    np.testing.assert_allclose(y_act.detach(), y_act_ref[sl.start:sl.stop].detach(),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(act.running_var, ref_act.running_var, rtol=1e-5, atol=1e-6)
+
     # DDP with the slice-weighting hook: an uneven trailing batch (5 items over 2 ranks)
     # gives every rank the gradient of the whole batch's mean loss
     torch.manual_seed(0)

@@ -383,6 +383,35 @@ class _AllReduceSum(torch.autograd.Function):
         return g
 
 
+def _synced_batch_norm(bn: nn.modules.batchnorm._BatchNorm, input: torch.Tensor
+                       ) -> torch.Tensor:
+    """``bn`` applied with the statistics of the global batch across the ranks (training
+    mode, several processes); see :class:`CpuSyncBatchNorm`."""
+    dims = [0, *range(2, input.dim())]
+    # float64: S2/n - mean^2 cancels catastrophically in float32 when a channel's mean
+    # is large against its spread (seen: 4e-5 weight errors after 4 SGD steps)
+    x = input.double()
+    count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype)
+    stats = torch.cat([count, x.sum(dims), (x * x).sum(dims)])
+    stats = _AllReduceSum.apply(stats)
+    c = x.shape[1]
+    n, mean = stats[0], stats[1:1 + c] / stats[0]
+    var = (stats[1 + c:] / n - mean * mean).clamp_min(0)
+    if bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            m = bn.momentum if bn.momentum is not None else \
+                1.0 / float(bn.num_batches_tracked)
+            bn.running_mean.mul_(1 - m).add_(mean.detach() * m)
+            unbiased = var.detach() * (n / (n - 1).clamp_min(1))
+            bn.running_var.mul_(1 - m).add_(unbiased * m)
+    shape = [1, c] + [1] * (input.dim() - 2)
+    y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
+    if bn.affine:
+        y = y * bn.weight.view(shape) + bn.bias.view(shape)
+    return y.to(input.dtype)
+
+
 class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics are those of the global batch across all ranks,
     for CPU tensors (gloo), where ``nn.SyncBatchNorm`` refuses to run.
@@ -403,40 +432,44 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (self.training and is_distributed()):
             return super().forward(input)
-        dims = [0, *range(2, input.dim())]
-        # float64: S2/n - mean^2 cancels catastrophically in float32 when a channel's mean
-        # is large against its spread (seen: 4e-5 weight errors after 4 SGD steps)
-        x = input.double()
-        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype)
-        stats = torch.cat([count, x.sum(dims), (x * x).sum(dims)])
-        stats = _AllReduceSum.apply(stats)
-        c = x.shape[1]
-        n, mean = stats[0], stats[1:1 + c] / stats[0]
-        var = (stats[1 + c:] / n - mean * mean).clamp_min(0)
-        if self.track_running_stats and self.running_mean is not None:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                m = self.momentum if self.momentum is not None else \
-                    1.0 / float(self.num_batches_tracked)
-                self.running_mean.mul_(1 - m).add_(mean.detach() * m)
-                unbiased = var.detach() * (n / (n - 1).clamp_min(1))
-                self.running_var.mul_(1 - m).add_(unbiased * m)
-        shape = [1, c] + [1] * (input.dim() - 2)
-        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y.to(input.dtype)
+        return _synced_batch_norm(self, input)
+
+
+def _norm_act_forward(self: Any, input: torch.Tensor) -> torch.Tensor:
+    """timm's ``BatchNormAct2d.forward`` (batch norm, then ``drop``, then ``act``) with
+    synchronized statistics."""
+    if not (self.training and is_distributed()):
+        return self._unsynced_forward(input)
+    return self.act(self.drop(_synced_batch_norm(self, input)))
 
 
 _PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_SYNCED_CLASSES: dict[type, type] = {}
+
+
+def _is_norm_act(module: nn.Module) -> bool:
+    """timm's BatchNormAct2d (batch norm + ``drop`` + ``act`` in one module)."""
+    try:
+        from timm.layers.norm_act import BatchNormAct2d
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return False
+    return type(module) is BatchNormAct2d
 
 
 def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
-    """Replace (in place where possible) plain BatchNorm layers with synchronized ones:
-    ``nn.SyncBatchNorm`` on CUDA, :class:`CpuSyncBatchNorm` on the CPU. Subclasses with
-    extra behaviour (timm's BatchNormAct2d) are left alone, with a warning."""
+    """Make every plain BatchNorm layer, and timm's BatchNormAct2d, use the statistics of
+    the global batch: ``SyncBatchNorm`` on CUDA (timm's converter, which keeps
+    BatchNormAct2d's activation; torch's own would drop it), :class:`CpuSyncBatchNorm` (or a
+    synchronized BatchNormAct2d) on the CPU. Parameters and buffers stay the same objects,
+    so the optimizer keeps updating them. Other BatchNorm subclasses are left per process,
+    with a warning."""
     if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        try:
+            from timm.layers import convert_sync_batchnorm as timm_convert
+
+            return timm_convert(model)
+        except ImportError:  # pragma: no cover - timm is a dependency
+            return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     skipped: list[str] = []
 
     def convert(module: nn.Module, prefix: str) -> nn.Module:
@@ -449,8 +482,15 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
                 setattr(new, name, value)
             new.train(module.training)
             return new
+        if _is_norm_act(module):  # same object, a subclass whose forward synchronizes
+            cls = type(module)
+            if cls not in _SYNCED_CLASSES:
+                _SYNCED_CLASSES[cls] = type(f"Synced{cls.__name__}", (cls,), {
+                    "forward": _norm_act_forward, "_unsynced_forward": cls.forward})
+            module.__class__ = _SYNCED_CLASSES[cls]
+            return module
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and \
-                not isinstance(module, CpuSyncBatchNorm):
+                not isinstance(module, (CpuSyncBatchNorm, *_SYNCED_CLASSES.values())):
             skipped.append(prefix or type(module).__name__)
         for name, child in module.named_children():
             setattr(module, name, convert(child, f"{prefix}.{name}" if prefix else name))
