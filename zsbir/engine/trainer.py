@@ -200,6 +200,7 @@ class Trainer:
     def _run_epoch(self) -> bool:
         exp, cfg, st = self.exp, self.exp.manifest.train, self.state
         epoch, start = st["epoch"], st["step"]
+        skips_before = len(st["skipped"])
         batches = self.epoch_batches(epoch)
         seed = exp.manifest.run.seed
         # data-parallel: this process's contiguous slice of every global batch; the
@@ -256,6 +257,9 @@ class Trainer:
             if self.stop_after_steps is not None and st["global_step"] >= self.stop_after_steps:
                 return False
         sums = D.mean_across_ranks(sums)
+        if self.world > 1:  # every process's unreadable files of this epoch, on every rank
+            mine = st["skipped"][skips_before:]
+            st["skipped"][skips_before:] = [s for part in D.gather_objects(mine) for s in part]
         record = {"epoch": epoch, "loss": {k: float(v) / max(n_sum, 1) for k, v in sums.items()},
                   "images_per_s": images / max(time.perf_counter() - t0, 1e-9),
                   "lr": exp.optimizer.param_groups[0]["lr"]}
