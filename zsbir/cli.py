@@ -177,7 +177,13 @@ def run(manifest: str | None, overrides: tuple[str, ...], resume_dir: str | None
     else:
         raise click.UsageError("missing MANIFEST (or --resume RUN_DIR)")
     if nproc > 1:  # validated above, once; each process loads it again
-        from zsbir.engine.distributed import launch_torchrun
+        from zsbir.data.samplers import sampler_unit
+        from zsbir.engine.distributed import launch_torchrun, shard_batches
+        from zsbir.registry import samplers
+
+        # a global batch that cannot be split over the processes: refused before starting
+        shard_batches([list(range(m.train.batch_size))], 0, nproc,
+                      sampler_unit(samplers.get(m.sampler["name"])))
 
         args = [*([manifest] if manifest else []), *(a for o in overrides for a in ("--set", o)),
                 *(["--resume", resume_dir] if resume_dir else []), *(["-q"] if quiet else [])]

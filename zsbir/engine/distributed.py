@@ -141,9 +141,25 @@ def launch_torchrun(nproc: int, zsbir_args: Sequence[str]) -> int:
     if _env_int("WORLD_SIZE", 1) > 1:
         raise ValueError("--nproc inside a torchrun process: launch either with torchrun "
                          "or with zsbir run --nproc, not both")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", "zsbir", *zsbir_args]
+    cmd = [sys.executable, "-c", _LAUNCHER, "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "zsbir", *zsbir_args]
     return subprocess.call(cmd)
+
+
+#: torchrun, with its failure report cut to one line: the failing process has printed its
+#: own error already (a user error in one line), so torchrun's traceback only adds noise
+_LAUNCHER = """\
+import sys
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import get_args_parser, run
+try:
+    run(get_args_parser().parse_args(sys.argv[1:]))
+except ChildFailedError as exc:
+    codes = ", ".join(f"rank {r}: exit {f.exitcode}" for r, f in sorted(exc.failures.items()))
+    print(f"zsbir: data-parallel run failed ({codes}); the other processes were stopped",
+          file=sys.stderr)
+    sys.exit(1)
+"""
 
 
 def is_distributed() -> bool:

@@ -105,7 +105,9 @@ class Trainer:
         self.unit = sampler_unit(exp.sampler)
         self.ddp_weight = None
         if self.world > 1:
-            D.shard_batches([np.arange(m.train.batch_size)], 0, self.world, self.unit)
+            # a batch that cannot be split is refused now, not epochs into the run
+            D.shard_batches(self.epoch_batches(0), 0, self.world, self.unit,
+                            m.train.batch_size)
             ddp, self.ddp_weight = D.wrap_ddp(exp.model, self.device)
             D.sync_extra_params([p for _, _, loss in exp.losses for p in loss.parameters()
                                  if p.requires_grad], self.ddp_weight)
