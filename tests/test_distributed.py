@@ -364,3 +364,17 @@ def test_two_processes_train_like_one_and_resume_across_world_sizes(tmp_path):
     maps = [m["results"]["synthetic"]["real"]["map@all"]["value"] for m in metrics]
     assert maps[1] == pytest.approx(maps[0], abs=1e-3) and maps[2] == pytest.approx(maps[0],
                                                                                    abs=1e-3)
+
+
+def test_nproc_refuses_an_unsplittable_batch_before_starting(tmp_path):
+    from click.testing import CliRunner
+
+    from zsbir.cli import main
+
+    res = CliRunner().invoke(main, ["run", str(ROOT / "examples" / "quickstart.toml"),
+                                    "--set", "train.batch_size=7",
+                                    "--set", "sampler.sketches_per_batch=3",
+                                    "--set", f"run.output_dir={tmp_path}", "--nproc", "2"])
+    assert res.exit_code == 1, res.output
+    assert "train.batch_size (7) cannot be split evenly over 2 processes" in res.output
+    assert not (tmp_path / "quickstart").exists()  # nothing was started
