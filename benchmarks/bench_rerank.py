@@ -14,6 +14,10 @@ Usage (from the repository root)::
     python benchmarks/bench_rerank.py                       # every reranker, SK-SH size
     python benchmarks/bench_rerank.py --only k_reciprocal --queries 2000
 
+``--tta-embed RUN_DIR`` instead times what test-time augmentation adds: embedding a
+trained run's query and gallery splits with the plain model, then with the horizontal
+flip view as the evaluator embeds it (``zsbir.engine.run._ViewStack``), alternately.
+
 Recorded figures: benchmarks/README.md ("Rerankers").
 """
 
@@ -94,6 +98,33 @@ def one(case: str, nq: int, ng: int, dim: int, top: int) -> dict[str, Any]:
     return out
 
 
+def tta_embed(run_dir: str, repeats: int) -> None:
+    """Seconds to embed a trained run's queries + gallery, plain and with the flip view."""
+    from pathlib import Path
+
+    from zsbir.build import build
+    from zsbir.engine.checkpoint import load_checkpoint
+    from zsbir.engine.embed import embed_split
+    from zsbir.engine.run import _ViewStack
+    from zsbir.manifest import load, resolve
+
+    run = Path(run_dir)
+    m = resolve(load(run / "manifest.resolved.toml"))
+    exp = build(m, "evaluate", checkpoint=load_checkpoint(run / "checkpoints" / "final.pt"))
+    model = exp.model
+    n = len(exp.data.query) + len(exp.data.gallery)
+    for rep in range(repeats):
+        for label, net in (("plain", model), ("plain + hflip view", _ViewStack(model, ["hflip"]))):
+            exp.model = net
+            t0 = time.perf_counter()
+            embed_split(exp, exp.data.query)
+            embed_split(exp, exp.data.gallery)
+            dt = time.perf_counter() - t0
+            print(f"  block {rep + 1}: {label}: {dt:.1f} s for {n} images "
+                  f"({n / dt:.0f} images/s; load {os.getloadavg()[0]:.1f})", flush=True)
+    exp.model = model
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--queries", type=int, default=15229)
@@ -104,8 +135,16 @@ def main() -> None:
     p.add_argument("--only", nargs="+", choices=list(CASES), default=list(CASES))
     p.add_argument("--one", choices=list(CASES), help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help="write the figures here")
+    p.add_argument("--tta-embed", metavar="RUN_DIR", default=None,
+                   help="time the embedding passes of a trained run with and without the "
+                        "flip view instead")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.tta_embed:
+        print(f"# bench_rerank --tta-embed {args.tta_embed}: {datetime.date.today()}, "
+              f"{os.cpu_count()} cores, {args.threads} thread(s)", flush=True)
+        tta_embed(args.tta_embed, 2)
+        return
     if args.one:
         print(json.dumps(one(args.one, args.queries, args.gallery, args.dim, args.top)))
         return
