@@ -109,6 +109,10 @@ def test_rerank_topk_is_the_top_of_scores():
     c = _build("csls", k=3)
     s2, _ = rerank_topk(c, q, g, 100)  # fits on the queries itself; k clipped to G
     assert s2.shape == (len(q), len(g))
+    # a transductive reranker is refitted when the queries change (same gallery)
+    q2 = q[:6] + 0.5
+    s3, _ = rerank_topk(c, q2, g, len(g))
+    np.testing.assert_allclose(s3, -np.sort(-ref.csls_ref(q2, g, 3), axis=1), atol=2e-5)
 
 
 def test_uses_queries_and_refit():

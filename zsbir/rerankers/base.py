@@ -113,7 +113,8 @@ class Reranker:
                                                  self.view_ndim)
         self.gallery = g
         self._fit(g, q)
-        self._fitted = _fingerprint(gallery)
+        self._fitted = (_fingerprint(gallery),
+                        None if queries is None else _fingerprint(queries))
         return self
 
     def _fit(self, gallery: torch.Tensor, queries: torch.Tensor | None) -> None:
@@ -121,7 +122,7 @@ class Reranker:
 
     # -- scoring
     def _check_fitted(self, gallery: np.ndarray) -> None:
-        if self._fitted is None or self._fitted != _fingerprint(gallery):
+        if self._fitted is None or self._fitted[0] != _fingerprint(gallery):
             if self.uses_queries:
                 raise ValueError(f"reranker {self.tag!r} was not fitted on this gallery: "
                                  "call fit(gallery, queries=...) first")
@@ -158,10 +159,14 @@ def rerank_topk(reranker: Reranker, queries: np.ndarray, gallery: np.ndarray, k:
                 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best gallery items per query under ``reranker``: (scores (Q, k) float32,
     indices (Q, k) int64), best first; fits the reranker on ``gallery`` (and ``queries``)
-    when it has not seen that gallery. Memory: one (chunk_size, G) block at a time."""
+    when it has not seen that gallery (a transductive one: that gallery and these queries).
+    Memory: one (chunk_size, G) block at a time."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    if reranker._fitted is None or reranker._fitted != _fingerprint(gallery):
+    want = (_fingerprint(gallery),
+            _fingerprint(queries) if reranker.uses_queries else None)
+    if reranker._fitted is None or reranker._fitted[0] != want[0] or \
+            (reranker.uses_queries and reranker._fitted[1] != want[1]):
         reranker.fit(gallery, queries=queries if reranker.uses_queries else None)
     fn = reranker.score_rows(queries, gallery)
     k = min(k, len(gallery))
