@@ -564,9 +564,10 @@ def _score_rerankers(exp: Experiment, task: str, qe: np.ndarray, ge: np.ndarray,
     d = qe.shape[1] // max(len(stacked), 1)
     for hasher in exp.hashers:
         if hasher.binary:
-            results.setdefault("notes", []).append(
-                f"rerankers skipped on binary hasher {hasher.tag}: they re-rank "
-                "real-valued embeddings")
+            note = (f"rerankers skipped on binary hasher {hasher.tag}: they re-rank "
+                    "real-valued embeddings")
+            if note not in results.setdefault("notes", []):
+                results["notes"].append(note)
             continue
         for r in rerankers:
             key = f"{hasher.tag}+{r.tag}"
