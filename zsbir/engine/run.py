@@ -419,29 +419,34 @@ def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
     m, data, ev = exp.manifest, exp.data, exp.manifest.evaluation
     t0 = time.perf_counter()
     stacked = _stack_views(exp)  # rerankers that need the model: also embed image views
-    q_emb, q_kept, skipped = embed_split(exp, data.query,
-                                         f"embedding {len(data.query)} queries")
-    g_emb, g_kept, g_skip = embed_split(exp, data.gallery,
-                                        f"embedding {len(data.gallery)} gallery images")
-    skipped += g_skip
-    q_lab, g_lab = data.query.labels[q_kept], data.gallery.labels[g_kept]
-    name = m.protocol["name"]
-    tasks = {name: (q_emb, q_lab, g_emb, g_lab)}
-    if ev.generalized and not data.generalized:
-        seen = Split.concat(data.train.of_domain(PHOTO), data.val.of_domain(PHOTO))
-        s_emb, s_kept, s_skip = embed_split(
-            exp, seen, f"embedding {len(seen)} seen-class photos (generalized)")
-        skipped += s_skip
-        tasks[f"{name}-generalized"] = (q_emb, q_lab, np.concatenate([g_emb, s_emb]),
-                                        np.concatenate([g_lab, seen.labels[s_kept]]))
-    if ev.pbir:
-        unseen = np.flatnonzero(g_lab >= len(data.seen_classes))
-        rank_in_class = np.zeros(len(unseen), dtype=np.int64)
-        for lab in np.unique(g_lab[unseen]):
-            members = g_lab[unseen] == lab
-            rank_in_class[members] = np.arange(members.sum())
-        qi, gi = unseen[rank_in_class % 2 == 1], unseen[rank_in_class % 2 == 0]
-        tasks[f"{name}-pbir"] = (g_emb[qi], g_lab[qi], g_emb[gi], g_lab[gi])
+    try:
+        q_emb, q_kept, skipped = embed_split(exp, data.query,
+                                             f"embedding {len(data.query)} queries")
+        g_emb, g_kept, g_skip = embed_split(exp, data.gallery,
+                                            f"embedding {len(data.gallery)} gallery images")
+        skipped += g_skip
+        q_lab, g_lab = data.query.labels[q_kept], data.gallery.labels[g_kept]
+        name = m.protocol["name"]
+        tasks = {name: (q_emb, q_lab, g_emb, g_lab)}
+        if ev.generalized and not data.generalized:
+            seen = Split.concat(data.train.of_domain(PHOTO), data.val.of_domain(PHOTO))
+            s_emb, s_kept, s_skip = embed_split(
+                exp, seen, f"embedding {len(seen)} seen-class photos (generalized)")
+            skipped += s_skip
+            tasks[f"{name}-generalized"] = (q_emb, q_lab, np.concatenate([g_emb, s_emb]),
+                                            np.concatenate([g_lab, seen.labels[s_kept]]))
+        if ev.pbir:
+            unseen = np.flatnonzero(g_lab >= len(data.seen_classes))
+            rank_in_class = np.zeros(len(unseen), dtype=np.int64)
+            for lab in np.unique(g_lab[unseen]):
+                members = g_lab[unseen] == lab
+                rank_in_class[members] = np.arange(members.sum())
+            qi, gi = unseen[rank_in_class % 2 == 1], unseen[rank_in_class % 2 == 0]
+            tasks[f"{name}-pbir"] = (g_emb[qi], g_lab[qi], g_emb[gi], g_lab[gi])
+    except BaseException:
+        if stacked:  # never leave the model wrapped for the extra views
+            exp.model = exp.model.model
+        raise
     embed_time = time.perf_counter() - t0
     if stacked:  # plain embeddings from here on; tasks keep every view for the rerankers
         exp.model = exp.model.model

@@ -19,18 +19,27 @@ __all__ = ["make_reranker", "rerank_search"]
 
 
 def make_reranker(name: str) -> Any:
-    """The registered reranker ``name`` with default parameters."""
-    import zsbir.rerankers  # noqa: F401 - registers the built-in rerankers
-    from zsbir.registry import RegistryError, rerankers
+    """The registered reranker ``name`` with default parameters, resolved and built as a
+    manifest's ``[[rerankers]]`` entry is."""
+    from zsbir.build import build_component
+    from zsbir.context import BuildContext
+    from zsbir.manifest import ManifestError, resolve_component
+    from zsbir.registry import RegistryError
 
     try:
-        factory = rerankers.get(name)
-    except RegistryError as exc:
-        raise SearchError(str(exc)) from exc
-    r = factory()
+        table = resolve_component("rerankers", {"name": name}, "--rerank")
+        r = build_component("rerankers", table, BuildContext())
+    except ManifestError as exc:
+        raise SearchError("; ".join(str(p) for p in exc.problems)) from exc
+    except (RegistryError, ValueError) as exc:
+        raise SearchError(f"--rerank {name}: {exc}") from exc
     if getattr(r, "needs_model", False):
         raise SearchError(f"reranker {name!r} needs extra image views (test-time "
                           "augmentation); the search index cannot use it")
+    if getattr(r, "uses_queries", False):
+        raise SearchError(f"reranker {name!r} is fitted on the whole query set (hubness "
+                          "statistics); a search's few sketches are not one: use it in "
+                          "evaluation instead")
     return r
 
 
@@ -41,4 +50,7 @@ def rerank_search(reranker: Any, queries: np.ndarray, gallery: np.ndarray, top: 
 
     if len(gallery) == 0:
         return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-    return rerank_topk(reranker, np.asarray(queries, np.float32), gallery, top)
+    try:
+        return rerank_topk(reranker, np.asarray(queries, np.float32), gallery, top)
+    except ValueError as exc:  # e.g. a gallery smaller than the reranker's k
+        raise SearchError(f"reranker {reranker.tag}: {exc}") from exc
