@@ -61,22 +61,46 @@ def _print_summary(s: Any, index_dir: str) -> None:
               help="flat: exact search; ivf: inverted lists (for more than ~100,000 photos; "
                    "its recall@10 against exact search is measured and reported).")
 @click.option("--name", help="A name shown by `zsbir serve` (default: INDEX_DIR's name).")
+@click.option("--shard", metavar="I/N",
+              help="Index only shard I of N of the sorted photo list (0-based), e.g. on N "
+                   "machines; join the N shard indexes with `zsbir index merge`.")
 @device_option
 @batch_option
 @workers_option
 def index_build(run_dir: str, photo_dir: str, index_dir: str, hasher: str | None, ann: str,
-                name: str | None, device: str, batch_size: int, workers: int) -> None:
+                name: str | None, shard: str | None, device: str, batch_size: int,
+                workers: int) -> None:
     """Embed every photo under PHOTO_DIR with RUN_DIR's trained model into INDEX_DIR.
 
     INDEX_DIR receives a copy of the model, so searching needs nothing else. Run again on
     an interrupted build, it resumes.
     """
+    from zsbir.engine.distributed import ShardError, parse_shard
     from zsbir.progress import console_output
     from zsbir.search.store import build_index
 
+    try:
+        part = parse_shard(shard) if shard else None
+    except ShardError as exc:
+        raise click.BadParameter(str(exc), param_hint="--shard") from exc
     with console_output(console):
         s = build_index(run_dir, photo_dir, index_dir, hasher=hasher, ann=ann,  # type: ignore
-                        name=name, device=device, batch_size=batch_size, workers=workers)
+                        name=name, device=device, batch_size=batch_size, workers=workers,
+                        shard=part)
+    _print_summary(s, index_dir)
+
+
+@index.command("merge")
+@click.argument("index_dir", type=click.Path(file_okay=False))
+@click.argument("shard_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+def index_merge(index_dir: str, shard_dirs: tuple[str, ...]) -> None:
+    """Join the shard indexes SHARD_DIRS (`zsbir index build --shard I/N`) into INDEX_DIR,
+    copying their embeddings (nothing is embedded again)."""
+    from zsbir.progress import console_output
+    from zsbir.search.store import merge_indexes
+
+    with console_output(console):
+        s = merge_indexes(list(shard_dirs), index_dir)
     _print_summary(s, index_dir)
 
 

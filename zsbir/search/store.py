@@ -25,6 +25,12 @@ reader that finds it older than the database rebuilds it in memory.
 
 Incremental updates compare each file's size and mtime with its row; when either changed,
 the content hash decides whether the photo is embedded again. Deleted files are removed.
+
+Large collections (docs/scaling.md): ``build_index(..., shard=(i, n))`` indexes only shard
+``i`` of ``n`` of the folder's sorted photo list
+(:func:`zsbir.engine.distributed.partition_files`), so n processes or machines embed
+their shards independently; :func:`merge_indexes` then joins the n shard indexes into one
+(the stored embeddings are copied, nothing is embedded again) and builds its faiss index.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ from zsbir.search.errors import SearchError
 from zsbir.search.lock import WriteLock
 
 __all__ = ["IMAGE_SUFFIXES", "BuildSummary", "FaissIndex", "build_index", "connect",
-           "load_faiss", "read_meta", "update_index"]
+           "load_faiss", "merge_indexes", "read_meta", "update_index"]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 FORMAT_VERSION = 1
@@ -172,11 +178,12 @@ def _label(rel: str) -> str | None:
 def build_index(run_dir: str | Path, photo_dir: str | Path, index_dir: str | Path, *,
                 hasher: str | None = None, ann: Literal["flat", "ivf"] = "flat",
                 name: str | None = None, device: str = "auto", batch_size: int = 64,
-                workers: int = -1) -> BuildSummary:
+                workers: int = -1, shard: tuple[int, int] | None = None) -> BuildSummary:
     """Create ``index_dir`` for the photos under ``photo_dir`` with the run's final weights.
 
     Run again on an unfinished index of the same run and folder, it resumes (as
-    :func:`update_index`); any other existing index is refused.
+    :func:`update_index`); any other existing index is refused. ``shard = (i, n)``: only
+    shard ``i`` of ``n`` of the sorted photo list, for :func:`merge_indexes`.
     """
     run_dir, photo_dir, index_dir = Path(run_dir), Path(photo_dir), Path(index_dir)
     final = run_dir if run_dir.is_file() else run_dir / "checkpoints" / "final.pt"
@@ -217,7 +224,8 @@ def build_index(run_dir: str | Path, photo_dir: str | Path, index_dir: str | Pat
                       photo_root=str(photo_dir.resolve()), model_file=MODEL_NAME,
                       model_sha256=model_sha, run_dir=str(run_dir.resolve()),
                       hasher=h.tag, binary=bool(h.binary), ann=ann,
-                      created=time.time(), generation=0, faiss_generation=-1)
+                      created=time.time(), generation=0, faiss_generation=-1,
+                      shard=list(shard) if shard else None)
         summary = _sync(con, index_dir, tm, batch_size, workers)
         summary.stale_lock = lock.broke_stale
         return summary
@@ -251,6 +259,11 @@ def _sync(con: sqlite3.Connection, index_dir: Path, tm: Any, batch_size: int,
     root = Path(meta["photo_root"])
     summary = BuildSummary(ann=meta["ann"])
     found = _scan(root)
+    if meta.get("shard"):  # a shard index holds its block of the sorted photo list
+        from zsbir.engine.distributed import partition_files
+
+        mine = set(partition_files(list(found), *meta["shard"]))
+        found = {rel: st for rel, st in found.items() if rel in mine}
     rows = {p: (size, mtime, sha) for p, size, mtime, sha in
             con.execute("SELECT path, size, mtime_ns, sha256 FROM photos")}
     old_skips = {p: (size, mtime, reason) for p, size, mtime, reason in
@@ -364,6 +377,85 @@ def _embed_batches(tm: Any, root: Path, todo: list[str], batch_size: int, worker
             emb = np.asarray(tm.embed_batch(batch), dtype=np.float32)
         kept = [todo[i] for i in batch["index"].tolist()]
         yield done, (kept, emb, skipped)
+
+
+def merge_indexes(shard_dirs: list[str | Path], index_dir: str | Path) -> BuildSummary:
+    """Join shard indexes (``build_index(..., shard=(i, n))``) into a new index at
+    ``index_dir``: their photo rows and stored embeddings are copied (nothing is embedded
+    again) and one faiss index is built. Every shard 0..n-1 must be given once, all built
+    with the same model file, hasher and search structure, else :class:`SearchError`."""
+    start = time.perf_counter()
+    index_dir = Path(index_dir)
+    metas, dirs = {}, [Path(d) for d in shard_dirs]
+    for d in dirs:
+        if not (d / DB_NAME).is_file():
+            raise SearchError(f"{str(d)!r} is not a zsbir index")
+        meta = read_meta(connect(d))
+        if not meta.get("shard"):
+            raise SearchError(f"{str(d)!r} is not a shard index (built without --shard i/n)")
+        if meta.get("faiss_generation") != meta.get("generation"):
+            raise SearchError(f"{str(d)!r} is unfinished; finish it with "
+                              "`zsbir index update` first")
+        i, n = meta["shard"]
+        if i in metas:
+            raise SearchError(f"shard {i}/{n} given twice ({metas[i][0]} and {d})")
+        metas[i] = (d, meta)
+    first = metas[min(metas)][1]
+    n = first["shard"][1]
+    for i, (d, meta) in metas.items():
+        for key in ("model_sha256", "hasher", "ann"):
+            if meta.get(key) != first.get(key):
+                raise SearchError(f"{str(d)!r} differs from the other shards in {key} "
+                                  f"({meta.get(key)!r} vs {first.get(key)!r})")
+        if meta["shard"][1] != n:
+            raise SearchError(f"{str(d)!r} is shard {i}/{meta['shard'][1]}, others of {n}")
+    missing = sorted(set(range(n)) - set(metas))
+    if missing:
+        raise SearchError("missing shard(s) " + ", ".join(f"{i}/{n}" for i in missing))
+    if index_dir.exists() and any(index_dir.iterdir()):
+        raise SearchError(f"{str(index_dir)!r} exists and is not an empty folder")
+    index_dir.mkdir(parents=True, exist_ok=True)
+    summary = BuildSummary(ann=first["ann"])
+    with WriteLock(index_dir):
+        shutil.copyfile(metas[0][0] / MODEL_NAME, index_dir / (MODEL_NAME + ".tmp"))
+        os.replace(index_dir / (MODEL_NAME + ".tmp"), index_dir / MODEL_NAME)
+        con = connect(index_dir, create=True)
+        with _transaction(con):
+            keep = {k: v for k, v in first.items() if k not in ("shard", "count", "nprobe",
+                                                                  "nlist", "recall_at_10",
+                                                                  "recall_queries")}
+            _set_meta(con, **{**keep, "name": index_dir.resolve().name, "generation": 1,
+                              "faiss_generation": -1, "created": time.time(),
+                              "merged_from": [str(metas[i][0]) for i in range(n)]})
+            for i in range(n):
+                src = sqlite3.connect(metas[i][0] / DB_NAME)
+                try:
+                    _copy_rows(src, con)
+                except sqlite3.IntegrityError as exc:
+                    raise SearchError(f"a photo is in two shards ({exc}): the folder changed "
+                                      "between the shard builds; build them again") from exc
+                finally:
+                    src.close()
+        meta = read_meta(con)
+        tm = _load_model(index_dir, "cpu")
+        fx, info = make_faiss(con, tm, meta)
+        _write_faiss(index_dir, con, fx, meta, info)
+    summary.total = int(fx.index.ntotal)
+    summary.unchanged = summary.total
+    summary.recall_at_10, summary.nprobe = info.get("recall_at_10"), info.get("nprobe")
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _copy_rows(src: sqlite3.Connection, dst: sqlite3.Connection) -> None:
+    """A shard's photo rows (with their embeddings) and skipped files, as they are."""
+    dst.executemany(
+        "INSERT INTO photos(path, size, mtime_ns, sha256, label, embedding, indexed_at) "
+        "VALUES(?, ?, ?, ?, ?, ?, ?)",
+        src.execute("SELECT path, size, mtime_ns, sha256, label, embedding, indexed_at "
+                    "FROM photos ORDER BY path"))
+    dst.executemany("INSERT INTO skipped(path, size, mtime_ns, reason) VALUES(?, ?, ?, ?)",
+                    src.execute("SELECT path, size, mtime_ns, reason FROM skipped"))
 
 
 # ------------------------------------------------------------------------------- faiss
