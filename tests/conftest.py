@@ -81,3 +81,20 @@ def tiny_run(tmp_path_factory) -> Path:
         mp.setenv("ZSBIR_CACHE", str(tmp_path_factory.mktemp("tiny-run-cache")))
         run_experiment(resolve(raw))
     return out / "run"
+
+
+@pytest.fixture
+def counted(monkeypatch) -> list[int]:
+    """Counts the photos that go through the model (TrainedModel.embed_batch, the one
+    place an index embeds)."""
+    from zsbir.engine.index import TrainedModel
+
+    seen: list[int] = []
+    original = TrainedModel.embed_batch
+
+    def wrapper(self, batch):
+        seen.append(int(batch["image"].shape[0]))
+        return original(self, batch)
+
+    monkeypatch.setattr(TrainedModel, "embed_batch", wrapper)
+    return seen

@@ -18,7 +18,6 @@ from PIL import Image
 
 from zsbir.cli import main
 from zsbir.data.synthetic import render
-from zsbir.engine.index import TrainedModel
 from zsbir.search import store
 from zsbir.search.api import Index
 from zsbir.search.errors import IndexLockedError, SearchError
@@ -52,20 +51,6 @@ def sketches(tmp_path) -> list[Path]:
         Image.fromarray(render(c, 1, 0, 7, 32)).save(p)
         out.append(p)
     return out
-
-
-@pytest.fixture
-def counted(monkeypatch) -> list[int]:
-    """Counts the photos that go through the model (TrainedModel.embed_batch)."""
-    seen: list[int] = []
-    original = TrainedModel.embed_batch
-
-    def wrapper(self, batch):
-        seen.append(int(batch["image"].shape[0]))
-        return original(self, batch)
-
-    monkeypatch.setattr(TrainedModel, "embed_batch", wrapper)
-    return seen
 
 
 def build(run, photos, out, *args: str) -> str:

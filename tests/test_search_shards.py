@@ -13,7 +13,6 @@ from PIL import Image
 
 from zsbir.cli import main
 from zsbir.data.synthetic import render
-from zsbir.engine.index import TrainedModel
 from zsbir.search.api import Index
 
 
@@ -28,20 +27,6 @@ def photos(tmp_path) -> Path:
     Image.fromarray(render(0, 0, 9, 7, 32)).save(root / "loose.png")
     (root / "c0" / "bad.png").write_bytes(b"not an image")
     return root
-
-
-@pytest.fixture
-def counted(monkeypatch) -> list[int]:
-    """Photos that go through the model (TrainedModel.embed_batch)."""
-    seen: list[int] = []
-    original = TrainedModel.embed_batch
-
-    def wrapper(self, batch):
-        seen.append(int(batch["image"].shape[0]))
-        return original(self, batch)
-
-    monkeypatch.setattr(TrainedModel, "embed_batch", wrapper)
-    return seen
 
 
 def cli(*args: str, code: int = 0) -> str:
