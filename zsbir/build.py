@@ -40,7 +40,7 @@ from zsbir.registry import _singular, get_registry
 log = logging.getLogger(__name__)
 
 __all__ = ["BuildError", "Experiment", "Purpose", "build", "build_component",
-           "call_component", "resolve_device"]
+           "resolve_device"]
 
 Purpose = Literal["train", "evaluate", "embed"]
 
@@ -124,9 +124,6 @@ def build_component(kind: str, table: dict[str, Any], ctx: BuildContext,
             raise  # a specific error (protocol, weights, ...) already says what is wrong
         raise BuildError(f"{_singular(kind)} {table['name']!r}: {exc}") from exc
 
-
-#: the name older code and plugins used
-call_component = build_component
 
 
 def transforms_for(manifest: Manifest, backbone: Any) -> tuple[Transform, Transform]:
