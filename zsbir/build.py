@@ -32,7 +32,7 @@ from zsbir.context import BuildContext, default_cache_dir
 from zsbir.data.base import ProtocolData
 from zsbir.data.loading import Transform
 from zsbir.engine.step import loss_labels
-from zsbir.manifest import COMPONENT_KEYS, Manifest
+from zsbir.manifest import COMPONENT_KEYS, Manifest, is_component_value
 from zsbir.models.net import RetrievalNet
 from zsbir.progress import phase
 from zsbir.registry import _singular, get_registry
@@ -84,15 +84,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _is_nested(key: str, value: Any) -> bool:
-    if key not in COMPONENT_KEYS:
-        return False
-    if isinstance(value, dict):
-        return "name" in value
-    return isinstance(value, list) and bool(value) and all(
-        isinstance(v, dict) and "name" in v for v in value)
-
-
 def build_component(kind: str, table: dict[str, Any], ctx: BuildContext,
                     skip: tuple[str, ...] = (), **injected: Any) -> Any:
     """Build a resolved component table: nested component tables first (bottom-up), then
@@ -105,7 +96,7 @@ def build_component(kind: str, table: dict[str, Any], ctx: BuildContext,
     for key, value in table.items():
         if key in reserved:
             continue
-        if _is_nested(key, value):
+        if is_component_value(key, value):
             sub = COMPONENT_KEYS[key]
             value = ([build_component(sub, v, ctx) for v in value] if isinstance(value, list)
                      else build_component(sub, value, ctx))

@@ -509,7 +509,9 @@ class Node:
     params: dict[str, Any]
 
 
-def _is_component_value(key: str, value: Any) -> bool:
+def is_component_value(key: str, value: Any) -> bool:
+    """Whether ``value`` under ``key`` is a component table (or an array of them): the one
+    rule the resolver and :func:`zsbir.build.build_component` both follow."""
     if key not in COMPONENT_KEYS:
         return False
     return isinstance(value, dict) or (isinstance(value, list) and bool(value)
@@ -543,7 +545,7 @@ class _Resolver:
                                    self.problems)
             if value is not None:
                 resolved[key] = value
-        nested = {k: v for k, v in table.items() if _is_component_value(k, v)}
+        nested = {k: v for k, v in table.items() if is_component_value(k, v)}
         name = table.get("name")
         comp: Component | None = None
         if not isinstance(name, str):
@@ -634,7 +636,7 @@ def resolve(raw: Mapping[str, Any], source: str = "<manifest>") -> Manifest:
                 continue
             comps[key] = r.nested(key, table, key) if table else []
         else:
-            comps[key] = r.component(COMPONENT_SECTIONS_KIND[key], table, key)
+            comps[key] = r.component(COMPONENT_KEYS[key], table, key)
 
     _cross_checks(core, comps, r)
     if r.problems:  # in the order of the manifest's sections (stable within one)
@@ -646,9 +648,6 @@ def resolve(raw: Mapping[str, Any], source: str = "<manifest>") -> Manifest:
         evaluation=core["evaluation"], source=source, plugins=plugins_used(r.nodes),
         **comps,
     )
-
-
-COMPONENT_SECTIONS_KIND = {k: COMPONENT_KEYS[k] for k in COMPONENT_SECTIONS}
 
 
 def resolve_component(kind: str, table: Mapping[str, Any], path: str,
