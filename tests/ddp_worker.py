@@ -107,7 +107,8 @@ def primitives(out: Path) -> None:
     (scale * xb[idx].sum() / 5 * w / state.weight).backward()  # local share of the sum
     np.testing.assert_allclose(float(scale.grad), float(xb.sum() / 5), rtol=1e-5)
     (out / f"rank{r}.json").write_text(json.dumps({"ok": True, "rank": r}))
-    torch.distributed.destroy_process_group()
+    del ddp, state
+    D.shutdown()
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ __all__ = [
     "ShardError",
     "all_gather_arrays",
     "barrier",
+    "shutdown",
     "broadcast_object",
     "convert_sync_batchnorm",
     "all_ranks",
@@ -182,6 +183,23 @@ def is_main() -> bool:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group. After a clean finish every rank first waits at a barrier:
+    a rank that tears its connections down while another still has collectives in
+    flight makes gloo abort that process ("terminate called without an active
+    exception"). After an error no barrier (the other ranks may be gone). DDP wrappers
+    must be gone by then (their reducer outliving the group aborts the same way): the
+    caller drops its references, and a collection here frees any held in cycles."""
+    if not is_distributed():
+        return
+    import gc
+
+    gc.collect()
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def _comm_device() -> torch.device:

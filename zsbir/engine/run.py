@@ -285,18 +285,21 @@ def run_experiment(
     run_dir = Path(run_dir) if run_dir is not None else run_dir_of(manifest)
     joined = not D.is_distributed()
     D.init_distributed(manifest.run.device)  # torchrun's processes join their group
+    clean = False
     try:
         # data-parallel: rank 0 alone prepares, locks and writes the directory
         lock = _prepare_dir(run_dir, manifest, resume) if D.is_main() else None
         D.barrier()
         try:
-            return _run_locked(manifest, run_dir, resume, progress, stop_after_steps)
+            results = _run_locked(manifest, run_dir, resume, progress, stop_after_steps)
+            clean = True
+            return results
         finally:
             if lock is not None:
                 lock.release()
     finally:
-        if joined and D.is_distributed():
-            torch.distributed.destroy_process_group()
+        if joined:
+            D.shutdown(clean)
 
 
 def _run_locked(manifest: Manifest, run_dir: Path, resume: bool,
