@@ -479,7 +479,7 @@ def test_validate_refuses_every_bad_value_with_its_key(item, key):
 
 def test_validate_refuses_cuda_without_cuda():
     if torch.cuda.is_available():
-        pytest.skip("CUDA is available here")
+        pytest.skip("by design: CUDA is available here")
     res = cli("validate", EXAMPLES / "quickstart.toml", "--set", "run.device=\"cuda\"")
     assert res.exit_code == 2 and says(res, "run.device:")
 

@@ -239,3 +239,61 @@ def _has(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+def test_training_says_what_runs_before_the_first_step(tmp_path, caplog):
+    """The trainer's first event comes before any optimizer step (epochs, steps, batch
+    size); the tracker logs it and opens the training bar at the start position, so the
+    time left counts every step from there (not from the first logged step)."""
+    from zsbir.engine.run import run_experiment
+    from zsbir.manifest import apply_overrides, load, resolve
+
+    import zsbir.engine.trainer as trainer_mod
+
+    events: list[dict] = []
+    steps_run: list[int] = []
+    original = trainer_mod.Trainer.train_step
+
+    def counting(self, batch):
+        steps_run.append(len(events))  # how many events came before this step
+        return original(self, batch)
+
+    raw = apply_overrides(load(EXAMPLES / "quickstart.toml"),
+                          [*TINY, f"run.output_dir={json.dumps(str(tmp_path))}", "run.name=s",
+                           "train.log_every=100"])
+    mp = pytest.MonkeyPatch()
+    mp.setattr(trainer_mod.Trainer, "train_step", counting)
+    try:
+        with caplog.at_level(logging.INFO, logger="zsbir"):
+            run_experiment(resolve(raw), progress=events.append)
+    finally:
+        mp.undo()
+    start = [i for i, e in enumerate(events) if "train_start" in e]
+    assert start == [0] and steps_run and steps_run[0] == 1  # first, and before step 1
+    e = events[0]
+    assert e["epochs"] == 2 and e["batch_size"] == 8 and e["steps"] > 0
+    assert (e["epoch"], e["step"]) == (0, 0)
+    lines = [r.getMessage() for r in caplog.records]
+    want = f"training: 2 epochs x {e['steps']} steps (batch 8; {2 * e['steps']} steps in all)"
+    assert want in lines
+
+
+def test_tracker_time_left_counts_from_the_start_position(tmp_path, caplog, monkeypatch):
+    """A resumed run (epoch 1, step 1 of 3) opens its bar at global step 4: the first
+    periodic line's rate counts only the steps this process ran."""
+    clock = iter(range(0, 1000, 2))
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: float(next(clock)))
+    console = Console(file=io.StringIO(), force_terminal=False)
+    with caplog.at_level(logging.INFO, logger="zsbir"), \
+            progress.display(console, live=False, interval=1):
+        with RunTracker(tmp_path, epochs=3, tensorboard=False) as tracker:
+            tracker({"train_start": True, "epochs": 3, "steps": 3, "batch_size": 8,
+                     "epoch": 1, "step": 1, "world_size": 1})
+            tracker(_step(1, 2))
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("zsbir")]
+    assert "training: 3 epochs x 3 steps (batch 8; 9 steps in all, resuming at epoch 2 " \
+           "step 1)" in lines
+    m = next(filter(None, (re.match(r"training: 5/9 steps \(56%\), (\d+\.\d) s elapsed, "
+                                    r"(\d+\.\d) s left", ln) for ln in lines)), None)
+    # 5/9 done, 1 of them by this process in E seconds: 4 steps left take 4 E
+    assert m and float(m[2]) == pytest.approx(4 * float(m[1])), lines

@@ -104,7 +104,9 @@ class RunTracker:
             self._tb.add_scalar(tag, value, global_step)
 
     def __call__(self, info: dict[str, Any]) -> None:
-        if "epoch_end" in info:
+        if "train_start" in info:
+            self._train_start(info)
+        elif "epoch_end" in info:
             self._epoch_end(info)
         elif "evaluated" in info:
             self._evaluated(info)
@@ -122,6 +124,22 @@ class RunTracker:
         self.scalar("step", "train/lr", info["lr"], epoch, step, g)
         self.scalar("step", "train/images_per_s", info["images_per_s"], epoch, step, g)
         self._bar_update(epoch, step, steps, info)
+
+    def _train_start(self, info: dict[str, Any]) -> None:
+        """Before the first optimizer step: one line saying what runs, and the bar opened
+        at the starting position (a resumed run's time left counts only its own steps)."""
+        epochs, steps = info["epochs"], info["steps"]
+        self.epochs = self.epochs or epochs
+        self._steps_per_epoch = steps
+        at = info["epoch"] * steps + info["step"]
+        world = info.get("world_size", 1)
+        batch = f"batch {info['batch_size']}" + (f" over {world} processes" if world > 1 else "")
+        resumed = f", resuming at epoch {info['epoch'] + 1} step {info['step']}" if at else ""
+        log.info("training: %d epochs x %d steps (%s; %d steps in all%s)", epochs, steps,
+                 batch, epochs * steps, resumed)
+        self._open_bar(epochs * steps)
+        if self._advance is not None:
+            self._advance(completed=at, info=f"epoch {info['epoch'] + 1}/{epochs} starting")
 
     def _epoch_end(self, info: dict[str, Any]) -> None:
         epoch = info["epoch_end"]
@@ -150,12 +168,7 @@ class RunTracker:
 
     # ------------------------------------------------------------------ progress bar
     def _bar_update(self, epoch: int, step: int, steps: int, info: dict[str, Any]) -> None:
-        from zsbir.progress import phase
-
-        if self._bar is None and self.epochs:
-            self._bar = contextlib.ExitStack()
-            self._advance = self._bar.enter_context(
-                phase("training", total=self.epochs * steps, unit="steps"))
+        self._open_bar((self.epochs or 0) * steps)
         if self._advance is None:
             return
         loss = info["loss"].get("total")
@@ -166,6 +179,14 @@ class RunTracker:
         if step >= steps and (epoch + 1) < (self.epochs or 0):
             text += " (end of epoch: validating, saving)"
         self._advance(completed=epoch * steps + step, info=text)
+
+    def _open_bar(self, total: int) -> None:
+        from zsbir.progress import phase
+
+        if self._bar is None and self.epochs and total:
+            self._bar = contextlib.ExitStack()
+            self._advance = self._bar.enter_context(phase("training", total=total,
+                                                          unit="steps"))
 
     def close_bar(self) -> None:
         """End the training bar (logs how long training took)."""

@@ -180,6 +180,14 @@ class Trainer:
         exp, cfg, st = self.exp, self.exp.manifest.train, self.state
         if exp.teacher is not None:
             self._prepare_teacher()  # on resume, class_mean reloads its table from cache
+        if st["epoch"] < cfg.epochs and not st["stopped_early"]:
+            # before the first optimizer step (the loader's workers start and the first
+            # steps run before anything else is logged): what is about to run, and the
+            # position the progress and its time left count from
+            steps = len(self.epoch_batches(st["epoch"]))
+            self.progress({"train_start": True, "epochs": cfg.epochs, "steps": steps,
+                           "batch_size": cfg.batch_size, "epoch": st["epoch"],
+                           "step": st["step"], "world_size": self.world})
         while st["epoch"] < cfg.epochs and not st["stopped_early"]:
             if not self._run_epoch():
                 return st  # stopped by the testing hook, as if killed
