@@ -48,6 +48,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from zsbir.engine.distributed import ShardError
 
     errors.append(ShardError)
+    from zsbir.engine.threads import ThreadsError
+
+    errors.append(ThreadsError)
     try:
         from zsbir.data.protocols import ProtocolError
 
@@ -134,6 +137,9 @@ def _emit_table(columns: Sequence[str], rows: Sequence[Sequence[str]],
 @click.version_option(__version__, prog_name="zsbir")
 def main() -> None:
     """zsbir: zero-shot sketch-based image retrieval, assembled from TOML manifests."""
+    from zsbir.engine.threads import prepare_environment
+
+    prepare_environment()  # OpenMP wait policy: read once, when torch loads (not yet)
 
 
 def _load_manifest(path: str, overrides: Sequence[str]):  # noqa: ANN202

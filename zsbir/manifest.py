@@ -72,6 +72,9 @@ class RunConfig:
     cache_dir: str = ""
     #: refuse to reuse a run directory that already holds results
     overwrite: bool = False
+    #: torch intra-op threads; 0: chosen from the CPUs the process may use (OMP_NUM_THREADS,
+    #: MKL_NUM_THREADS and ZSBIR_THREADS win over it; see zsbir.engine.threads)
+    threads: Annotated[int, Range(ge=0, le=1024)] = 0
 
 
 @dataclass

@@ -17,7 +17,6 @@ the batch's ``skipped`` list, which the engine logs and counts into ``metrics.js
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +26,7 @@ import torch
 from PIL import Image
 
 from zsbir.data.base import Split
+from zsbir.engine.threads import current_plan, loader_workers, worker_init
 
 __all__ = ["CorruptImageError", "ImageDataset", "Transform", "make_loader", "to_device",
            "worker_count"]
@@ -173,18 +173,14 @@ class BatchList:
 
 
 def worker_count(requested: int, device: torch.device | None = None) -> int:
-    """-1 (automatic): with CUDA, one worker per available core (at most 8); on the CPU,
-    where decoding competes with the model for the same cores, one worker to overlap
-    input and compute (none on a single core)."""
+    """-1 (automatic): from the CPUs this process may use, divided among the run's
+    processes (:mod:`zsbir.engine.threads`): with CUDA one worker per CPU (at most 8); on
+    the CPU, where decoding competes with the model for the same cores, one worker to
+    overlap input and compute (none on a single CPU)."""
     if requested >= 0:
         return requested
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS
-        cores = os.cpu_count() or 1
-    if cores <= 1:
-        return 0
-    return min(cores, 8) if device is not None and device.type == "cuda" else 1
+    kind = device.type if device is not None else "cpu"
+    return loader_workers(current_plan(kind).share, kind)
 
 
 def make_loader(dataset: ImageDataset, batches: BatchList | Sequence[Sequence[Any]],
@@ -196,6 +192,7 @@ def make_loader(dataset: ImageDataset, batches: BatchList | Sequence[Sequence[An
         prefetch_factor=4 if workers > 0 else None,
         # a private generator: creating an iterator must not consume the global RNG
         generator=torch.Generator().manual_seed(0),
+        worker_init_fn=worker_init if workers > 0 else None,
     )
 
 

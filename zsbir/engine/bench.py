@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from zsbir.build import build
+from zsbir.build import build, resolve_device
+from zsbir.engine.threads import apply_plan, plan_threads
 from zsbir.engine.trainer import Trainer, aug_seed
 from zsbir.manifest import Manifest
 
@@ -35,6 +36,8 @@ def bench_train(manifest: Manifest, steps: int = 50, warmup: int = 5,
     import tempfile
     from pathlib import Path
 
+    plan = apply_plan(plan_threads(resolve_device(manifest.run.device), manifest.run.threads,
+                                   manifest.data_cfg.workers))
     exp = build(manifest, "train")
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(exp, Path(tmp))
@@ -96,6 +99,7 @@ def bench_train(manifest: Manifest, steps: int = 50, warmup: int = 5,
         "peak_gpu_memory_gb": (torch.cuda.max_memory_allocated(device) / 2**30
                                if device.type == "cuda" else None),
         "bottleneck": "input pipeline" if wait_frac > 0.2 else "compute",
+        "threads": plan.to_dict(),
         "torch": torch.__version__,
     }
     return result

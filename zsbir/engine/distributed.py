@@ -142,9 +142,11 @@ def launch_torchrun(nproc: int, zsbir_args: Sequence[str]) -> int:
     if _env_int("WORLD_SIZE", 1) > 1:
         raise ValueError("--nproc inside a torchrun process: launch either with torchrun "
                          "or with zsbir run --nproc, not both")
+    from zsbir.engine.threads import launcher_env
+
     cmd = [sys.executable, "-c", _LAUNCHER, "--standalone", f"--nproc-per-node={nproc}",
            "-m", "zsbir", *zsbir_args]
-    return subprocess.call(cmd)
+    return subprocess.call(cmd, env=launcher_env(nproc))  # CPUs divided among them
 
 
 #: torchrun, with its failure report cut to one line: the failing process has printed its

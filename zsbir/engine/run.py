@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from zsbir.build import Experiment, build
+from zsbir.build import Experiment, build, resolve_device
 from zsbir.engine import distributed as D
+from zsbir.engine import threads as T
 from zsbir.engine.checkpoint import (
     CheckpointError,
     atomic_save,
@@ -59,7 +60,7 @@ class RunDirError(RuntimeError):
 #: ``last.pt`` makes ``--resume`` refuse (exit 2). A key covers everything under it
 #: (``evaluation`` covers ``evaluation.metrics``).
 RESUME_SAFE_KEYS: tuple[str, ...] = (
-    "run.name", "run.output_dir", "run.device", "run.cache_dir", "run.overwrite",
+    "run.name", "run.output_dir", "run.device", "run.cache_dir", "run.overwrite", "run.threads",
     "protocol.root", "protocol.cache_dir", "protocol.rebuild_index", "backbone.weights",
     "data.workers", "data.eval_batch_size", "train.log_every", "train.checkpoint_every",
     "train.compile", "train.channels_last", "train.select", "evaluation", "hashers",
@@ -314,11 +315,15 @@ def _run_locked(manifest: Manifest, run_dir: Path, resume: bool,
         check_resumable(ckpt, manifest, run_dir)
     handler = _file_logging(run_dir) if D.is_main() else logging.NullHandler()
     tracker = None
+    threads_before = T.snapshot()
     try:
         if ckpt is not None:
             _note_resume_changes(ckpt, manifest, run_dir)
         t0 = time.perf_counter()
         log.info("run %s -> %s", manifest.run.name, run_dir)
+        plan = T.apply_plan(T.plan_threads(resolve_device(manifest.run.device),
+                                           manifest.run.threads, manifest.data_cfg.workers))
+        log.info("%s", plan.describe(), extra={"console": False})
         with phase("building data and model"):
             if not D.is_main():
                 D.barrier()  # data-parallel: rank 0 builds first (caches: WordNet, weights)
@@ -377,6 +382,7 @@ def _run_locked(manifest: Manifest, run_dir: Path, resume: bool,
                        "metrics.json", results["skipped_images"]["count"],
                        ", ".join(f"{k}: {v}" for k, v in
                                  results["skipped_images"]["by_stage"].items()))
+        results["threads"] = plan.to_dict()
         results["versions"] = package_versions()
         results["device"] = str(exp.ctx.device)
         results["files"] = {"scalars": "scalars.csv", "tensorboard": "tensorboard/",
@@ -398,6 +404,7 @@ def _run_locked(manifest: Manifest, run_dir: Path, resume: bool,
                    str(exc).strip().splitlines()[0] if str(exc).strip() else "")
         raise
     finally:
+        T.restore(threads_before)
         if tracker is not None:
             tracker.close()
         logging.getLogger("zsbir").removeHandler(handler)
@@ -508,6 +515,7 @@ def positive_rate(query_labels: np.ndarray, gallery_labels: np.ndarray) -> float
                  / max(len(gallery_labels), 1))
 
 
+@T.phase("evaluate")  # nothing decodes beside scoring: the process's whole CPU share
 def _score(exp: Experiment, hasher: Any, qe: np.ndarray, ql: np.ndarray, ge: np.ndarray,
            gl: np.ndarray) -> dict[str, Any]:
     from zsbir.evaluation import evaluate_retrieval
@@ -555,6 +563,7 @@ def _stack_views(exp: Experiment) -> list[str]:
     return ["plain", *views]
 
 
+@T.phase("evaluate")
 def _score_rerankers(exp: Experiment, task: str, qe: np.ndarray, ge: np.ndarray,
                      ql: np.ndarray, gl: np.ndarray, stacked: list[str],
                      progress: Callable[[dict[str, Any]], None] | None,

@@ -45,7 +45,6 @@ chosen so the (chunk, G) work arrays stay within :data:`MEMORY_BUDGET_BYTES`.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -124,7 +123,11 @@ _POOL: ThreadPoolExecutor | None = None
 
 
 def _workers() -> int:
-    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
+    """The pool's size: torch's intra-op threads (set per phase by zsbir.engine.threads),
+    at most the CPUs this process may use (affinity and cgroup quota)."""
+    from zsbir.engine.threads import usable_cpus
+
+    return max(1, min(torch.get_num_threads(), usable_cpus().cpus))
 
 
 def _parallel(jobs: list[Callable[[], None]]) -> None:

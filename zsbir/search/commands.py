@@ -132,8 +132,10 @@ def index_update(index_dir: str, device: str, batch_size: int, workers: int) -> 
 def search(index_dir: str, sketches: tuple[str, ...], top: int, label: str | None,
            rerank: str | None, as_json: bool, device: str) -> None:
     """Rank the photos of INDEX_DIR for each SKETCH image."""
+    from zsbir.engine.threads import use_threads
     from zsbir.search.api import Index
 
+    use_threads("evaluate")  # one search at a time: the whole CPU share (zsbir.engine.threads)
     idx = Index.open(index_dir, device)
     queries = []
     for s in sketches:  # every unreadable sketch is reported before any search runs
@@ -175,6 +177,9 @@ def serve(index_dir: str, host: str, port: int, max_upload_mb: float, device: st
     except ImportError as exc:
         raise click.ClickException(f"`zsbir serve` needs the serve extra "
                                    f"(pip install 'zsbir[serve]'): {exc}") from exc
+    from zsbir.engine.threads import use_threads
+
+    use_threads("evaluate")  # the model runs one request at a time: all the CPU share each
     app = create_app(index_dir, device=device, max_upload_bytes=int(max_upload_mb * 2**20))
     console.print(f"serving {escape(index_dir)} on http://{host}:{port}/ (Ctrl-C stops)",
                   highlight=False)

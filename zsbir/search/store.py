@@ -352,6 +352,7 @@ def _embed_batches(tm: Any, root: Path, todo: list[str], batch_size: int, worker
 
     from zsbir.data.base import PHOTO, Split, read_image_file
     from zsbir.data.loading import ImageDataset, make_loader, worker_count
+    from zsbir.engine.threads import use_threads
 
     if not todo:
         return
@@ -361,6 +362,7 @@ def _embed_batches(tm: Any, root: Path, todo: list[str], batch_size: int, worker
     batches = [list(range(i, min(i + batch_size, len(todo))))
                for i in range(0, len(todo), batch_size)]
     device = tm.device
+    use_threads("train", device, workers=workers)  # zsbir.engine.threads: loaders + model
     loader = make_loader(ds, batches, worker_count(workers, device),
                          pin_memory=device.type == "cuda")
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
