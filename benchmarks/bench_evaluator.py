@@ -30,6 +30,7 @@ import time
 import numpy as np
 import torch
 
+from zsbir.engine.threads import use_threads
 from zsbir.evaluation import evaluate_retrieval, evaluate_scores, pairwise_scores
 from zsbir.evaluation.reference import reference_evaluate, reference_metric, reference_scores
 
@@ -95,6 +96,7 @@ def main() -> None:
     args = ap.parse_args()
     metrics = args.metrics
     nq = args.queries
+    print(use_threads("evaluate").describe())  # zsbir's thread policy, as `zsbir run` scores
 
     print(f"date {datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, "
           f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, "

@@ -385,6 +385,7 @@ def main() -> None:
     if not args.data.is_dir():
         sys.exit(f"data folder {args.data} is absent (needs ../shared/data/sketchy-mini-seen)")
     torch.set_num_threads(args.threads)
+    os.environ["ZSBIR_THREADS"] = str(args.threads)  # the runs' thread policy: this count
     import zsbir.models.efficientnet_lite  # noqa: F401 - registers the backbones
 
     machine = platform.processor() or platform.machine()
