@@ -171,7 +171,8 @@ def build_index(run_dir: str | Path, photo_dir: str | Path, index_dir: str | Pat
             summary.resumed = True
         else:
             summary = BuildSummary()
-            if index_state(index_dir) == "index":
+            db = index_dir / DB_NAME
+            if db.is_file() and db.stat().st_size:
                 summary.notes.append(f"{DB_NAME} in {shown(index_dir)} was damaged or "
                                      "unfinished: set aside as index.sqlite.damaged, "
                                      "building it again")
