@@ -44,6 +44,7 @@ their shards independently; :func:`merge_indexes` then joins the n shard indexes
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import sqlite3
@@ -57,7 +58,7 @@ import numpy as np
 
 from zsbir.progress import phase
 from zsbir.search import scan
-from zsbir.search.errors import SearchError
+from zsbir.search.errors import IndexDamagedError, SearchError
 from zsbir.search.files import (
     DB_NAME,
     FAISS_NAME,
@@ -197,8 +198,6 @@ def build_index(run_dir: str | Path, photo_dir: str | Path, index_dir: str | Pat
 def _resumable(index_dir: Path, settings: dict[str, Any], hasher: str | None) -> bool:
     """True: ``index_dir`` is an index of these settings (resume it); False: a damaged or
     unfinished one (build it again); otherwise SearchError naming the difference."""
-    from zsbir.search.errors import IndexDamagedError
-
     try:
         con = connect(index_dir, read_only=False)
     except IndexDamagedError:
@@ -282,8 +281,6 @@ def _same_content(path: Path, sha: str) -> bool:
         data, _ = scan.read_photo(path)
     except OSError:
         return False
-    import hashlib
-
     return hashlib.sha256(data).hexdigest() == sha
 
 
@@ -511,8 +508,6 @@ def merge_indexes(shard_dirs: list[str | Path], index_dir: str | Path) -> BuildS
 def _merge_restartable(index_dir: Path, sources: list[str]) -> bool:
     """An empty or absent directory, or one left by a merge of these shards that did not
     finish (or whose database is damaged): merged (again) from scratch."""
-    from zsbir.search.errors import IndexDamagedError
-
     state = index_state(index_dir)
     if state in ("new", "leftovers"):
         return True
