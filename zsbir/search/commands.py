@@ -33,9 +33,12 @@ def index() -> None:
 
 def _print_summary(s: Any, index_dir: str) -> None:
     from zsbir.progress import format_seconds
+    from zsbir.search.scan import shown
 
+    for note in s.notes:
+        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     for path, reason in s.skipped:
-        err_console.print(f"[yellow]skipped[/] {escape(path)}: {escape(reason)}",
+        err_console.print(f"[yellow]skipped[/] {escape(shown(path))}: {escape(shown(reason))}",
                           highlight=False)
     if s.stale_lock:
         err_console.print(f"[yellow]note:[/] removed a stale write lock of pid "
@@ -44,7 +47,7 @@ def _print_summary(s: Any, index_dir: str) -> None:
     console.print(
         f"{what}{s.embedded} photos embedded ({s.new} new, {s.changed} changed), "
         f"{s.unchanged} unchanged, {s.removed} removed, {len(s.skipped)} skipped; "
-        f"{s.total} photos in {escape(index_dir)} "
+        f"{s.total} photos in {escape(shown(index_dir))} "
         f"({format_seconds(s.seconds)}, {s.photos_per_s:.1f} photos/s)", highlight=False)
     if s.recall_at_10 is not None:
         console.print(f"IVF search: nprobe {s.nprobe}, recall@10 against exact search "
@@ -64,16 +67,20 @@ def _print_summary(s: Any, index_dir: str) -> None:
 @click.option("--shard", metavar="I/N",
               help="Index only shard I of N of the sorted photo list (0-based), e.g. on N "
                    "machines; join the N shard indexes with `zsbir index merge`.")
+@click.option("--follow-outside-links", is_flag=True,
+              help="Also index the files that symbolic links lead to outside PHOTO_DIR "
+                   "(refused by default: `zsbir serve` serves every indexed file). "
+                   "Updates keep this setting.")
 @device_option
 @batch_option
 @workers_option
 def index_build(run_dir: str, photo_dir: str, index_dir: str, hasher: str | None, ann: str,
-                name: str | None, shard: str | None, device: str, batch_size: int,
-                workers: int) -> None:
+                name: str | None, shard: str | None, follow_outside_links: bool, device: str,
+                batch_size: int, workers: int) -> None:
     """Embed every photo under PHOTO_DIR with RUN_DIR's trained model into INDEX_DIR.
 
     INDEX_DIR receives a copy of the model, so searching needs nothing else. Run again on
-    an interrupted build, it resumes.
+    an interrupted or failed build, it resumes.
     """
     from zsbir.engine.distributed import ShardError, parse_shard
     from zsbir.progress import console_output
@@ -86,7 +93,7 @@ def index_build(run_dir: str, photo_dir: str, index_dir: str, hasher: str | None
     with console_output(console):
         s = build_index(run_dir, photo_dir, index_dir, hasher=hasher, ann=ann,  # type: ignore
                         name=name, device=device, batch_size=batch_size, workers=workers,
-                        shard=part)
+                        shard=part, follow_outside_links=follow_outside_links)
     _print_summary(s, index_dir)
 
 
@@ -133,18 +140,21 @@ def search(index_dir: str, sketches: tuple[str, ...], top: int, label: str | Non
            rerank: str | None, as_json: bool, device: str) -> None:
     """Rank the photos of INDEX_DIR for each SKETCH image."""
     from zsbir.search.api import Index
+    from zsbir.search.files import disk_errors
+    from zsbir.search.scan import shown
 
-    idx = Index.open(index_dir, device)
-    queries = []
-    for s in sketches:  # every unreadable sketch is reported before any search runs
-        queries.append(idx.query_image(s))
-    results = idx.search_many(queries, top, label, rerank)
+    with disk_errors(index_dir):  # a database damaged past the checks on opening: one line
+        idx = Index.open(index_dir, device)
+        queries = []
+        for s in sketches:  # every unreadable sketch is reported before any search runs
+            queries.append(idx.query_image(s))
+        results = idx.search_many(queries, top, label, rerank)
     if as_json:
         click.echo(json.dumps({"index": idx.name, "score": idx.score_name,
                                "queries": [{"query": s, "results": [r.to_dict() for r in rs]}
                                            for s, rs in zip(sketches, results)]}, indent=2))
         return
-    rows = [(s, str(r.rank), r.path, r.label or "", str(r.score) if idx.binary
+    rows = [(s, str(r.rank), shown(r.path), shown(r.label or ""), str(r.score) if idx.binary
              else f"{r.score:.4f}") for s, rs in zip(sketches, results) for r in rs]
     columns = ("query", "rank", "photo", "class", idx.score_name)
     if not console.is_terminal:
