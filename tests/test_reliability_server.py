@@ -397,3 +397,31 @@ def test_memory_stays_bounded_under_concurrent_bomb_uploads(live, bomb_gif):
     assert [r.status_code for r in answers] == [413] * 8
     grown_mb = (_rss_peak_kb(pid) - before) / 1024
     assert grown_mb < 100, f"peak RSS grew by {grown_mb:.0f} MB"  # one decode: 169+ MB
+
+
+def test_undecodable_names_are_served_and_shown_safely(tiny_run, tmp_path):
+    """A photo and a folder whose names are not valid UTF-8 (stored losslessly by the
+    index): /api/search and /api/info answer JSON with the names shown as \\xNN, the class
+    filter takes that shown name, and /photos/<id> serves the photo's indexed bytes."""
+    root = tmp_path / "photos"
+    _save(root / "ant" / "0.png", 0, 0)
+    odd_dir = os.fsencode(root) + b"/caf\xe9"
+    os.makedirs(odd_dir)
+    buf = io.BytesIO()
+    Image.fromarray(render(1, 0, 0, 7, 32)).save(buf, "PNG")
+    with open(odd_dir + b"/\xff1.png", "wb") as f:
+        f.write(buf.getvalue())
+    out = tmp_path / "index"
+    build_index(tiny_run, root, out, device="cpu", workers=0)
+    with Index.open(out, "cpu") as idx, TestClient(create_app(idx)) as client:
+        info = client.get("/api/info")
+        assert info.status_code == 200 and "caf\\xe9" in info.json()["labels"]
+        r = client.post("/api/search", json={"drawing": STROKES, "top": 5})
+        assert r.status_code == 200, r.text
+        odd = [x for x in r.json()["results"] if x["label"] == "caf\\xe9"]
+        assert len(odd) == 1 and odd[0]["name"] == "\\xff1.png"
+        only = client.post("/api/search", json={"drawing": STROKES, "class": "caf\\xe9"})
+        assert only.status_code == 200 and [x["id"] for x in only.json()["results"]] == \
+            [odd[0]["id"]]
+        photo = client.get(odd[0]["url"])
+        assert photo.status_code == 200 and photo.content == buf.getvalue()

@@ -37,6 +37,7 @@ from zsbir.search.photos import (
     VerifiedPhoto,
     read_indexed,
 )
+from zsbir.search.scan import fs_name
 from zsbir.search.store import MODEL_NAME, connect, encode, load_faiss, read_meta
 
 __all__ = ["Index", "SearchResult"]
@@ -189,7 +190,10 @@ class Index:
         with self._db:
             row = self._con.execute("SELECT id, path, size, sha256, label FROM photos "
                                     "WHERE id = ?", (photo_id,)).fetchone()
-        return None if row is None else PhotoRecord(*row)
+        if row is None:
+            return None
+        rid, path, size, sha, label = row  # names not valid UTF-8 are stored as BLOBs
+        return PhotoRecord(rid, fs_name(path), size, sha, fs_name(label))
 
     def photo(self, photo_id: int) -> Path | None:
         """The file of an indexed photo (``None`` for an id the index does not hold)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from typing import Any
 
 import click
@@ -139,11 +140,15 @@ def index_update(index_dir: str, device: str, batch_size: int, workers: int) -> 
 def search(index_dir: str, sketches: tuple[str, ...], top: int, label: str | None,
            rerank: str | None, as_json: bool, device: str) -> None:
     """Rank the photos of INDEX_DIR for each SKETCH image."""
+    from PIL import Image
+
     from zsbir.search.api import Index
     from zsbir.search.files import disk_errors
     from zsbir.search.scan import shown
 
-    with disk_errors(index_dir):  # a database damaged past the checks on opening: one line
+    with disk_errors(index_dir), warnings.catch_warnings():
+        # Pillow's multi-line DecompressionBombWarning: the pixel limit gives one line
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         idx = Index.open(index_dir, device)
         queries = []
         for s in sketches:  # every unreadable sketch is reported before any search runs
@@ -175,18 +180,26 @@ def search(index_dir: str, sketches: tuple[str, ...], top: int, label: str | Non
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--max-upload-mb", default=4.0, show_default=True,
               type=click.FloatRange(min=0.01), help="Largest sketch upload accepted.")
+@click.option("--timeout-s", default=30.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Longest a search or photo may take, waiting included (503 beyond); "
+                   "also the limit for receiving a request body (408).")
+@click.option("--max-concurrent", default=4, show_default=True, type=click.IntRange(1, 256),
+              help="Searches, thumbnails and photo reads decoded at once (bounds memory).")
 @device_option
-def serve(index_dir: str, host: str, port: int, max_upload_mb: float, device: str) -> None:
+def serve(index_dir: str, host: str, port: int, max_upload_mb: float, timeout_s: float,
+          max_concurrent: int, device: str) -> None:
     """Serve a sketch-search page (drawing canvas + results) for INDEX_DIR."""
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401  (the serve extra)
 
-        from zsbir.search.server import create_app
+        from zsbir.search.server import create_app, run_server
     except ImportError as exc:
         raise click.ClickException(f"`zsbir serve` needs the serve extra "
                                    f"(pip install 'zsbir[serve]'): {exc}") from exc
-    app = create_app(index_dir, device=device, max_upload_bytes=int(max_upload_mb * 2**20))
+    app = create_app(index_dir, device=device, max_upload_bytes=int(max_upload_mb * 2**20),
+                     max_concurrent=max_concurrent, timeout_s=timeout_s,
+                     body_timeout_s=timeout_s)
     console.print(f"serving {escape(index_dir)} on http://{host}:{port}/ (Ctrl-C stops)",
                   highlight=False)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    run_server(app, host=host, port=port)
     sys.exit(0)

@@ -65,6 +65,7 @@ from zsbir.search.photos import (
     PhotoUnsupported,
     thumbnail,
 )
+from zsbir.search.scan import shown
 
 __all__ = ["MAX_JSON_DEPTH", "create_app", "run_server"]
 
@@ -288,7 +289,8 @@ def create_app(index: str | Path | Index, device: str = "auto",
 
     def describe() -> dict[str, Any]:
         idx.refresh()
-        return idx.describe()
+        d = idx.describe()
+        return {**d, "labels": [shown(lab) for lab in d["labels"]]}  # JSON-safe names
 
     async def info(request: Request) -> Response:
         try:
@@ -407,9 +409,12 @@ def _search(idx: Index, query: Any, top: int, label: str | None, pen: float | No
         query = render_strokes(query, pen_width=pen)
     elif not isinstance(query, (bytes, bytearray)):
         raise HTTPError(400, '"drawing" must be a list of strokes [[xs], [ys]]')
+    if label is not None:  # labels travel as shown() (undecodable bytes as \\xNN)
+        label = {shown(lab): lab for lab in idx.labels}.get(label, label)
     out = []
     for r in idx.search(query, top=top, label=label, rerank=rerank):
-        out.append({"id": r.id, "name": Path(r.path).name, "label": r.label,
+        out.append({"id": r.id, "name": shown(Path(r.path).name),
+                    "label": None if r.label is None else shown(r.label),
                     "score": r.score, "rank": r.rank, "url": f"/photos/{r.id}",
                     "thumb": f"/photos/{r.id}?size=256"})
     return out
