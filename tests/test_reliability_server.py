@@ -56,16 +56,18 @@ def bomb_gif() -> bytes:
 
 def _served(tiny_run: Path, tmp_path: Path):
     """(client, index, photo root, {relative path: id}) over a fresh index of: ant/0-1.png,
-    bee/0-1.png, cat/0.jpg (128 px), ant/link.png -> ../bee/1.png, real_dog/0.png and
-    dog -> real_dog (a folder link that stays inside)."""
+    bee/0-1.png, cat/0.jpg (128 px), ant/link.png -> ../.store/1.png (bee/1.png's bytes in
+    a hidden folder, so the link is the one path the index takes for it) and dog/0.png
+    through dog -> .real_dog (a folder link that stays inside)."""
     root = tmp_path / "photos"
     for c, name in enumerate(("ant", "bee")):
         for i in range(2):
             _save(root / name / f"{i}.png", c, i)
     _save(root / "cat" / "0.jpg", 2, 0, 128, "JPEG")
-    _save(root / "real_dog" / "0.png", 3, 0)
-    os.symlink("../bee/1.png", root / "ant" / "link.png")
-    os.symlink("real_dog", root / "dog")
+    _save(root / ".store" / "1.png", 1, 1)
+    _save(root / ".real_dog" / "0.png", 3, 0)
+    os.symlink("../.store/1.png", root / "ant" / "link.png")
+    os.symlink(".real_dog", root / "dog")
     outside = tmp_path / "outside"  # a folder link leaving the root (think: to /)
     _save(outside / "secret.png", 4, 0)
     os.symlink(outside, root / "everything")
@@ -107,7 +109,7 @@ def test_links_inside_the_folder_are_served(served):
     client, _, root, ids = served
     r = client.get(f"/photos/{ids['ant/link.png']}")
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
-    assert r.content == (root / "bee" / "1.png").read_bytes()
+    assert r.content == (root / ".store" / "1.png").read_bytes()
     assert r.headers["x-content-type-options"] == "nosniff"
     jpg = client.get(f"/photos/{ids['cat/0.jpg']}")
     assert jpg.headers["content-type"] == "image/jpeg"
@@ -174,7 +176,8 @@ def test_a_photo_replaced_by_a_directory_a_fifo_or_a_bomb(served, bomb_gif):
     (root / "bee" / "0.png").write_bytes(bomb_gif)
     for url in (f"/photos/{ids['bee/0.png']}", f"/photos/{ids['bee/0.png']}?size=256"):
         _refused(client.get(url), 409, "changed")
-    (root / "bee" / "1.png").unlink()  # also the target of ant/link.png
+    (root / "bee" / "1.png").unlink()
+    (root / ".store" / "1.png").unlink()  # the target of ant/link.png
     _refused(client.get(f"/photos/{ids['bee/1.png']}"), 404, "no longer on disk")
     _refused(client.get(f"/photos/{ids['ant/link.png']}"), 404, "no longer on disk")
     _refused(client.get(f"/photos/{10**30}"), 404, "no photo")

@@ -38,7 +38,15 @@ from zsbir.search.photos import (
     read_indexed,
 )
 from zsbir.search.scan import fs_name
-from zsbir.search.store import MODEL_NAME, connect, encode, load_faiss, read_meta
+from zsbir.search.store import (
+    MODEL_NAME,
+    RowsGone,
+    connect,
+    encode,
+    gallery_embeddings,
+    load_faiss,
+    read_meta,
+)
 
 __all__ = ["Index", "SearchResult"]
 
@@ -327,21 +335,14 @@ class Index:
     def _embeddings(self, ids: np.ndarray) -> np.ndarray:
         """Stored float32 embeddings of the photos ``ids`` (in that order), read in one
         snapshot; :class:`_Stale` when one of them is no longer in the database."""
-        out: list[np.ndarray] = []
         with self._db:
             self._con.execute("BEGIN")
             try:
-                for chunk in range(0, len(ids), 900):
-                    part = [int(i) for i in ids[chunk:chunk + 900]]
-                    got = dict(self._con.execute(
-                        f"SELECT id, embedding FROM photos WHERE id IN "
-                        f"({','.join('?' * len(part))})", part))
-                    if len(got) != len(part):
-                        raise _Stale
-                    out += [np.frombuffer(got[i], np.float32) for i in part]
+                return gallery_embeddings(self._con, ids)  # checked: finite, right width
+            except RowsGone as exc:
+                raise _Stale from exc
             finally:
                 self._con.execute("COMMIT")
-        return np.stack(out) if out else np.zeros((0, 1), np.float32)
 
     def close(self) -> None:
         self._con.close()

@@ -82,7 +82,7 @@ from zsbir.search.lock import WriteLock
 from zsbir.search.scan import IMAGE_SUFFIXES, db_name, fs_name, shown
 
 __all__ = ["DB_NAME", "FAISS_NAME", "IMAGE_SUFFIXES", "MODEL_NAME", "BuildSummary",
-           "FaissIndex", "build_index", "connect", "encode", "gallery_embeddings",
+           "FaissIndex", "RowsGone", "build_index", "connect", "encode", "gallery_embeddings",
            "load_faiss", "make_faiss", "merge_indexes", "read_meta", "update_index"]
 
 log = logging.getLogger(__name__)
@@ -694,8 +694,13 @@ def load_faiss(index_dir: Path, con: sqlite3.Connection, tm: Any) -> FaissIndex:
                       meta["generation"])
 
 
+class RowsGone(LookupError):
+    """Some of the photos asked for are no longer in the database (an update removed them)."""
+
+
 def gallery_embeddings(con: sqlite3.Connection, ids: np.ndarray) -> np.ndarray:
-    """Stored float32 embeddings of the photos ``ids`` (in that order), checked finite."""
+    """Stored float32 embeddings of the photos ``ids`` (in that order), checked finite;
+    :class:`RowsGone` when one of them is no longer in the database."""
     dim = read_meta(con).get("dim")
     out = []
     for chunk in range(0, len(ids), 900):
@@ -703,5 +708,7 @@ def gallery_embeddings(con: sqlite3.Connection, ids: np.ndarray) -> np.ndarray:
         got = {i: (p, e) for i, p, e in con.execute(
             f"SELECT id, path, embedding FROM photos WHERE id IN "
             f"({','.join('?' * len(part))})", part)}
+        if len(got) != len(part):
+            raise RowsGone(sorted(set(part) - set(got))[:5])
         out.append(_vectors(con, [got[i] for i in part], dim))
     return np.concatenate(out) if out else np.zeros((0, dim or 1), np.float32)
