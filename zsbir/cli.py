@@ -36,12 +36,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from zsbir.engine.checkpoint import CheckpointError
     from zsbir.engine.lock import RunLockedError
     from zsbir.engine.run import RunDirError
-    from zsbir.models.backbone import WeightsNotFoundError
+    from zsbir.models.backbone import WeightsFileError, WeightsNotFoundError
     from zsbir.registry import RegistryError
 
     errors: list[type[BaseException]] = [CorruptImageError, RunDirError, WeightsNotFoundError,
-                                         RegistryError, FileNotFoundError, BuildError,
-                                         CheckpointError, RunLockedError, FloatingPointError]
+                                         WeightsFileError, RegistryError, FileNotFoundError,
+                                         BuildError, CheckpointError, RunLockedError,
+                                         FloatingPointError]
     from zsbir.search.errors import SearchError
 
     errors.append(SearchError)
