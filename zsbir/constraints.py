@@ -161,7 +161,7 @@ class WeightsFile(Constraint):
         return weights_file_problem(value)
 
     def __str__(self) -> str:
-        return "a weights file (state dict)"
+        return "a local state-dict file"
 
 
 @dataclass(frozen=True)
