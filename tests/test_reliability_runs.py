@@ -184,6 +184,10 @@ def _weights(tmp_path: Path, kind: str) -> Path:
     elif kind == "bad_safetensors":
         p = p.with_suffix(".safetensors")
         p.write_bytes(struct.pack("<Q", 9) + b"{not json")
+    elif kind == "deep_safetensors":
+        p = p.with_suffix(".safetensors")
+        header = b"{" + b'"a": ' * 1 + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        p.write_bytes(struct.pack("<Q", len(header)) + header)
     elif kind == "safetensors_no_tensors":
         p = p.with_suffix(".safetensors")
         header = json.dumps({"__metadata__": {"a": "b"}}).encode()
@@ -211,6 +215,7 @@ BAD_WEIGHTS = [
     ("empty_dict", "holds an empty dict, not a state dict"),
     ("malicious", "holds objects other than plain data"),
     ("bad_safetensors", "is not a valid .safetensors file"),
+    ("deep_safetensors", "is not a valid .safetensors file"),
     ("safetensors_no_tensors", "holds an empty dict, not a state dict"),
 ]
 

@@ -27,6 +27,7 @@ import pickle
 import random
 import shutil
 import tempfile
+import warnings
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -182,7 +183,9 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any
                               "written completely")
     verify_archive(path, what)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: not the user's
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         with open(path, "rb") as fh:
             head = fh.read(2)

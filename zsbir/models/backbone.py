@@ -205,7 +205,7 @@ def _read_weights(path: Path, fmt: str, check_only: bool) -> Any:
                 raw = fh.read(n)
             try:
                 header = json.loads(raw)
-            except (UnicodeDecodeError, ValueError) as exc:
+            except (UnicodeDecodeError, ValueError, RecursionError) as exc:
                 raise WeightsFileError(f"{str(path)!r} is not a valid .safetensors file "
                                        f"(its header is not JSON: {exc})") from exc
             if not isinstance(header, dict):
