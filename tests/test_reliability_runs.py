@@ -387,6 +387,14 @@ def test_equal_scale_bounds_are_a_fixed_zoom():
     assert res.exit_code == 0, res.output
 
 
+@pytest.mark.parametrize("scale", [(0.0, 0.0), (1.3, 0.7), (-1.0, 1.0)])
+def test_a_transform_built_in_python_refuses_a_degenerate_scale(scale):
+    from zsbir.data.loading import Transform
+
+    with pytest.raises(ValueError, match=r"scale must be \[low, high\] with 0 < low <= high"):
+        Transform(size=32, train=True, scale=scale)
+
+
 # --------------------------------------------------------------------------- nesting depth
 def _deep(n: int, kind: str) -> str:
     return {"array": "[" * n + "1" + "]" * n,
