@@ -428,3 +428,23 @@ def test_undecodable_names_are_served_and_shown_safely(tiny_run, tmp_path):
             [odd[0]["id"]]
         photo = client.get(odd[0]["url"])
         assert photo.status_code == 200 and photo.content == buf.getvalue()
+
+
+def test_an_index_built_with_outside_links_serves_them_verified(tiny_run, tmp_path):
+    """`index build --follow-outside-links`: a link leaving the folder is indexed and
+    served, still only with its indexed bytes (a retargeted link is stale, 409)."""
+    root, outside = tmp_path / "photos", tmp_path / "dataset"
+    _save(root / "ant" / "0.png", 0, 0)
+    _save(outside / "bee.png", 1, 0)
+    os.symlink(outside / "bee.png", root / "ant" / "bee.png")
+    out = tmp_path / "index"
+    build_index(tiny_run, root, out, device="cpu", workers=0, follow_outside_links=True)
+    with Index.open(out, "cpu") as idx, TestClient(create_app(idx)) as client:
+        ids = {Path(r.path).name: r.id for r in idx.search(STROKES, top=10)}
+        r = client.get(f"/photos/{ids['bee.png']}")
+        assert r.status_code == 200 and r.content == (outside / "bee.png").read_bytes()
+        shadow = tmp_path / "shadow"
+        shadow.write_bytes(SECRET)
+        (root / "ant" / "bee.png").unlink()
+        (root / "ant" / "bee.png").symlink_to(shadow)
+        _refused(client.get(f"/photos/{ids['bee.png']}"), 409, "changed")

@@ -215,7 +215,8 @@ class Index:
         rec = self.photo_record(photo_id)
         if rec is None:
             raise PhotoGone(f"no photo {photo_id} in the index")
-        return read_indexed(self.root, rec, max_bytes)
+        return read_indexed(self.root, rec, max_bytes,
+                            allow_outside=bool(self.meta.get("follow_outside_links")))
 
     # ----------------------------------------------------------------------- search
     def query_image(self, query: Any) -> Any:

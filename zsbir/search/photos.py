@@ -148,17 +148,24 @@ def _kind(mode: int) -> str:
     return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
 
 
-def read_indexed(root: str | Path, rec: PhotoRecord, max_bytes: int = DEFAULT_PHOTO_BYTES
-                 ) -> VerifiedPhoto:
-    """The bytes of ``rec`` under the photo folder ``root``, verified (module docstring)."""
+def read_indexed(root: str | Path, rec: PhotoRecord, max_bytes: int = DEFAULT_PHOTO_BYTES,
+                 allow_outside: bool = False) -> VerifiedPhoto:
+    """The bytes of ``rec`` under the photo folder ``root``, verified (module docstring).
+
+    ``allow_outside``: the index was built with ``--follow-outside-links``, so its links may
+    lead out of the folder; the file is then opened through its links (still only a regular
+    file whose size and SHA-256 are the indexed ones is served)."""
     real_root = os.path.realpath(root)
     inner = _inside(real_root, rec.path)
-    if inner is None:
+    if inner is None and not allow_outside:
         raise PhotoOutside(f"{_name(rec)} now leads outside the indexed photo folder "
                            f"{str(root)!r}; it is not served (re-index with `zsbir index "
                            "update INDEX_DIR`)")
     try:
-        fd = _open_beneath(real_root, inner)
+        if inner is None:
+            fd = os.open(os.path.join(root, rec.path), os.O_RDONLY | _NONBLOCK | _CLOEXEC)
+        else:
+            fd = _open_beneath(real_root, inner)
     except FileNotFoundError as exc:
         raise PhotoGone(f"{_name(rec)} is no longer on disk (run `zsbir index update "
                         "INDEX_DIR`)") from exc
