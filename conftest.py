@@ -5,6 +5,8 @@ an optional package, ../shared) skips with the reason. Under ``CI=true`` such a 
 **failure**: CI installs everything its tests need, so a skip there means an install step
 broke and the test would silently not run. Skips that do not stand for a missing tool say
 so by starting their reason with :data:`BY_DESIGN` (e.g. a CPU-only test on a CUDA machine).
+A module skipped as a whole (``pytest.importorskip`` at its top) is a collection error
+under CI, and the other modules still run.
 
 Under CI the counts are also written as JSON to ``$ZSBIR_CI_SUMMARY`` (when set), which
 ``.ci/run`` prints as its last lines: how many tests ran, and how many of the browser and
@@ -45,6 +47,11 @@ def _fail_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
     report.outcome = "failed"
     report.longrepr = (f"CI=true: this test would have been skipped ({reason}); CI must "
                        "install what its tests need (.ci/run), so a skip here is a failure")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if in_ci():  # a module whose plugin is missing fails; the other modules still run
+        config.option.continue_on_collection_errors = True
 
 
 @pytest.hookimpl(hookwrapper=True)

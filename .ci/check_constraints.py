@@ -11,7 +11,7 @@ import sys
 from importlib import metadata
 
 OURS = re.compile(r"^zsbir(-[a-z]+)?$")
-BOOTSTRAP = {"pip", "setuptools", "wheel"}  # the venv's own; `pip freeze` leaves them out too
+BOOTSTRAP = {"pip"}  # the environment's own installer
 
 
 def _norm(name: str) -> str:

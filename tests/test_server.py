@@ -76,7 +76,7 @@ def test_search_by_strokes_upload_and_raw_body_agree_with_the_api(client, index_
     js = client.post("/api/search", json={"drawing": STROKES, "top": 5}).json()
     assert [x["id"] for x in js["results"]] == [i for i, _ in want_strokes]
     assert [x["score"] for x in js["results"]] == pytest.approx([s for _, s in want_strokes],
-                                                                 abs=1e-5)
+                                                                abs=1e-5)
     first = js["results"][0]
     assert first["url"] == f"/photos/{first['id']}" and first["label"] in {"c0", "c1", "c2"}
     only = client.post("/api/search", json={"drawing": STROKES, "top": 9, "class": "c2"}).json()

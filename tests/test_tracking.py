@@ -245,10 +245,9 @@ def test_training_says_what_runs_before_the_first_step(tmp_path, caplog):
     """The trainer's first event comes before any optimizer step (epochs, steps, batch
     size); the tracker logs it and opens the training bar at the start position, so the
     time left counts every step from there (not from the first logged step)."""
+    import zsbir.engine.trainer as trainer_mod
     from zsbir.engine.run import run_experiment
     from zsbir.manifest import apply_overrides, load, resolve
-
-    import zsbir.engine.trainer as trainer_mod
 
     events: list[dict] = []
     steps_run: list[int] = []

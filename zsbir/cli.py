@@ -5,8 +5,10 @@
 - ``zsbir list [KIND] [PATTERN]``, ``zsbir describe KIND NAME``, ``zsbir plugins``;
 - ``zsbir evaluate --features FILE.npz`` scores saved embeddings.
 
-Errors a user can fix are printed without a traceback: manifest problems (all of them)
-exit with status 2, other such errors with status 1.
+Errors a user can fix are printed without a traceback: manifest problems (all of them,
+whatever ``zsbir validate`` refuses) and usage errors exit with status 2, other such errors
+(data, weights and checkpoint files, run directories, plugins, indexes) with status 1, in
+one line naming the file or key; docs/troubleshooting.md ("Exit codes") lists them.
 """
 
 from __future__ import annotations
@@ -36,12 +38,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from zsbir.engine.checkpoint import CheckpointError
     from zsbir.engine.lock import RunLockedError
     from zsbir.engine.run import RunDirError
-    from zsbir.models.backbone import WeightsNotFoundError
+    from zsbir.models.backbone import WeightsFileError, WeightsNotFoundError
     from zsbir.registry import RegistryError
 
     errors: list[type[BaseException]] = [CorruptImageError, RunDirError, WeightsNotFoundError,
-                                         RegistryError, FileNotFoundError, BuildError,
-                                         CheckpointError, RunLockedError, FloatingPointError]
+                                         WeightsFileError, RegistryError, FileNotFoundError,
+                                         BuildError, CheckpointError, RunLockedError,
+                                         FloatingPointError]
     from zsbir.search.errors import SearchError
 
     errors.append(SearchError)
@@ -91,6 +94,10 @@ class ZsbirGroup(click.Group):
             err_console.print(f"[bold red]error:[/] {escape(exc.format_message())} "
                               f"(see `{escape(where)} --help`)", highlight=False)
             sys.exit(2)
+        except click.ClickException as exc:  # a command's own refusal: one line, its status
+            err_console.print(f"[bold red]error:[/] {escape(exc.format_message())}",
+                              highlight=False)
+            sys.exit(exc.exit_code)
         except _user_errors() as exc:
             _print_error(exc)
             sys.exit(1)

@@ -15,6 +15,7 @@ plain frozen dataclasses, so ``zsbir describe`` can print them (``str(constraint
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Constraint", "ExistingPath", "Length", "Pattern", "Range", "paths_unchecked"]
+__all__ = ["Constraint", "ExistingPath", "Length", "Ordered", "Pattern", "Range", "WeightsFile",
+           "paths_unchecked"]
 
 
 class Constraint:
@@ -120,7 +122,9 @@ def paths_unchecked() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class ExistingPath(Constraint):
-    """A path that must exist (``kind``: "dir", "file" or "any"); empty means unset."""
+    """A path that must exist (``kind``: "dir", "file" or "any"); empty means unset.
+
+    A "file" must be a regular, readable file (not a directory, a device or a FIFO)."""
 
     kind: str = "any"
 
@@ -128,11 +132,57 @@ class ExistingPath(Constraint):
         if not isinstance(value, str) or not value or not _CHECK_PATHS.get():
             return None
         p = Path(value).expanduser()
+        if self.kind == "file" and p.exists():
+            if p.is_dir():
+                return f"{value!r} is a directory, not a file"
+            if not p.is_file():
+                return f"{value!r} is not a regular file (a device, FIFO or socket)"
+            if not os.access(p, os.R_OK):
+                return f"{value!r} is not readable (permission denied)"
+            return None
         ok = {"dir": p.is_dir, "file": p.is_file}.get(self.kind, p.exists)()
         return None if ok else f"no such {self.kind if self.kind != 'any' else 'path'}: {value!r}"
 
     def __str__(self) -> str:
         return f"an existing {self.kind if self.kind != 'any' else 'path'}"
+
+
+@dataclass(frozen=True)
+class WeightsFile(Constraint):
+    """A local weights file (empty or ``None``: unset): a regular, readable file holding a
+    state dict, as :func:`zsbir.models.backbone.weights_file_problem` checks (a
+    ``torch.save`` archive or pickle read with ``weights_only=True``, or .safetensors)."""
+
+    def check(self, value: Any) -> str | None:
+        if not isinstance(value, str) or not value or not _CHECK_PATHS.get():
+            return None
+        from zsbir.models.backbone import weights_file_problem
+
+        return weights_file_problem(value)
+
+    def __str__(self) -> str:
+        return "a local state-dict file"
+
+
+@dataclass(frozen=True)
+class Ordered(Constraint):
+    """A list of numbers in increasing order (``strict``: no two equal), e.g. a range's
+    ``[low, high]``."""
+
+    strict: bool = False
+
+    def check(self, value: Any) -> str | None:
+        if not isinstance(value, list) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            return None
+        for a, b in zip(value, value[1:]):
+            if a > b or (self.strict and a == b):
+                return (f"must be in {'strictly ' if self.strict else ''}increasing order "
+                        f"([low, high]), got {value}")
+        return None
+
+    def __str__(self) -> str:
+        return "strictly increasing" if self.strict else "increasing"
 
 
 def _num(v: float) -> str:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from zsbir.constraints import Length, Pattern, Range, constraints_of
+from zsbir.constraints import Length, Ordered, Pattern, Range, constraints_of
 from zsbir.registry import INJECTED, Component, RegistryError, _singular, get_registry
 
 if sys.version_info >= (3, 11):
@@ -92,9 +92,12 @@ class DataConfig:
     #: SAKE's recipe: with this probability, a random affine transform + flip
     augment_prob: Annotated[float, Range(ge=0, le=1)] = 0.7
     flip: bool = True
-    scale: Annotated[list[float], Length(exactly=2)] = field(default_factory=lambda: [0.7, 1.3])
+    #: the affine transform's zoom range [low, high]: positive (it divides) and ordered
+    scale: Annotated[list[Annotated[float, Range(ge=0.01, le=100)]], Length(exactly=2),
+                     Ordered()] = field(default_factory=lambda: [0.7, 1.3])
     rotation: Annotated[float, Range(ge=0, le=180)] = 30.0
-    translation: Annotated[float, Range(ge=0)] = 10.0
+    #: the largest shift, in pixels of a 224-pixel input
+    translation: Annotated[float, Range(ge=0, le=1000)] = 10.0
     #: "backbone": the mean/std the backbone's weights expect; "none": raw [0, 1] pixels
     normalize: Literal["backbone", "none"] = "backbone"
     #: an unreadable image: "skip" it (reported and counted) or "fail" the run
@@ -293,7 +296,37 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
         raw = tomllib.loads(text.removeprefix("\ufeff"))
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError([Problem("", f"invalid TOML: {exc}")], str(path)) from exc
+    except RecursionError:  # tomllib parses inline tables and arrays recursively
+        raise ManifestError([Problem("", "invalid TOML: inline tables or arrays nested too "
+                                         "deeply for the TOML parser (a manifest may nest "
+                                         f"{MAX_DEPTH} levels at most)")],
+                            str(path)) from None
     return apply_overrides(raw, overrides, source=str(path))
+
+
+#: how deeply tables and arrays may nest in a manifest (the deepest built-in key,
+#: ``teacher.network.backbone.weights``, is 4 levels down)
+MAX_DEPTH = 32
+
+
+def nesting_problem(raw: Any, prefix: str = "") -> Problem | None:
+    """The first value nested deeper than :data:`MAX_DEPTH` tables and arrays, as a
+    :class:`Problem` at its (shortened) key path; ``None`` when there is none. Iterative:
+    it never recurses, whatever the depth."""
+    stack: list[tuple[Any, list[str]]] = [(raw, [prefix] if prefix else [])]
+    while stack:
+        node, parts = stack.pop()
+        if len(parts) > MAX_DEPTH:
+            shown = parts[:6]
+            path = "".join(p if p.startswith("[") or i == 0 else f".{p}"
+                           for i, p in enumerate(shown))
+            return Problem(path + "...", f"nested deeper than {MAX_DEPTH} levels of tables "
+                                         "and arrays")
+        if isinstance(node, dict):
+            stack.extend((v, [*parts, str(k)]) for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend((v, [*parts, f"[{i}]"]) for i, v in enumerate(node))
+    return None
 
 
 _PART = re.compile(r"^([A-Za-z0-9_\-]+)((?:\[\d+\])*)$")
@@ -314,10 +347,17 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str],
             value = tomllib.loads(f"v = {text.strip()}")["v"]
         except tomllib.TOMLDecodeError:
             value = text.strip()
+        except RecursionError:
+            problems.append(Problem(f"--set {key}", f"the value is nested deeper than "
+                                    f"{MAX_DEPTH} levels of tables and arrays"))
+            continue
         try:
             _set_path(raw, key, value)
         except (KeyError, IndexError, TypeError) as exc:
             problems.append(Problem(f"--set {key}", str(exc).strip("'\"")))
+    deep = nesting_problem(raw)
+    if deep is not None:
+        problems.append(deep)
     if problems:
         raise ManifestError(problems, source)
     return raw
@@ -608,6 +648,9 @@ class _Resolver:
 def resolve(raw: Mapping[str, Any], source: str = "<manifest>") -> Manifest:
     """Validate a manifest dict; fill defaults; raise :class:`ManifestError` listing every
     problem. Nothing is built here except registry lookups (which may import a plugin)."""
+    deep = nesting_problem(raw)
+    if deep is not None:  # before anything walks it (recursively)
+        raise ManifestError([deep], source)
     r = _Resolver(raw)
     known = set(CORE_SECTIONS) | set(COMPONENT_SECTIONS) | {"plugins"}
     for key in raw:

@@ -74,6 +74,12 @@ class Transform:
     std: Sequence[float] | None = IMAGENET_STD
     interpolation: str = "bilinear"
 
+    def __post_init__(self) -> None:
+        # the affine transform divides by the zoom (manifests: DataConfig.scale's checks)
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
+            raise ValueError(f"scale must be [low, high] with 0 < low <= high, got "
+                             f"{list(self.scale)}")
+
     def __call__(self, img: Image.Image, seed: int | None = None) -> torch.Tensor:
         resample = _RESAMPLE.get(self.interpolation, Image.BILINEAR)
         img = img.resize((self.size, self.size), resample) if img.size != (

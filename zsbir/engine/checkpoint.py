@@ -8,11 +8,14 @@ checkpoint behind; :func:`clean_stale_temporaries` removes the temporaries such 
 leaves, at the next start.
 
 Every error a user can meet here is one line naming the file (:class:`CheckpointError`):
-a full disk or an unwritable directory when saving; a missing, empty, truncated, garbage
-or non-plain-data (possibly malicious) file when loading. And, as the last line of
-defence against a diverged run, :func:`atomic_save` refuses to write a floating-point
-tensor holding NaN or infinity (:class:`NonFiniteCheckpointError`), so every checkpoint on
-disk is a finite state.
+a full disk or an unwritable directory when saving; a missing, empty, truncated, garbage,
+damaged or non-plain-data (possibly malicious) file when loading. ``torch.save`` writes a
+zip archive whose members carry CRC-32 checksums: :func:`verify_archive` checks every one
+before a checkpoint is loaded (one read of the file), so a bit flipped on disk in a
+tensor's bytes, which ``torch.load`` itself does not notice, is refused, not resumed.
+And, as the last line of defence against a diverged run, :func:`atomic_save` refuses to
+write a floating-point tensor holding NaN or infinity (:class:`NonFiniteCheckpointError`),
+so every checkpoint on disk is a finite state.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ import pickle
 import random
 import shutil
 import tempfile
+import warnings
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +39,7 @@ import torch
 
 __all__ = ["CheckpointError", "NonFiniteCheckpointError", "atomic_save", "capture_rng",
            "clean_stale_temporaries", "first_non_finite", "load_checkpoint",
-           "package_versions", "restore_rng"]
+           "package_versions", "restore_rng", "verify_archive"]
 
 
 class CheckpointError(RuntimeError):
@@ -136,12 +141,36 @@ def clean_stale_temporaries(directory: str | Path) -> list[Path]:
     return removed
 
 
+def verify_archive(path: str | Path, what: str = "checkpoint") -> None:
+    """Check the CRC-32 of every member of a ``torch.save`` zip archive (reads it once).
+
+    Raises :class:`CheckpointError` naming the file and the first damaged member. A file
+    that is not a zip archive (a legacy pickle, a truncated file) is left to the loader."""
+    path = Path(path)
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError,
+            RuntimeError) as exc:  # a damaged header or directory
+        raise CheckpointError(f"{what} {str(path)!r} is damaged ({exc}); it cannot be "
+                              "trusted: restore it or start again") from exc
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {what} {str(path)!r}: "
+                              f"{exc.strerror or exc}") from exc
+    if bad is not None:
+        raise CheckpointError(f"{what} {str(path)!r} is damaged (CRC mismatch in member "
+                              f"{bad!r}); it cannot be trusted: restore it or start again")
+
+
 def load_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` (no arbitrary code runs).
+    """Load a checkpoint with ``weights_only=True`` (no arbitrary code runs), after
+    :func:`verify_archive` has checked its checksums.
 
     Raises :class:`CheckpointError` naming the file when it is missing, empty, truncated,
-    not a ``torch.save`` file, or holds objects other than plain data. ``what`` names the
-    file in those messages (``"weights file"`` for a backbone's weights, say)."""
+    damaged, not a ``torch.save`` file, or holds objects other than plain data. ``what``
+    names the file in those messages (``"weights file"`` for a backbone's weights, say)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no {what} at {str(path)!r}")
@@ -152,8 +181,11 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any
     if size == 0:
         raise CheckpointError(f"{what} {str(path)!r} is empty (0 bytes): it was not "
                               "written completely")
+    verify_archive(path, what)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: not the user's
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         with open(path, "rb") as fh:
             head = fh.read(2)

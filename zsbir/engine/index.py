@@ -64,13 +64,17 @@ class TrainedModel:
         return self.embed_batch(batch)
 
     def hasher(self, tag: str | None) -> Any:
+        """The hasher of this tag (the first one for ``None``); an unknown tag is a
+        :class:`~zsbir.search.errors.SearchError` (a ``ValueError``) listing the run's."""
+        from zsbir.search.errors import SearchError
+
         if tag is None:
             return self.hashers[0]
         for h in self.hashers:
             if h.tag == tag:
                 return h
-        raise ValueError(f"the run has no hasher {tag!r}; it has "
-                         f"{', '.join(h.tag for h in self.hashers)}")
+        raise SearchError(f"the run has no hasher {tag!r}; it has "
+                          f"{', '.join(h.tag for h in self.hashers)}")
 
     @torch.inference_mode()
     def embed(self, paths: list[str], domain: int, batch_size: int = 64

@@ -10,20 +10,36 @@ Weights are separate from the constructor (as in timm): a factory takes
 and no file, the weights are looked up in timm's / Hugging Face's / torch.hub's local
 caches, never downloaded unless ``download = true``; when none is found the error says
 exactly which file would be used and how to provide one.
+
+A ``weights`` file is checked before anything is built (:func:`weights_file_problem`, the
+:class:`~zsbir.constraints.WeightsFile` constraint that ``zsbir validate`` applies): a
+regular, readable file in a format told by its first bytes (a ``torch.save`` zip archive,
+a legacy pickle, ``.safetensors``) that holds a state dict (names -> tensors), read with
+``torch.load(weights_only=True)``, memory-mapped so that the check is cheap. Loading it
+(:func:`load_state_dict_file`) also verifies the archive's checksums. Every problem is one
+line naming the file (:class:`WeightsFileError`).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
+import stat
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
 
-__all__ = ["IMAGENET_CFG", "Backbone", "PretrainedCfg", "TimmBackbone", "WeightsNotFoundError",
-           "find_cached_weights", "load_state_dict_file", "resolve_weights"]
+from zsbir.constraints import WeightsFile
+
+__all__ = ["IMAGENET_CFG", "Backbone", "PretrainedCfg", "TimmBackbone", "WeightsFileError",
+           "WeightsNotFoundError", "WeightsPath", "find_cached_weights",
+           "load_state_dict_file", "resolve_weights", "weights_file_problem"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +74,15 @@ IMAGENET_CFG = PretrainedCfg()
 
 class WeightsNotFoundError(FileNotFoundError):
     """Pretrained weights were asked for and no local source has them."""
+
+
+class WeightsFileError(ValueError):
+    """A ``weights`` file that is not a readable state dict; the message names the file."""
+
+
+#: the annotation of a backbone's ``weights`` parameter: a local file, checked by
+#: ``zsbir validate`` (:class:`~zsbir.constraints.WeightsFile`)
+WeightsPath = Annotated[str | None, WeightsFile()]
 
 
 class Backbone(nn.Module):
@@ -113,27 +138,180 @@ class TimmBackbone(Backbone):
         return None
 
 
+#: a file's type when it is not a regular file (``stat`` test, words)
+_NOT_REGULAR = ((stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                (stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISSOCK, "socket"))
+#: the largest .safetensors JSON header read (the format's own limit is 100 MB)
+_MAX_SAFETENSORS_HEADER = 100 * 2**20
+
+
+def weights_format(path: str | Path) -> str:
+    """``"zip"`` (``torch.save``), ``"pickle"`` (legacy ``torch.save``) or ``"safetensors"``,
+    told by the file's first bytes; :class:`WeightsFileError` (or
+    :class:`WeightsNotFoundError`) naming the file when it is not a readable weights file."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise WeightsNotFoundError(f"{str(path)!r} does not exist") from None
+    except OSError as exc:
+        raise WeightsFileError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from exc
+    if stat.S_ISDIR(st.st_mode):
+        raise WeightsFileError(f"{str(path)!r} is a directory, not a weights file")
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((w for test, w in _NOT_REGULAR if test(st.st_mode)), "special file")
+        raise WeightsFileError(f"{str(path)!r} is a {kind}, not a weights file")
+    if st.st_size == 0:
+        raise WeightsFileError(f"{str(path)!r} is empty (0 bytes), not a weights file")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError as exc:
+        raise WeightsFileError(f"{str(path)!r} is not readable: "
+                               f"{exc.strerror or exc}") from exc
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise WeightsFileError(f"{str(path)!r} is a truncated or damaged zip archive, "
+                                   f"not a weights file ({exc})") from exc
+        if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            raise WeightsFileError(f"{str(path)!r} is a zip archive but not a torch.save "
+                                   "file (no data.pkl member)")
+        return "zip"
+    if head[:1] == b"\x80":
+        return "pickle"
+    n = int.from_bytes(head[:8], "little")
+    if len(head) > 8 and head[8:9] == b"{" and 8 + n <= st.st_size:
+        return "safetensors"
+    raise WeightsFileError(
+        f"{str(path)!r} is not a weights file: neither a torch.save archive or pickle nor "
+        f".safetensors (it starts with {head[:8]!r})")
+
+
+def _read_weights(path: Path, fmt: str, check_only: bool) -> Any:
+    """The object a weights file holds; ``check_only``: a memory-mapped view (zip) or the
+    tensor names (.safetensors header) without reading the data."""
+    from zsbir.engine.checkpoint import CheckpointError, verify_archive
+
+    if fmt == "safetensors":
+        if check_only:
+            with open(path, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if n > _MAX_SAFETENSORS_HEADER:
+                    raise WeightsFileError(f"{str(path)!r}: a .safetensors header of {n} "
+                                           "bytes is too large: the file is damaged")
+                raw = fh.read(n)
+            try:
+                header = json.loads(raw)
+            except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+                raise WeightsFileError(f"{str(path)!r} is not a valid .safetensors file "
+                                       f"(its header is not JSON: {exc})") from exc
+            if not isinstance(header, dict):
+                return header
+            return {k: v for k, v in header.items() if k != "__metadata__"}
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - SafetensorError and friends: the file's fault
+            raise WeightsFileError(f"{str(path)!r} is not a valid .safetensors file "
+                                   f"({type(exc).__name__}: {_first_line(exc)})") from exc
+    if not check_only:
+        try:
+            verify_archive(path, "weights file")
+        except CheckpointError as exc:
+            raise WeightsFileError(str(exc)) from exc
+    try:
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: not the user's
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True,
+                              mmap=check_only and fmt == "zip")
+    except pickle.UnpicklingError as exc:
+        detail = next((ln.strip() for ln in str(exc).splitlines()
+                       if ln.strip() and "WeightsUnpickler" not in ln and "PyTorch" not in ln
+                       and "weights_only" not in ln), "")
+        raise WeightsFileError(
+            f"{str(path)!r} holds objects other than plain data (tensors, numbers, strings, "
+            "lists, dicts), which could run code when loaded: refused"
+            + (f" ({detail[:120]})" if detail else "")) from exc
+    except OSError as exc:
+        raise WeightsFileError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - a truncated or damaged file, whatever torch says
+        raise WeightsFileError(f"{str(path)!r} is truncated or damaged, not a readable "
+                               f"weights file ({type(exc).__name__}: {_first_line(exc)})"
+                               ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    """The telling line of an exception's message (torch's load errors span lines)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    told = next((ln for ln in lines if "size mismatch" in ln), lines[0] if lines else "")
+    return told[:200]
+
+
+def _unwrap(obj: Any) -> Any:
+    """The state dict inside a training checkpoint (``state_dict``/``model``/...)."""
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    return obj
+
+
+def _what(obj: Any) -> str:
+    if isinstance(obj, torch.Tensor):
+        return "a tensor"
+    name = {list: "list", tuple: "tuple", dict: "dict", str: "string", int: "number",
+            float: "number", bool: "bool", type(None): "None"}.get(type(obj))
+    return f"a {name}" if name else f"a {type(obj).__name__}"
+
+
+def _state_dict_problem(path: Path, obj: Any, is_tensor: Any) -> str | None:
+    """Why ``obj`` (unwrapped) is not a state dict: names -> tensors; ``None`` if it is."""
+    if not isinstance(obj, dict):
+        return f"{str(path)!r} holds {_what(obj)}, not a state dict (names -> tensors)"
+    if not obj:
+        return f"{str(path)!r} holds an empty dict, not a state dict (names -> tensors)"
+    bad = next(((k, v) for k, v in obj.items()
+                if not isinstance(k, str) or not is_tensor(v)), None)
+    if bad is not None:
+        return (f"{str(path)!r} holds a dict whose {bad[0]!r} is {_what(bad[1])}, not a "
+                "state dict (names -> tensors)")
+    return None
+
+
+def _is_header_entry(v: Any) -> bool:
+    return isinstance(v, dict) and {"dtype", "shape", "data_offsets"} <= set(v)
+
+
+def weights_file_problem(path: str | Path) -> str | None:
+    """What is wrong with a ``weights`` file, in one line naming it; ``None`` when it is a
+    regular, readable weights file holding a state dict. Cheap: a ``torch.save`` archive
+    is memory-mapped (its tensors are not read), a .safetensors file's header alone read."""
+    path = Path(path).expanduser()
+    try:
+        fmt = weights_format(path)
+        obj = _read_weights(path, fmt, check_only=True)
+    except (WeightsFileError, WeightsNotFoundError) as exc:
+        return str(exc)
+    check = _is_header_entry if fmt == "safetensors" else (
+        lambda v: isinstance(v, torch.Tensor))
+    return _state_dict_problem(path, obj if fmt == "safetensors" else _unwrap(obj), check)
+
+
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a weights file with ``weights_only=True`` (never falls back to pickle).
+    """Read a weights file with ``weights_only=True`` (never falls back to pickle), after
+    checking its format and checksums; :class:`WeightsFileError` naming it otherwise.
 
     Accepts a plain state dict or a checkpoint holding one under ``state_dict``/``model``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise WeightsNotFoundError(f"weights file {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - rewrap with the path
-        raise ValueError(f"cannot read weights file {str(path)!r}: {exc}") from exc
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict):
-        raise ValueError(f"weights file {str(path)!r} holds no state dict")
+    fmt = weights_format(path)
+    obj = _unwrap(_read_weights(path, fmt, check_only=False))
+    problem = _state_dict_problem(path, obj, lambda v: isinstance(v, torch.Tensor))
+    if problem:
+        raise WeightsFileError(problem)
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
@@ -183,10 +361,13 @@ def resolve_weights(
     """
     if weights:
         path = Path(weights).expanduser()
-        if not path.is_file():
+        try:
+            weights_format(path)
+        except WeightsNotFoundError:
             raise WeightsNotFoundError(
-                f"backbone {backbone!r}: weights file {str(path)!r} does not exist"
-            )
+                f"backbone {backbone!r}: weights file {str(path)!r} does not exist") from None
+        except WeightsFileError as exc:
+            raise WeightsFileError(f"backbone {backbone!r}: {exc}") from None
         return path
     if not pretrained:
         return None
@@ -218,15 +399,29 @@ def create_timm(
     ).endswith(".bin"):
         # plain state dict: load it ourselves so nested checkpoints work too
         model = timm.create_model(timm_name, pretrained=False, **kwargs)
-        state = load_state_dict_file(source)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            state = load_state_dict_file(source)
+        except WeightsFileError as exc:
+            raise WeightsFileError(f"backbone {backbone!r}: {exc}") from None
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # size mismatches
+            raise WeightsFileError(f"backbone {backbone!r}: weights file {str(source)!r} does "
+                                   f"not match {timm_name}: {_first_line(exc)}") from exc
         if missing or unexpected:
-            raise ValueError(
+            raise WeightsFileError(
                 f"backbone {backbone!r}: weights file {str(source)!r} does not match "
                 f"{timm_name}: missing {sorted(missing)[:5]}{'...' if len(missing) > 5 else ''}"
                 f", unexpected {sorted(unexpected)[:5]}{'...' if len(unexpected) > 5 else ''}"
             )
         return model, True
+    if source is not None and weights_format(source) == "zip":  # timm reads it: verify first
+        from zsbir.engine.checkpoint import CheckpointError, verify_archive
+
+        try:
+            verify_archive(source, "weights file")
+        except CheckpointError as exc:
+            raise WeightsFileError(f"backbone {backbone!r}: {exc}") from exc
     overlay = {"file": str(source)} if source is not None else None
     model = timm.create_model(
         timm_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs

@@ -46,6 +46,7 @@ from torch import nn
 from zsbir.models.backbone import (
     IMAGENET_CFG,
     Backbone,
+    WeightsPath,
     load_state_dict_file,
     resolve_weights,
 )
@@ -257,7 +258,7 @@ def _create(name: str, conditional: bool, pretrained: bool, weights: str | None,
 
 
 @backbones.register("cse_resnet50")
-def cse_resnet50(pretrained: bool = True, weights: str | None = None,
+def cse_resnet50(pretrained: bool = True, weights: WeightsPath = None,
                  download: bool = False) -> Backbone:
     """CSE-ResNet-50 (SAKE, Liu et al., ICCV 2019, Sec. 3.3), 2048-d pooled features.
 
@@ -270,7 +271,7 @@ def cse_resnet50(pretrained: bool = True, weights: str | None = None,
 
 
 @backbones.register("se_resnet50")
-def se_resnet50(pretrained: bool = True, weights: str | None = None,
+def se_resnet50(pretrained: bool = True, weights: WeightsPath = None,
                 download: bool = False) -> Backbone:
     """SE-ResNet-50 (Hu et al., CVPR 2018), 2048-d pooled features: timm's
     ``legacy_seresnet50``, SAKE's ImageNet initialization and frozen teacher."""

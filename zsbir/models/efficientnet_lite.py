@@ -49,6 +49,7 @@ from zsbir.models.backbone import (
     PretrainedCfg,
     TimmBackbone,
     WeightsNotFoundError,
+    WeightsPath,
     create_timm,
     load_state_dict_file,
     resolve_weights,
@@ -195,7 +196,7 @@ def _load_into(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -
 
 
 def create_efficientnet_lite(
-    n: int, pretrained: bool = True, weights: str | None = None, download: bool = False,
+    n: int, pretrained: bool = True, weights: WeightsPath = None, download: bool = False,
     weights_normalization: Literal["auto", "imagenet", "inception"] = "auto",
 ) -> EfficientNetLiteBackbone:
     """Build ``efficientnet_lite{n}`` with weights from the sources in the module doc."""
@@ -231,7 +232,7 @@ def create_efficientnet_lite(
 def _register_variant(n: int, doc: str) -> None:
     """Register ``efficientnet_lite{n}`` with the typed signature manifests validate."""
 
-    def variant(pretrained: bool = True, weights: str | None = None, download: bool = False,
+    def variant(pretrained: bool = True, weights: WeightsPath = None, download: bool = False,
                 weights_normalization: Literal["auto", "imagenet", "inception"] = "auto",
                 ) -> Backbone:
         return create_efficientnet_lite(n, pretrained, weights, download, weights_normalization)

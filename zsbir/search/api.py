@@ -9,12 +9,19 @@ vector strokes (QuickDraw's ``drawing`` field, rendered by :mod:`zsbir.search.st
 Scores are cosine similarities (descending) for real-valued indexes and Hamming distances
 (ascending) for binary ones (:attr:`Index.score_name`). Ties are ordered by photo path, so
 a result never depends on the order photos were added in.
+
+An open index follows its directory: when ``zsbir index update`` (or a resumed build) has
+committed since it was read (the database's ``generation``), the photo table and search
+structure are reloaded before the next search, so filters and results see the current
+photos. A sketch image's size is checked against ``max_sketch_pixels`` before it is
+decoded (:mod:`zsbir.search.limits`); :meth:`Index.read_photo` returns a photo's bytes only
+as they were indexed (:mod:`zsbir.search.photos`).
 """
 
 from __future__ import annotations
 
-import io
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +29,18 @@ from typing import Any
 import numpy as np
 
 from zsbir.search.errors import SearchError
+from zsbir.search.limits import DEFAULT_SKETCH_PIXELS, ImageTooLarge, NotAnImage, open_image
+from zsbir.search.photos import (
+    DEFAULT_PHOTO_BYTES,
+    PhotoGone,
+    PhotoRecord,
+    VerifiedPhoto,
+    read_indexed,
+)
+from zsbir.search.scan import fs_name
 from zsbir.search.store import (
     MODEL_NAME,
+    RowsGone,
     connect,
     encode,
     gallery_embeddings,
@@ -74,14 +91,28 @@ def _ranked(index: Any, q: np.ndarray, k: int, binary: bool) -> tuple[np.ndarray
     return out_v, out_l
 
 
-class Index:
-    """An open index directory: the model, the faiss index and the photo table in memory."""
+class _Stale(Exception):
+    """The database lost photos the in-memory index holds (a writer committed meanwhile)."""
 
-    def __init__(self, path: str | Path, device: str = "auto"):
+
+class Index:
+    """An open index directory: the model, the faiss index and the photo table in memory.
+
+    ``max_sketch_pixels``: the largest sketch image decoded (width x height, checked from
+    its header). Thread-safe: searches share one lock, photo look-ups a database lock.
+    """
+
+    #: while a writer is mid-way, reload its committed rows at most this often (seconds)
+    reload_interval_s = 10.0
+
+    def __init__(self, path: str | Path, device: str = "auto",
+                 max_sketch_pixels: int = DEFAULT_SKETCH_PIXELS):
         from zsbir.engine.index import load_trained
 
         self.path = Path(path)
+        self.max_sketch_pixels = int(max_sketch_pixels)
         self._con = connect(self.path)
+        self._db = threading.Lock()  # the sqlite connection, shared by threads
         self.meta = read_meta(self._con)
         model_file = self.path / self.meta.get("model_file", MODEL_NAME)
         if not model_file.is_file():
@@ -91,14 +122,46 @@ class Index:
         self.binary = bool(self.meta["binary"])
         self.root = Path(self.meta["photo_root"])
         self._fx = load_faiss(self.path, self._con, self.model)
-        self._pos = {int(i): p for p, i in enumerate(self._fx.ids)}
+        self._loaded_at = time.monotonic()
         self._lock = threading.Lock()
         self._rerankers: dict[str, Any] = {}
 
     @classmethod
-    def open(cls, path: str | Path, device: str = "auto") -> Index:
+    def open(cls, path: str | Path, device: str = "auto",
+             max_sketch_pixels: int = DEFAULT_SKETCH_PIXELS) -> Index:
         """Load an index made by ``zsbir index build`` (searching needs nothing else)."""
-        return cls(path, device)
+        return cls(path, device, max_sketch_pixels)
+
+    # ---------------------------------------------------------------------- freshness
+    @property
+    def generation(self) -> int:
+        """The database generation the in-memory photo table reflects."""
+        return int(self._fx.generation)
+
+    def refresh(self, force: bool = False) -> bool:
+        """Reload the photo table and search structure when the database changed since they
+        were read (``True`` when reloaded). While a writer is mid-way (its faiss file not
+        written yet), its committed rows are loaded at most every :attr:`reload_interval_s`
+        seconds (unless ``force``); a finished update is picked up at once."""
+        with self._lock:
+            return self._refresh(force)
+
+    def _refresh(self, force: bool) -> bool:
+        with self._db:
+            meta = read_meta(self._con)
+        gen = meta.get("generation")
+        if gen == self._fx.generation and not force:
+            return False
+        writing = meta.get("faiss_generation") != gen
+        if (writing and not force
+                and time.monotonic() - self._loaded_at < self.reload_interval_s):
+            return False
+        with self._db:
+            fx = load_faiss(self.path, self._con, self.model)
+            self.meta = read_meta(self._con)
+        self.root = Path(self.meta["photo_root"])
+        self._fx, self._loaded_at = fx, time.monotonic()
+        return True
 
     # ------------------------------------------------------------------ description
     @property
@@ -127,10 +190,33 @@ class Index:
                 "ann": self.meta["ann"], "labels": self.labels,
                 "recall_at_10": self.meta.get("recall_at_10")}
 
+    def photo_record(self, photo_id: int) -> PhotoRecord | None:
+        """An indexed photo's current row (``None`` for an id the index does not hold)."""
+        photo_id = int(photo_id)
+        if not 0 <= photo_id < 2**63:
+            return None
+        with self._db:
+            row = self._con.execute("SELECT id, path, size, sha256, label FROM photos "
+                                    "WHERE id = ?", (photo_id,)).fetchone()
+        if row is None:
+            return None
+        rid, path, size, sha, label = row  # names not valid UTF-8 are stored as BLOBs
+        return PhotoRecord(rid, fs_name(path), size, sha, fs_name(label))
+
     def photo(self, photo_id: int) -> Path | None:
         """The file of an indexed photo (``None`` for an id the index does not hold)."""
-        pos = self._pos.get(int(photo_id))
-        return None if pos is None else self.root / self._fx.paths[pos]
+        rec = self.photo_record(photo_id)
+        return None if rec is None else self.root / rec.path
+
+    def read_photo(self, photo_id: int, max_bytes: int = DEFAULT_PHOTO_BYTES
+                   ) -> VerifiedPhoto:
+        """A photo's bytes exactly as indexed (inside the photo folder, same size and
+        SHA-256, an accepted image format), else a :class:`zsbir.search.photos.PhotoError`."""
+        rec = self.photo_record(photo_id)
+        if rec is None:
+            raise PhotoGone(f"no photo {photo_id} in the index")
+        return read_indexed(self.root, rec, max_bytes,
+                            allow_outside=bool(self.meta.get("follow_outside_links")))
 
     # ----------------------------------------------------------------------- search
     def query_image(self, query: Any) -> Any:
@@ -143,17 +229,22 @@ class Index:
             return query.convert("RGB")
         if isinstance(query, list):
             return render_strokes(query)
+        upload = isinstance(query, (bytes, bytearray))
+        what = "the uploaded sketch" if upload else f"sketch {str(query)!r}"
         try:
-            if isinstance(query, (bytes, bytearray)):
-                with Image.open(io.BytesIO(query)) as im:
-                    im.load()
-                    return _flatten(im)
-            if isinstance(query, (str, Path)):
-                with Image.open(query) as im:
+            if upload or isinstance(query, (str, Path)):
+                with open_image(query, self.max_sketch_pixels, what) as im:
                     im.load()
                     return _flatten(im)
         except FileNotFoundError as exc:
             raise SearchError(f"no sketch file {str(query)!r}") from exc
+        except ImageTooLarge:
+            raise
+        except NotAnImage as exc:
+            if upload:
+                raise
+            raise SearchError(f"cannot read {what} as an image: not a PNG, JPEG, GIF, BMP or "
+                              "WebP file") from exc
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             if isinstance(query, (bytes, bytearray)):
                 raise SearchError("the uploaded sketch is not an image PIL can read (PNG, "
@@ -174,19 +265,35 @@ class Index:
 
         if isinstance(top, bool) or not isinstance(top, int) or top < 1:
             raise SearchError(f"top must be a positive integer, got {top!r}")
-        if label is not None and label not in set(self._fx.labels):
-            known = ", ".join(self.labels[:20]) or "none: the photos sit in one folder"
-            raise SearchError(f"no photos labelled {label!r} in the index (labels: {known})")
+        self.refresh()
+        self._check_label(label)
         images = [self.query_image(q) for q in queries]
         with self._lock:
             emb = self.model.embed_images(images, SKETCH)
-            if rerank is not None:
-                return self._reranked(emb, top, label, rerank)
-            codes = encode(self.hasher, emb)
-            if label is None:
-                values, positions = _ranked(self._fx.index, codes, top, self.binary)
-            else:
-                values, positions = self._search_label(codes, top, label)
+            for attempt in range(3):  # a writer may commit between reading and searching
+                self._refresh(force=attempt > 0)
+                self._check_label(label)
+                try:
+                    return self._search_embedded(emb, top, label, rerank)
+                except _Stale:
+                    continue
+        raise SearchError("the index changed three times during one search (an update is "
+                          "running); search again")
+
+    def _check_label(self, label: str | None) -> None:
+        if label is not None and label not in set(self._fx.labels):
+            known = ", ".join(self.labels[:20]) or "none: the photos sit in one folder"
+            raise SearchError(f"no photos labelled {label!r} in the index (labels: {known})")
+
+    def _search_embedded(self, emb: np.ndarray, top: int, label: str | None,
+                         rerank: str | None) -> list[list[SearchResult]]:
+        if rerank is not None:
+            return self._reranked(emb, top, label, rerank)
+        codes = encode(self.hasher, emb)
+        if label is None:
+            values, positions = _ranked(self._fx.index, codes, top, self.binary)
+        else:
+            values, positions = self._search_label(codes, top, label)
         return [self._records(v, p) for v, p in zip(values, positions)]
 
     def _records(self, values: np.ndarray, positions: np.ndarray) -> list[SearchResult]:
@@ -201,7 +308,7 @@ class Index:
         from zsbir.hashing.search import search
 
         subset = np.flatnonzero(np.array([lab == label for lab in self._fx.labels]))
-        gallery = encode(self.hasher, gallery_embeddings(self._con, self._fx.ids[subset]))
+        gallery = encode(self.hasher, self._embeddings(self._fx.ids[subset]))
         values, idx = search(codes, gallery, top, binary=self.binary)
         return values, subset[idx]
 
@@ -224,7 +331,19 @@ class Index:
         index = self._fx.index
         if self.meta["ann"] == "flat" and len(positions) == len(self):
             return index.reconstruct_n(0, index.ntotal)
-        return encode(self.hasher, gallery_embeddings(self._con, self._fx.ids[positions]))
+        return encode(self.hasher, self._embeddings(self._fx.ids[positions]))
+
+    def _embeddings(self, ids: np.ndarray) -> np.ndarray:
+        """Stored float32 embeddings of the photos ``ids`` (in that order), read in one
+        snapshot; :class:`_Stale` when one of them is no longer in the database."""
+        with self._db:
+            self._con.execute("BEGIN")
+            try:
+                return gallery_embeddings(self._con, ids)  # checked: finite, right width
+            except RowsGone as exc:
+                raise _Stale from exc
+            finally:
+                self._con.execute("COMMIT")
 
     def close(self) -> None:
         self._con.close()

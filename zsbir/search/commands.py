@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from typing import Any
 
 import click
@@ -33,9 +34,12 @@ def index() -> None:
 
 def _print_summary(s: Any, index_dir: str) -> None:
     from zsbir.progress import format_seconds
+    from zsbir.search.scan import shown
 
+    for note in s.notes:
+        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     for path, reason in s.skipped:
-        err_console.print(f"[yellow]skipped[/] {escape(path)}: {escape(reason)}",
+        err_console.print(f"[yellow]skipped[/] {escape(shown(path))}: {escape(shown(reason))}",
                           highlight=False)
     if s.stale_lock:
         err_console.print(f"[yellow]note:[/] removed a stale write lock of pid "
@@ -44,7 +48,7 @@ def _print_summary(s: Any, index_dir: str) -> None:
     console.print(
         f"{what}{s.embedded} photos embedded ({s.new} new, {s.changed} changed), "
         f"{s.unchanged} unchanged, {s.removed} removed, {len(s.skipped)} skipped; "
-        f"{s.total} photos in {escape(index_dir)} "
+        f"{s.total} photos in {escape(shown(index_dir))} "
         f"({format_seconds(s.seconds)}, {s.photos_per_s:.1f} photos/s)", highlight=False)
     if s.recall_at_10 is not None:
         console.print(f"IVF search: nprobe {s.nprobe}, recall@10 against exact search "
@@ -64,16 +68,20 @@ def _print_summary(s: Any, index_dir: str) -> None:
 @click.option("--shard", metavar="I/N",
               help="Index only shard I of N of the sorted photo list (0-based), e.g. on N "
                    "machines; join the N shard indexes with `zsbir index merge`.")
+@click.option("--follow-outside-links", is_flag=True,
+              help="Also index the files that symbolic links lead to outside PHOTO_DIR "
+                   "(refused by default: `zsbir serve` serves every indexed file). "
+                   "Updates keep this setting.")
 @device_option
 @batch_option
 @workers_option
 def index_build(run_dir: str, photo_dir: str, index_dir: str, hasher: str | None, ann: str,
-                name: str | None, shard: str | None, device: str, batch_size: int,
-                workers: int) -> None:
+                name: str | None, shard: str | None, follow_outside_links: bool, device: str,
+                batch_size: int, workers: int) -> None:
     """Embed every photo under PHOTO_DIR with RUN_DIR's trained model into INDEX_DIR.
 
     INDEX_DIR receives a copy of the model, so searching needs nothing else. Run again on
-    an interrupted build, it resumes.
+    an interrupted or failed build, it resumes.
     """
     from zsbir.engine.distributed import ShardError, parse_shard
     from zsbir.progress import console_output
@@ -86,7 +94,7 @@ def index_build(run_dir: str, photo_dir: str, index_dir: str, hasher: str | None
     with console_output(console):
         s = build_index(run_dir, photo_dir, index_dir, hasher=hasher, ann=ann,  # type: ignore
                         name=name, device=device, batch_size=batch_size, workers=workers,
-                        shard=part)
+                        shard=part, follow_outside_links=follow_outside_links)
     _print_summary(s, index_dir)
 
 
@@ -132,21 +140,28 @@ def index_update(index_dir: str, device: str, batch_size: int, workers: int) -> 
 def search(index_dir: str, sketches: tuple[str, ...], top: int, label: str | None,
            rerank: str | None, as_json: bool, device: str) -> None:
     """Rank the photos of INDEX_DIR for each SKETCH image."""
+    from PIL import Image
+
     from zsbir.engine.threads import use_threads
     from zsbir.search.api import Index
+    from zsbir.search.files import disk_errors
+    from zsbir.search.scan import shown
 
     use_threads("evaluate")  # one search at a time: the whole CPU share (zsbir.engine.threads)
-    idx = Index.open(index_dir, device)
-    queries = []
-    for s in sketches:  # every unreadable sketch is reported before any search runs
-        queries.append(idx.query_image(s))
-    results = idx.search_many(queries, top, label, rerank)
+    with disk_errors(index_dir), warnings.catch_warnings():
+        # Pillow's multi-line DecompressionBombWarning: the pixel limit gives one line
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        idx = Index.open(index_dir, device)
+        queries = []
+        for s in sketches:  # every unreadable sketch is reported before any search runs
+            queries.append(idx.query_image(s))
+        results = idx.search_many(queries, top, label, rerank)
     if as_json:
         click.echo(json.dumps({"index": idx.name, "score": idx.score_name,
                                "queries": [{"query": s, "results": [r.to_dict() for r in rs]}
                                            for s, rs in zip(sketches, results)]}, indent=2))
         return
-    rows = [(s, str(r.rank), r.path, r.label or "", str(r.score) if idx.binary
+    rows = [(s, str(r.rank), shown(r.path), shown(r.label or ""), str(r.score) if idx.binary
              else f"{r.score:.4f}") for s, rs in zip(sketches, results) for r in rs]
     columns = ("query", "rank", "photo", "class", idx.score_name)
     if not console.is_terminal:
@@ -167,21 +182,29 @@ def search(index_dir: str, sketches: tuple[str, ...], top: int, label: str | Non
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--max-upload-mb", default=4.0, show_default=True,
               type=click.FloatRange(min=0.01), help="Largest sketch upload accepted.")
+@click.option("--timeout-s", default=30.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Longest a search or photo may take, waiting included (503 beyond); "
+                   "also the limit for receiving a request body (408).")
+@click.option("--max-concurrent", default=4, show_default=True, type=click.IntRange(1, 256),
+              help="Searches, thumbnails and photo reads decoded at once (bounds memory).")
 @device_option
-def serve(index_dir: str, host: str, port: int, max_upload_mb: float, device: str) -> None:
+def serve(index_dir: str, host: str, port: int, max_upload_mb: float, timeout_s: float,
+          max_concurrent: int, device: str) -> None:
     """Serve a sketch-search page (drawing canvas + results) for INDEX_DIR."""
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401  (the serve extra)
 
-        from zsbir.search.server import create_app
+        from zsbir.search.server import create_app, run_server
     except ImportError as exc:
         raise click.ClickException(f"`zsbir serve` needs the serve extra "
                                    f"(pip install 'zsbir[serve]'): {exc}") from exc
     from zsbir.engine.threads import use_threads
 
     use_threads("evaluate")  # the model runs one request at a time: all the CPU share each
-    app = create_app(index_dir, device=device, max_upload_bytes=int(max_upload_mb * 2**20))
+    app = create_app(index_dir, device=device, max_upload_bytes=int(max_upload_mb * 2**20),
+                     max_concurrent=max_concurrent, timeout_s=timeout_s,
+                     body_timeout_s=timeout_s)
     console.print(f"serving {escape(index_dir)} on http://{host}:{port}/ (Ctrl-C stops)",
                   highlight=False)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    run_server(app, host=host, port=port)
     sys.exit(0)

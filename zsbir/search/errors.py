@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["IndexLockedError", "SearchError"]
+__all__ = ["IndexDamagedError", "IndexLockedError", "SearchError"]
 
 
 class SearchError(ValueError):
@@ -11,3 +11,7 @@ class SearchError(ValueError):
 
 class IndexLockedError(SearchError):
     """Another process holds the index directory's write lock."""
+
+
+class IndexDamagedError(SearchError):
+    """An index file is empty, truncated or corrupted (rebuild the index)."""
