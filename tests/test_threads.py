@@ -89,11 +89,11 @@ def test_usable_cpus_is_affinity_capped_by_the_quota(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------ plan
 @pytest.mark.parametrize(("cpus", "procs", "device", "share", "workers", "train", "evaluate"), [
-    (2, 1, "cpu", 2, 1, 1, 2),     # this VM: one worker decodes, one thread computes
+    (2, 1, "cpu", 2, 1, 2, 2),     # this VM: one worker decodes beside 2 compute threads
     (1, 1, "cpu", 1, 0, 1, 1),     # one CPU: decode in the main process
     (2, 2, "cpu", 1, 0, 1, 1),     # --nproc 2 on 2 CPUs
-    (16, 1, "cpu", 16, 1, 15, 16),
-    (16, 3, "cpu", 5, 1, 4, 5),    # 16 // 3
+    (16, 1, "cpu", 16, 1, 16, 16),
+    (16, 3, "cpu", 5, 1, 5, 5),    # 16 // 3
     (32, 1, "cuda", 32, 8, 24, 32),
     (32, 4, "cuda", 8, 8, 1, 8),   # 8 workers fill the share; one thread drives the GPU
     (6, 2, "cuda", 3, 3, 1, 3),
@@ -108,9 +108,11 @@ def test_plan_arithmetic(cpus, procs, device, share, workers, train, evaluate):
 
 def test_plan_with_explicit_workers_and_torchrun_processes():
     p = plan_threads("cpu", workers=3, budget=budget(8), env={})
+    assert (p.loader_workers, p.train_threads, p.eval_threads) == (3, 8, 8)
+    p = plan_threads("cuda", workers=3, budget=budget(8), env={})
     assert (p.loader_workers, p.train_threads, p.eval_threads) == (3, 5, 8)
     p = plan_threads("cpu", budget=budget(8), env={"LOCAL_WORLD_SIZE": "4"})
-    assert (p.processes, p.share, p.train_threads) == (4, 2, 1)
+    assert (p.processes, p.share, p.train_threads) == (4, 2, 2)
 
 
 def test_overrides_environment_wins_over_manifest():
@@ -146,7 +148,7 @@ def test_launcher_divides_and_marks_its_own_omp_value(monkeypatch):
     assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["KMP_BLOCKTIME"] == "0"
     child = plan_threads("cpu", budget=budget(8), env={**env, "LOCAL_WORLD_SIZE": "2"})
     assert (child.source, child.share, child.train_threads, child.eval_threads) == (
-        "policy", 4, 3, 4)
+        "policy", 4, 4, 4)
     user = T.launcher_env(2, env={"OMP_NUM_THREADS": "2"})  # the user's choice is passed on
     assert user["OMP_NUM_THREADS"] == "2" and "ZSBIR_LAUNCHER_OMP" not in user
     assert plan_threads("cpu", budget=budget(8), env=user).source == "OMP_NUM_THREADS"
@@ -166,7 +168,7 @@ def test_prepare_environment_keeps_the_users_wait_policy():
 
 
 def test_apply_phase_and_worker_init(torch_threads):
-    p = plan_threads("cpu", budget=budget(3), env={})
+    p = plan_threads("cuda", workers=1, budget=budget(3), env={})  # 2 beside the worker
     T.apply_plan(p)
     assert torch.get_num_threads() == 2 and T.current_plan() is p
     with T.phase("evaluate"):

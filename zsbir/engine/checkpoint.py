@@ -164,6 +164,14 @@ def verify_archive(path: str | Path, what: str = "checkpoint") -> None:
                               f"{bad!r}); it cannot be trusted: restore it or start again")
 
 
+def unpickling_detail(exc: BaseException) -> str:
+    """The line of torch's ``weights_only`` refusal that names what was refused (its
+    advice about ``weights_only`` left out), or ''."""
+    return next((ln.strip() for ln in str(exc).splitlines()
+                 if ln.strip() and "WeightsUnpickler" not in ln and "PyTorch" not in ln
+                 and "weights_only" not in ln), "")
+
+
 def load_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True`` (no arbitrary code runs), after
     :func:`verify_archive` has checked its checksums.
@@ -192,9 +200,7 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any
         if not (head[:1] == b"\x80" or zipfile.is_zipfile(path)):  # no pickle, no zip
             raise CheckpointError(f"{what} {str(path)!r} is truncated or not a {what} "
                                   f"({size} bytes; not a torch.save file)") from exc
-        detail = next((ln.strip() for ln in str(exc).splitlines()
-                       if ln.strip() and "WeightsUnpickler" not in ln and "PyTorch" not in ln
-                       and "weights_only" not in ln), "")
+        detail = unpickling_detail(exc)
         raise CheckpointError(
             f"refusing to load {what} {str(path)!r}: it holds objects other than plain "
             "data (tensors, numbers, strings, lists, dicts), which could run code when "

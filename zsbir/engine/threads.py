@@ -14,10 +14,13 @@ Within a share (:func:`plan_threads`):
   two or more CPUs (decoding overlaps compute), none on one CPU; with CUDA one per CPU
   of the share, at most 8. Each worker runs one torch thread (:func:`worker_init`).
 - **intra-op threads while loader workers decode** (training, embedding, ``zsbir
-  index``): the share minus the CPUs the workers need (``share - workers``, at least 1).
-  The old default, torch's one thread per core in every process, ran beside the loader
-  worker: more runnable threads than cores, and OpenMP's barriers then wait for a
-  descheduled thread at every parallel operation (benchmarks/README.md, "CPU threads").
+  index``): on the CPU the whole share; with CUDA the share minus the CPUs the workers
+  need (``share - workers``, at least 1: the workers decode, one thread drives the GPU).
+  The collapse of the old default beside other work came from OpenMP's active wait: with
+  more runnable threads than cores, its barriers spin waiting for a descheduled thread at
+  every parallel operation; with the passive wait below, the whole share beside the
+  worker measured fastest alone and beside a busy process, and share - workers fastest
+  for two runs at once (benchmarks/README.md, "CPU threads": both are recorded there).
 - **intra-op threads for scoring** (evaluation after embedding, ``zsbir search``,
   ``zsbir serve``, whose model calls run one at a time): the whole share, nothing else
   runs beside them.
@@ -280,8 +283,9 @@ def plan_threads(device: Any = "cpu", requested: int = 0, workers: int = -1, *,
     else:
         source = "policy"
         evaluate = share
-        # the CPU workers need: one each while they decode beside the compute
-        train = max(1, share - n_workers)
+        # CUDA: the workers decode, one thread drives the GPU; CPU: the passive wait lets
+        # the whole share compute beside the worker (measured: benchmarks/README.md)
+        train = max(1, share - n_workers) if dtype == "cuda" else share
     return ThreadPlan(**common, train_threads=train, eval_threads=evaluate,
                       interop_threads=1, wait_policy=user_wait or WAIT_ENV["OMP_WAIT_POLICY"],
                       source=source)

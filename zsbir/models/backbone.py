@@ -229,9 +229,9 @@ def _read_weights(path: Path, fmt: str, check_only: bool) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True,
                               mmap=check_only and fmt == "zip")
     except pickle.UnpicklingError as exc:
-        detail = next((ln.strip() for ln in str(exc).splitlines()
-                       if ln.strip() and "WeightsUnpickler" not in ln and "PyTorch" not in ln
-                       and "weights_only" not in ln), "")
+        from zsbir.engine.checkpoint import unpickling_detail
+
+        detail = unpickling_detail(exc)
         raise WeightsFileError(
             f"{str(path)!r} holds objects other than plain data (tensors, numbers, strings, "
             "lists, dicts), which could run code when loaded: refused"

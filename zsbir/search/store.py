@@ -195,17 +195,24 @@ def build_index(run_dir: str | Path, photo_dir: str | Path, index_dir: str | Pat
         return summary
 
 
-def _resumable(index_dir: Path, settings: dict[str, Any], hasher: str | None) -> bool:
-    """True: ``index_dir`` is an index of these settings (resume it); False: a damaged or
-    unfinished one (build it again); otherwise SearchError naming the difference."""
+def _stored_meta(index_dir: Path) -> dict[str, Any] | None:
+    """The ``meta`` table of the index in ``index_dir``, or None when it is damaged."""
     try:
         con = connect(index_dir, read_only=False)
     except IndexDamagedError:
-        return False
+        return None
     try:
-        meta = read_meta(con)
+        return read_meta(con)
     finally:
         con.close()
+
+
+def _resumable(index_dir: Path, settings: dict[str, Any], hasher: str | None) -> bool:
+    """True: ``index_dir`` is an index of these settings (resume it); False: a damaged or
+    unfinished one (build it again); otherwise SearchError naming the difference."""
+    meta = _stored_meta(index_dir)
+    if meta is None:
+        return False
     if meta.get("photo_root") != settings["photo_root"]:
         raise SearchError(
             f"{str(index_dir)!r} already holds an index (of {meta.get('photo_root')!r}); "
@@ -516,14 +523,9 @@ def _merge_restartable(index_dir: Path, sources: list[str]) -> bool:
         return True
     if state == "foreign":
         return False
-    try:
-        con = connect(index_dir, read_only=False)
-    except IndexDamagedError:
+    meta = _stored_meta(index_dir)
+    if meta is None:
         return True
-    try:
-        meta = read_meta(con)
-    finally:
-        con.close()
     return meta.get("merged_from") == sources and \
         meta.get("faiss_generation") != meta.get("generation")
 
