@@ -448,7 +448,7 @@ def test_read_only_index_is_searched_without_writing(tiny_run, photos, sketch, t
     np.testing.assert_allclose([s for _, s in got], [s for _, s in expected], atol=1e-6)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through chmod a-w")
+@pytest.mark.skipif(os.geteuid() == 0, reason="by design: root writes through chmod a-w")
 def test_chmod_read_only_index_is_searched(tiny_run, photos, sketch, tmp_path):
     idx = tmp_path / "idx"
     build(tiny_run, photos, idx)
