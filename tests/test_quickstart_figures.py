@@ -3,10 +3,10 @@ versions (constraints.txt), on CI's machine type.
 
 Run only under ``CI=true``, where ``.ci/run`` has installed exactly the versions in
 constraints.txt (it refuses any other), and not with ``ZSBIR_CI_LATEST=1`` (the newest
-versions): elsewhere other library versions give other figures, which is no error. The run is the README's ``zsbir run examples/quickstart.toml``
-(default thread count, as a user runs it); its real-valued ``map@all`` must be within
-0.005 of the figure the README quotes, and the figures that README and
-docs/getting-started.md quote must agree with each other.
+versions): elsewhere other library versions give other figures, which is no error. The
+run is the README's ``zsbir run examples/quickstart.toml`` (the default thread policy, as
+a user runs it); its real-valued ``map@all`` must be within 0.005 of the figure the README
+quotes, and the figures that README and docs/getting-started.md quote must agree.
 """
 
 from __future__ import annotations
