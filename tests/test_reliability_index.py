@@ -267,7 +267,7 @@ def test_photo_rewritten_after_the_scan_is_stored_with_its_new_content(
 def test_read_photo_reads_again_a_file_changing_during_the_read(tmp_path, monkeypatch):
     path = tmp_path / "p.png"
     path.write_bytes(b"first version")
-    original, calls = scan._read_fd, []
+    original, calls = scan.read_fd, []
 
     def read_while_appending(fd):
         data = original(fd)
@@ -277,7 +277,7 @@ def test_read_photo_reads_again_a_file_changing_during_the_read(tmp_path, monkey
         calls.append(1)
         return data
 
-    monkeypatch.setattr(scan, "_read_fd", read_while_appending)
+    monkeypatch.setattr(scan, "read_fd", read_while_appending)
     data, st = scan.read_photo(path)
     assert data == b"first version and more" and st.st_size == len(data) and len(calls) == 2
 
@@ -287,7 +287,7 @@ def test_read_photo_reads_again_a_file_changing_during_the_read(tmp_path, monkey
             f.write(b"!")
         return data
 
-    monkeypatch.setattr(scan, "_read_fd", always_appending)
+    monkeypatch.setattr(scan, "read_fd", always_appending)
     with pytest.raises(scan.PhotoFileError, match="changed while being read"):
         scan.read_photo(path)
 

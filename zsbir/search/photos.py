@@ -28,6 +28,7 @@ from pathlib import Path
 
 from zsbir.search.errors import SearchError
 from zsbir.search.limits import MEDIA_TYPES, ImageTooLarge, NotAnImage, check_pixels, open_image
+from zsbir.search.scan import file_kind, read_fd
 
 __all__ = ["DEFAULT_PHOTO_BYTES", "PhotoChanged", "PhotoError", "PhotoGone", "PhotoOutside",
            "PhotoRecord", "PhotoTooLarge", "PhotoUnsupported", "VerifiedPhoto",
@@ -126,28 +127,6 @@ def _open_beneath(root: str, inner: str) -> int:
         os.close(fd)
 
 
-def _read_all(fd: int, limit: int) -> bytes:
-    """Up to ``limit`` bytes of ``fd`` (fewer at the end of the file)."""
-    parts, n = [], 0
-    while n < limit:
-        chunk = os.read(fd, min(limit - n, 1 << 20))
-        if not chunk:
-            break
-        parts.append(chunk)
-        n += len(chunk)
-    return b"".join(parts)
-
-
-def _kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
-
-
 def read_indexed(root: str | Path, rec: PhotoRecord, max_bytes: int = DEFAULT_PHOTO_BYTES,
                  allow_outside: bool = False) -> VerifiedPhoto:
     """The bytes of ``rec`` under the photo folder ``root``, verified (module docstring).
@@ -174,13 +153,13 @@ def read_indexed(root: str | Path, rec: PhotoRecord, max_bytes: int = DEFAULT_PH
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise _stale(rec, f"is {_kind(st.st_mode)}, not the file")
+            raise _stale(rec, f"is {file_kind(st.st_mode)}, not the file")
         if st.st_size != rec.size:
             raise _stale(rec, f"changed size ({st.st_size} bytes, {rec.size} indexed)")
         if st.st_size > max_bytes:
             raise PhotoTooLarge(f"{_name(rec)} is {st.st_size} bytes, over the server's limit "
                                 f"of {max_bytes} bytes")
-        data = _read_all(fd, rec.size + 1)
+        data = read_fd(fd, rec.size + 1)
     finally:
         os.close(fd)
     if len(data) != rec.size or hashlib.sha256(data).hexdigest() != rec.sha256:

@@ -88,10 +88,11 @@ class Scan:
 
 
 _KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
-          (stat.S_ISBLK, "a device"), (stat.S_ISDIR, "a folder"))
+          (stat.S_ISBLK, "a device"), (stat.S_ISDIR, "a directory"))
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, for messages (``"a FIFO"``, ``"a directory"``, ...)."""
     return next((what for test, what in _KINDS if test(mode)), "not a regular file")
 
 
@@ -112,7 +113,7 @@ def scan_photos(root: str | Path, follow_outside_links: bool = False) -> Scan:
 
     def add_file(rel: str, st: os.stat_result) -> None:
         if not stat.S_ISREG(st.st_mode):
-            out.skipped.append((rel, f"not a regular file ({_kind(st.st_mode)})"))
+            out.skipped.append((rel, f"not a regular file ({file_kind(st.st_mode)})"))
             return
         key = (st.st_dev, st.st_ino)
         if key in files:
@@ -183,13 +184,16 @@ def scan_photos(root: str | Path, follow_outside_links: bool = False) -> Scan:
 
 
 # ----------------------------------------------------------------------------- reading
-def _read_fd(fd: int) -> bytes:
-    chunks = []
-    while True:
-        b = os.read(fd, 1 << 20)
+def read_fd(fd: int, limit: int | None = None) -> bytes:
+    """The bytes of ``fd`` to its end, or at most ``limit`` of them."""
+    chunks, n = [], 0
+    while limit is None or n < limit:
+        b = os.read(fd, 1 << 20 if limit is None else min(limit - n, 1 << 20))
         if not b:
-            return b"".join(chunks)
+            break
         chunks.append(b)
+        n += len(b)
+    return b"".join(chunks)
 
 
 def read_photo(path: str | Path) -> tuple[bytes, os.stat_result]:
@@ -204,10 +208,10 @@ def read_photo(path: str | Path) -> tuple[bytes, os.stat_result]:
         try:
             before = os.fstat(fd)
             if not stat.S_ISREG(before.st_mode):
-                raise PhotoFileError(f"not a regular file ({_kind(before.st_mode)})")
+                raise PhotoFileError(f"not a regular file ({file_kind(before.st_mode)})")
             if before.st_size > MAX_PHOTO_BYTES:
                 raise PhotoFileError(f"larger than {MAX_PHOTO_BYTES >> 20} MiB")
-            data = _read_fd(fd)
+            data = read_fd(fd)
             after = os.fstat(fd)
         finally:
             os.close(fd)
