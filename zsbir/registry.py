@@ -33,6 +33,8 @@ from typing import Any, TypeVar
 __all__ = [
     "KINDS",
     "Component",
+    "Factory",
+    "Nested",
     "DuplicateComponentError",
     "PluginEntry",
     "PluginFailure",
@@ -82,6 +84,25 @@ INJECTED: dict[str, frozenset[str]] = {
     "steps": frozenset({"ctx"}),
     "rerankers": frozenset({"ctx"}),
 }
+
+@dataclass(frozen=True)
+class Nested:
+    """Signature marker: this parameter is a component table of ``kind``, built first and
+    passed built (``backbone: Annotated[Backbone, Nested("backbones")]``; a list of tables
+    for ``Annotated[list[Loss], Nested("losses")]``). The manifest resolver reads these
+    markers instead of a fixed map of keys."""
+
+    kind: str
+
+
+@dataclass(frozen=True)
+class Factory:
+    """Signature marker: this parameter is a component table of ``kind`` passed as a
+    builder: the parent calls it with the values it provides (a model builds its head
+    with ``head(in_features=..., num_classes=...)``)."""
+
+    kind: str
+
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+\-]*$")
 _BUILTIN_PACKAGE = "zsbir"
