@@ -1,8 +1,8 @@
 """The photo rows of ``index.sqlite``: committing embedded batches, copying a shard's rows,
 reading the stored embeddings back (checked: float32, the index's width, finite).
 
-The schema, connections and transactions are :mod:`zsbir.search.files`'; what a row holds:
-:mod:`zsbir.search.store`.
+The schema, connections and transactions live in :mod:`zsbir.search.files`; what a row
+holds is described in :mod:`zsbir.search.store`.
 """
 
 from __future__ import annotations
