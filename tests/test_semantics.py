@@ -13,7 +13,9 @@ import nltk
 import pytest
 import torch
 
+import zsbir
 from zsbir import semantics as sem
+from zsbir.semantics import similarity, wordnet
 
 TABBY, AIRLINER, LABRADOR, BANANA = "n02123045", "n02690373", "n02099712", "n07753592"
 
@@ -52,7 +54,7 @@ def test_imagenet_wnids_map_to_synsets(wn):
 
 
 def test_layout_built_from_debian_files_loads_in_nltk(tmp_path, monkeypatch):
-    source, _ = sem._find_system_wordnet()
+    source, _ = wordnet._find_system_wordnet()
     if source is None:
         pytest.skip("no WordNet database files (apt-get install wordnet-base "
                     "wordnet-sense-index)")
@@ -76,7 +78,7 @@ def test_layout_built_from_debian_files_loads_in_nltk(tmp_path, monkeypatch):
 
 
 def test_incomplete_layout_is_rebuilt(tmp_path):
-    source, _ = sem._find_system_wordnet()
+    source, _ = wordnet._find_system_wordnet()
     if source is None:
         pytest.skip("no WordNet database files (apt-get install wordnet-base "
                     "wordnet-sense-index)")
@@ -90,7 +92,7 @@ def test_incomplete_layout_is_rebuilt(tmp_path):
 
 def test_no_wordnet_anywhere_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setattr(nltk.data, "path", [])
-    monkeypatch.setattr(sem, "_SYSTEM_DIRS", (str(tmp_path / "nothing"),))
+    monkeypatch.setattr(wordnet, "_SYSTEM_DIRS", (str(tmp_path / "nothing"),))
     monkeypatch.delenv("WNSEARCHDIR", raising=False)
     monkeypatch.delenv("WNHOME", raising=False)
     with pytest.raises(sem.WordNetNotFoundError) as info:
@@ -107,7 +109,7 @@ def test_missing_sense_index_names_the_package(tmp_path, monkeypatch):
         (fake / name).write_text("")
     monkeypatch.setattr(nltk.data, "path", [])
     monkeypatch.setenv("WNSEARCHDIR", str(fake))
-    monkeypatch.setattr(sem, "_SYSTEM_DIRS", ())
+    monkeypatch.setattr(wordnet, "_SYSTEM_DIRS", ())
     with pytest.raises(sem.WordNetNotFoundError, match="wordnet-sense-index"):
         sem.ensure_wordnet(tmp_path / "cache")
 
@@ -156,7 +158,7 @@ def test_qualifier_picks_the_sense(wn_cache):
 
 def test_benchmark_class_lists_resolve():
     """Every Sketchy / TU-Berlin / QuickDraw class has a synset except 'sponge bob'."""
-    splits = Path(sem.__file__).parent / "data" / "splits"
+    splits = Path(zsbir.__file__).parent / "data" / "splits"
     if not splits.is_dir():
         pytest.skip(f"no packaged class lists in {splits}")
     names = sorted({n.strip() for f in splits.glob("*.txt") for n in f.read_text().splitlines()
@@ -248,13 +250,13 @@ def test_bad_mapping_entry_names_the_class(wn_cache, tmp_path):
 
 def test_cache_hit_does_not_recompute(wn_cache, tmp_path, monkeypatch):
     calls = []
-    compute = sem._similarity_matrix
+    compute = similarity._similarity_matrix
 
     def counting(*args, **kwargs):
         calls.append(1)
         return compute(*args, **kwargs)
 
-    monkeypatch.setattr(sem, "_similarity_matrix", counting)
+    monkeypatch.setattr(similarity, "_similarity_matrix", counting)
     cache = tmp_path / "cache"
     first = sem.semantic_matrix(["cat", "dog"], cache_dir=cache)
     second = sem.semantic_matrix(["cat", "dog"], cache_dir=cache)

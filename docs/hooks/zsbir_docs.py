@@ -340,8 +340,8 @@ def api_modules() -> dict[str, list[str]]:
         name = f"zsbir.{info.name}"
         if info.ispkg:
             package = __import__(name, fromlist=["_"])
-            subs = sorted(f"{name}.{m.name}" for m in pkgutil.iter_modules(package.__path__)
-                          if not m.name.startswith("_"))
+            subs = sorted(m.name for m in pkgutil.walk_packages(package.__path__, f"{name}.")
+                          if not any(p.startswith("_") for p in m.name.split(".")))
             out[info.name] = [name, *subs]
         else:
             out[info.name] = [name]

@@ -22,13 +22,14 @@ the tie group at the cut-off is complete.
 
 from __future__ import annotations
 
+from typing import Any
+
 import faiss
 import numpy as np
 
-__all__ = ["hamming_distance_matrix", "search"]
+from zsbir.evaluation.distances import hamming_distances, l2_normalize
 
-#: popcount of every byte value
-_POPCOUNT = np.array([i.bit_count() for i in range(256)], dtype=np.uint8)
+__all__ = ["hamming_distance_matrix", "search", "search_index"]
 
 
 def _as_codes(codes: np.ndarray, name: str) -> np.ndarray:
@@ -52,26 +53,21 @@ def _as_unit_float(x: np.ndarray, name: str) -> np.ndarray:
     a = a.astype(np.float32)
     if not np.isfinite(a).all():
         raise ValueError(f"{name} contains NaN or infinite values")
-    norms = np.linalg.norm(a, axis=1, keepdims=True)
-    return np.ascontiguousarray(a / np.maximum(norms, 1e-12), dtype=np.float32)
+    return l2_normalize(a)
 
 
 def hamming_distance_matrix(a_packed: np.ndarray, b_packed: np.ndarray) -> np.ndarray:
     """Brute-force (Na, Nb) int32 Hamming distances between packed uint8 codes.
 
-    XOR of every pair of codes, popcount through a 256-entry lookup table; processed in
-    chunks of ``a`` rows to bound memory. A reference for :func:`search`, not a fast path.
+    popcount(a xor b) by the toolkit's one Hamming kernel
+    (:func:`zsbir.evaluation.distances.hamming_distances`, the evaluator's), computed
+    without faiss: a reference for :func:`search`.
     """
     a = _as_codes(a_packed, "a_packed")
     b = _as_codes(b_packed, "b_packed")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"code lengths differ: {a.shape[1]} vs {b.shape[1]} bytes")
-    out = np.empty((a.shape[0], b.shape[0]), dtype=np.int32)
-    chunk = max(1, (1 << 24) // max(1, b.shape[0] * b.shape[1]))
-    for i in range(0, a.shape[0], chunk):
-        xor = a[i : i + chunk, None, :] ^ b[None, :, :]
-        out[i : i + chunk] = _POPCOUNT[xor].sum(axis=2, dtype=np.int32)
-    return out
+    return hamming_distances(a, b).numpy()
 
 
 def _sorted_rows(values: np.ndarray, labels: np.ndarray, binary: bool) -> tuple[np.ndarray,
@@ -123,18 +119,56 @@ def search(
 
     index = faiss.IndexBinaryFlat(8 * g.shape[1]) if binary else faiss.IndexFlatIP(g.shape[1])
     index.add(g)
+    values, labels, _ = search_index(index, q, k, binary=binary)
+    return values, labels
 
-    # Ask for more than k so that a tie group at the cut-off is seen whole: once the value
-    # at the last returned place differs from the k-th, no unseen item can tie with it.
+
+def _sorted_found(values: np.ndarray, labels: np.ndarray, binary: bool
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_sorted_rows` with the places faiss left empty (label -1: an IVF index found
+    fewer candidates in the probed lists) moved to the end of each row; also the number of
+    found items per row."""
+    missing = labels < 0
+    key = values if binary else -values
+    order = np.lexsort((labels, key, missing), axis=-1)
+    return (np.take_along_axis(values, order, -1), np.take_along_axis(labels, order, -1),
+            (~missing).sum(axis=-1))
+
+
+def search_index(index: Any, queries: np.ndarray, k: int, *, binary: bool
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-``k`` of a built faiss ``index`` (flat or IVF, binary or inner product) for every
+    query, in the toolkit's tie order, with the tie group at the cut-off completed.
+
+    Each row is sorted by (distance ascending | score descending, index ascending). faiss
+    is asked for ``2k``; while a row's ``k``-th value equals the last value it returned
+    (an unseen item may tie with it), that row is asked again for twice as many, up to the
+    whole index. ``queries`` are codes as the index holds them (packed uint8, or
+    L2-normalized float32).
+
+    Returns ``(values, labels, found)``: (Nq, k) values (faiss's dtype) and int64 labels,
+    and (Nq,) the number of places filled (less than ``k`` only when an IVF index found
+    fewer candidates; the rest of the row is label -1).
+    """
+    n = int(index.ntotal)
+    k = min(int(k), n)
     k_eff = min(n, 2 * k)
-    values, labels = _sorted_rows(*index.search(q, k_eff), binary)
+    values, labels, found = _sorted_found(*index.search(queries, k_eff), binary)
     out_v, out_l = values[:, :k].copy(), labels[:, :k].copy()
-    todo = np.flatnonzero(values[:, k - 1] == values[:, -1]) if k_eff < n else np.array([], int)
+    out_n = np.minimum(found, k)
+    rows = np.arange(len(found))
+
+    def tied(values: np.ndarray, found: np.ndarray) -> np.ndarray:
+        last = values[np.arange(len(found)), np.maximum(found, 1) - 1]
+        return (found > k) & (values[:, max(k, 1) - 1] == last)
+
+    todo = rows[tied(values, found)] if k_eff < n and k > 0 else rows[:0]
     while todo.size:
         k_eff = min(n, 2 * k_eff)
-        values, labels = _sorted_rows(*index.search(q[todo], k_eff), binary)
+        values, labels, found = _sorted_found(*index.search(queries[todo], k_eff), binary)
         out_v[todo], out_l[todo] = values[:, :k], labels[:, :k]
+        out_n[todo] = np.minimum(found, k)
         if k_eff == n:
             break
-        todo = todo[values[:, k - 1] == values[:, -1]]
-    return out_v, out_l.astype(np.int64, copy=False)
+        todo = todo[tied(values, found)]
+    return out_v, out_l.astype(np.int64, copy=False), out_n

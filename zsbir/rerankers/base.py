@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from zsbir.evaluation.distances import l2_normalize
 
 __all__ = ["VIEWS", "Reranker", "as_unit", "rerank_topk", "topk_rows"]
 
@@ -54,7 +55,7 @@ def as_unit(x: Any, name: str, device: torch.device | str = "cpu", ndim: int = 2
     t = t.to(device=device, dtype=torch.float32)
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
-    return F.normalize(t, dim=-1)
+    return l2_normalize(t)
 
 
 def topk_rows(a: torch.Tensor, b: torch.Tensor, k: int, chunk: int,

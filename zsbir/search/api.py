@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 
 from zsbir.search.errors import SearchError
+from zsbir.search.faiss_index import encode, load_faiss
+from zsbir.search.files import MODEL_NAME, connect, read_meta
 from zsbir.search.limits import DEFAULT_SKETCH_PIXELS, ImageTooLarge, NotAnImage, open_image
 from zsbir.search.photos import (
     DEFAULT_PHOTO_BYTES,
@@ -37,16 +39,8 @@ from zsbir.search.photos import (
     VerifiedPhoto,
     read_indexed,
 )
+from zsbir.search.rows import RowsGone, gallery_embeddings
 from zsbir.search.scan import fs_name
-from zsbir.search.store import (
-    MODEL_NAME,
-    RowsGone,
-    connect,
-    encode,
-    gallery_embeddings,
-    load_faiss,
-    read_meta,
-)
 
 __all__ = ["Index", "SearchResult"]
 
@@ -67,27 +61,19 @@ class SearchResult:
 
 def _ranked(index: Any, q: np.ndarray, k: int, binary: bool) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` (values, positions) per query, ordered by (score, position); a tie group at
-    the cut-off is completed by asking faiss for more (as :func:`zsbir.hashing.search.search`)."""
+    the cut-off is completed by asking faiss for more (:func:`zsbir.hashing.search.search_index`,
+    one query at a time). An IVF index may find fewer than ``k`` for a query."""
+    from zsbir.hashing.search import search_index
+
     n = index.ntotal
     k = min(k, n)
     if k == 0:
         return np.zeros((q.shape[0], 0)), np.zeros((q.shape[0], 0), np.int64)
-    k_eff = min(n, 2 * k)
     out_v, out_l = [], []
     for row in q:
-        kk = k_eff
-        while True:
-            v, lab = index.search(row[None], kk)
-            v, lab = v[0], lab[0]
-            ok = lab >= 0  # IVF: fewer than kk found in the probed lists
-            v, lab = v[ok], lab[ok]
-            order = np.lexsort((lab, v if binary else -v))
-            v, lab = v[order], lab[order]
-            if kk >= n or len(v) <= k or v[k - 1] != v[-1]:
-                break
-            kk = min(n, 2 * kk)
-        out_v.append(v[:k])
-        out_l.append(lab[:k].astype(np.int64))
+        v, lab, found = search_index(index, row[None], k, binary=binary)
+        out_v.append(v[0, :found[0]])
+        out_l.append(lab[0, :found[0]])
     return out_v, out_l
 
 
