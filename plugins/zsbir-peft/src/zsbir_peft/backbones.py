@@ -45,7 +45,8 @@ from zsbir_peft.layers import (
 
 __all__ = ["PeftBackbone", "peft_adapter", "peft_lora"]
 
-#: attributes whose names are relative to the module that defines them: not forwarded
+#: not forwarded to the backbone inside: hooks whose names are relative to the module that
+#: defines them (zsbir's parameter groups find the inner module's own hooks, with its prefix)
 _NOT_FORWARDED = frozenset({"no_weight_decay", "param_groups", "backbone"})
 
 
@@ -83,11 +84,6 @@ class PeftBackbone(Backbone):
 
     def imagenet_classifier(self) -> nn.Linear | None:
         return self.backbone.imagenet_classifier()
-
-    def no_weight_decay(self) -> set[str]:
-        """The inner backbone's ``no_weight_decay()`` names, relative to this module."""
-        inner = getattr(self.backbone, "no_weight_decay", None)
-        return {f"backbone.{n}" for n in inner()} if callable(inner) else set()
 
     def train(self, mode: bool = True) -> PeftBackbone:
         super().train(mode)
