@@ -261,3 +261,14 @@ def test_lora_ema_run_killed_mid_run_resumes_bit_exactly(tmp_path):
     raw = shorthand(load(TINY), teacher=True)
     raw["train"]["val_every"] = 0  # final.pt: the weights at the end (no best epoch)
     _killed_and_resumed_equals_uninterrupted(raw, tmp_path, ema=True)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("zsbir.testing") is None,
+                    reason="needs zsbir's contract suite, zsbir.testing (issue 24, discovery)")
+@pytest.mark.parametrize(("kind", "name"), [(k, n) for k, n in COMPONENTS],
+                         ids=[f"{k}/{n}" for k, n in COMPONENTS])
+def test_contract(kind, name):
+    """zsbir's contract for each kind (as every plugin author runs it)."""
+    from zsbir.testing import assert_contract
+
+    assert_contract(kind, name)

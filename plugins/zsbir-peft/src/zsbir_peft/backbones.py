@@ -193,3 +193,11 @@ def peft_adapter(
                          m, rank=rank, activation=activation, dropout=dropout))
     _freeze(backbone, trainable)
     return PeftBackbone(backbone, "adapter", adapted, freeze_norm_stats)
+
+
+#: tiny examples for zsbir's contract suite (``zsbir.testing``): the backbone to wrap is
+#: required, and the default targets name ViT layers
+peft_lora.example = {"backbone": {"name": "resnet18"}, "rank": 2,  # type: ignore[attr-defined]
+                     "targets": ["model.conv1", "*.conv2"]}
+peft_adapter.example = {"backbone": {"name": "resnet18"}, "rank": 4,  # type: ignore[attr-defined]
+                        "targets": ["*.conv2"]}

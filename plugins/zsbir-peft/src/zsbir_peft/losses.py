@@ -43,6 +43,9 @@ class EmaDistillLoss(Loss):
 
     requires: ClassVar[frozenset[str]] = frozenset({"teacher"})
     teacher_keys: ClassVar[Any] = staticmethod(_teacher_keys)
+    #: zsbir's contract suite (``zsbir.testing``) makes random teacher signals as wide as
+    #: the student's ``features``: the example distills those
+    example: ClassVar[dict[str, Any]] = {"key": "features"}
 
     def __init__(self, metric: Literal["cosine", "mse"] = "cosine",
                  key: Literal["embedding", "features"] = "embedding",
