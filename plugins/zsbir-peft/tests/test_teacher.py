@@ -156,3 +156,17 @@ def test_bad_momentum_and_schedule_are_refused(factories):
         EmaTeacher(student, schedule="linear")
     constant = EmaTeacher(student, momentum=0.7, schedule="constant")
     assert constant.momentum_at(1) == constant.momentum_at(100) == 0.7
+
+
+def test_a_student_without_an_embedding_is_named():
+    class FeaturesOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 4)
+
+        def forward(self, image, domain=None):  # noqa: ANN001
+            return {"features": self.fc(image.mean(dim=(2, 3)))}
+
+    teacher = EmaTeacher(FeaturesOnly())
+    with pytest.raises(KeyError, match=r"no \['embedding'\]"):
+        teacher(_batch())

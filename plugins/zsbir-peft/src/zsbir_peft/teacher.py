@@ -144,7 +144,12 @@ class EmaTeacher(Teacher):
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.forward_calls += 1
         out = self.ema(batch["image"], batch["domain"])
-        return {k: out[k].detach().float() for k in self.provides if k in out}
+        missing = sorted(self.provides - set(out))
+        if missing:
+            raise KeyError(f"peft_ema: the student's outputs have no {missing} (it gives "
+                           f"{sorted(out)}); a zsbir model returns at least 'embedding' and "
+                           "'features'")
+        return {k: out[k].detach().float() for k in sorted(self.provides)}
 
     def to(self, device: torch.device) -> EmaTeacher:
         self.ema.to(device)
