@@ -74,6 +74,13 @@ def test_ema_update_is_the_formula_and_frozen_tensors_are_shared(factories):
     assert shared and all(t_params[n] is p for n, p in student.named_parameters()
                           if not p.requires_grad)  # not a second copy of the base
     assert all(not p.requires_grad for p in teacher.ema.parameters())
+    # a base loaded by replacing the student's Parameters is shared again at train start
+    qkv = student.backbone.backbone.model.blocks[0].attn.qkv
+    qkv.weight = nn.Parameter(qkv.weight.detach() + 1, requires_grad=False)
+    teacher.on_train_start(SimpleNamespace(total_steps=4, steps_per_epoch=2, epochs=2,
+                                           global_step=0))
+    assert teacher.ema.backbone.backbone.model.blocks[0].attn.qkv.weight is qkv.weight
+    t_params = dict(teacher.ema.named_parameters())
     before = {n: p.detach().clone() for n, p in teacher.ema.named_parameters()}
     opt = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.5)
     _train_steps(student, None, range(1), opt)

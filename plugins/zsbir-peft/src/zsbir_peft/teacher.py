@@ -115,8 +115,22 @@ class EmaTeacher(Teacher):
 
     # -- lifecycle ----------------------------------------------------------------------
     def on_train_start(self, info: Any) -> None:
-        """Learn the run's total number of optimizer steps (for the cosine schedule)."""
+        """Learn the run's total number of optimizer steps (for the cosine schedule), and
+        share the student's frozen tensors again (loading a checkpoint's base weights may
+        have replaced them)."""
         self.total_steps = int(info.total_steps)
+        self._share_frozen()
+
+    def _share_frozen(self) -> None:
+        """Make every frozen parameter of the EMA copy the student's own Parameter."""
+        tracked = set(self.tracked)
+        for name, p in self.student.named_parameters():
+            if name in tracked:
+                continue
+            owner, _, leaf = name.rpartition(".")
+            module = self.ema.get_submodule(owner) if owner else self.ema
+            if module._parameters.get(leaf) is not p:
+                setattr(module, leaf, p)
 
     def momentum_at(self, global_step: int) -> float:
         """The momentum of the update after optimizer step ``global_step`` (1-based)."""
