@@ -368,14 +368,15 @@ def describe(kind: str, name: str) -> None:
     or a built-in the catalog does not hold, is imported.
     """
     from zsbir import catalog
-    from zsbir.registry import _BUILTIN_PACKAGE, PluginEntry, get_registry
+    from zsbir.registry import _BUILTIN_PACKAGE, discover_plugins, get_registry
 
     reg = get_registry(kind)
-    known = reg.entry(name)  # UnknownComponentError (with suggestions) for a wrong name
+    reg.entry(name)  # UnknownComponentError (with suggestions) for a wrong name
+    eps = discover_plugins().get(reg.kind, {}).get(name, [])
     entry = None
-    if isinstance(known, PluginEntry) and known.dist == _BUILTIN_PACKAGE:
+    if eps and eps[0].dist == _BUILTIN_PACKAGE:
         entry = catalog.entry(reg.kind, name)
-        if entry is not None and f"{entry['module']}:{entry['qualname']}" != known.value:
+        if entry is not None and f"{entry['module']}:{entry['qualname']}" != eps[0].value:
             entry = None  # the catalog is stale for this name: import it instead
     if entry is not None:
         package, location = _BUILTIN_PACKAGE, catalog.source_line(entry)
