@@ -170,16 +170,50 @@ def test_every_registration_has_its_entry_point_and_vice_versa():
 
 
 def test_installed_metadata_matches_pyproject():
-    """The installed zsbir's entry points are pyproject.toml's (an editable install reads
-    them at install time: reinstall after changing them)."""
+    """The installed zsbir's entry points are pyproject.toml's (a wheel carries its
+    metadata; an editable install reads them at install time: reinstall after changing
+    them)."""
+    import importlib.metadata as md
+
     declared = _pyproject_entry_points()
-    found = registry.discover_plugins(refresh=True)
-    installed = {k: {n: es[0].value for n, es in names.items()
-                     if es[0].dist == registry._BUILTIN_PACKAGE}
-                 for k, names in found.items()}
-    installed = {k: v for k, v in installed.items() if v}
+    installed: dict[str, dict[str, str]] = {}
+    for ep in md.distribution("zsbir").entry_points:
+        if ep.group.startswith("zsbir."):
+            installed.setdefault(ep.group.removeprefix("zsbir."), {})[ep.name] = ep.value
     assert installed == declared, ("the installed zsbir metadata differs from pyproject.toml: "
                                    "run `pip install --no-deps -e .`")
+
+
+def _builtins_found() -> dict[str, dict[str, str]]:
+    found = registry.discover_plugins(refresh=True)
+    out = {k: {n: es[0].value for n, es in names.items()
+               if es[0].dist == registry._BUILTIN_PACKAGE} for k, names in found.items()}
+    return {k: v for k, v in out.items() if v}
+
+
+def test_builtins_come_from_the_checkout_or_from_metadata(monkeypatch):
+    """In a source checkout (editable, or a tree on PYTHONPATH with nothing installed, as on
+    the GPU machine) zsbir's entry points are read from its pyproject.toml; an installed
+    zsbir (no pyproject.toml beside the package) uses its metadata. Either way: the same
+    names, and a plugin's are untouched."""
+    import importlib.metadata as md
+
+    declared = _pyproject_entry_points()
+    try:
+        assert _builtins_found() == declared
+        everything = md.entry_points()
+        without_zsbir = md.EntryPoints(
+            ep for g in everything.groups for ep in everything.select(group=g)
+            if getattr(ep, "dist", None) is None or ep.dist.metadata["Name"] != "zsbir")
+        monkeypatch.setattr(md, "entry_points", lambda: without_zsbir)  # nothing installed
+        assert _builtins_found() == declared
+        assert "ce" in losses and losses.component("ce").package == "zsbir"
+        monkeypatch.undo()
+        monkeypatch.setattr(registry, "_own_entry_points", lambda: None)  # installed zsbir
+        assert _builtins_found() == declared
+    finally:
+        monkeypatch.undo()
+        registry.discover_plugins(refresh=True)
 
 
 def test_lookup_imports_only_the_modules_it_needs():

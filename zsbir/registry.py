@@ -38,6 +38,7 @@ import inspect
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 __all__ = [
@@ -325,14 +326,12 @@ class _GuardedEntryPoint:
         return f"EntryPoint(name={self.name!r}, value={self.value!r}, group={self.group!r})"
 
 
-def _entry(kind: str, ep: md.EntryPoint) -> PluginEntry:
-    dist = getattr(ep, "dist", None)
-    try:
-        name = (dist.metadata["Name"] or "?") if dist is not None else "?"
-        version = (dist.version or "?") if dist is not None else "?"
-    except Exception:  # noqa: BLE001 - broken metadata: still list the entry point
-        name, version = "?", "?"
-    return PluginEntry(kind, ep.name, ep.value, name, version,
+_Found = tuple[md.EntryPoint, str, str]  # an entry point, its distribution and version
+
+
+def _entry(kind: str, found: _Found) -> PluginEntry:
+    ep, dist, version = found
+    return PluginEntry(kind, ep.name, ep.value, dist, version,
                        _GuardedEntryPoint(ep))  # type: ignore[arg-type]
 
 
@@ -340,28 +339,58 @@ def _norm_dist(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _installed_entry_points() -> list[md.EntryPoint]:
+def _own_entry_points() -> list[_Found] | None:
+    """zsbir's own entry points from the ``pyproject.toml`` of the source checkout zsbir
+    is imported from (an editable install, or a tree on ``PYTHONPATH`` with nothing
+    installed): the file is the truth there, the installed metadata may be older. None for
+    an installed zsbir (no such file): its metadata holds them."""
+    path = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if not path.is_file():
+        return None
+    try:
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        project = tomllib.loads(path.read_text(encoding="utf-8")).get("project", {})
+    except Exception:  # noqa: BLE001 - unreadable: fall back to the installed metadata
+        return None
+    if project.get("name") != _BUILTIN_PACKAGE:
+        return None
+    version = str(project.get("version", "?"))
+    return [(md.EntryPoint(name=name, value=value, group=group), _BUILTIN_PACKAGE, version)
+            for group, entries in project.get("entry-points", {}).items()
+            if group.startswith("zsbir.") for name, value in entries.items()]
+
+
+def _installed_entry_points() -> list[_Found]:
     """Every ``zsbir.*`` entry point, each (distribution, group, name) once.
 
-    An editable install can leave a ``*.egg-info`` next to the sources (``src/``) on
-    ``sys.path`` besides the installed ``*.dist-info``: the same distribution found twice.
+    zsbir's own come from its source checkout's ``pyproject.toml`` when there is one
+    (:func:`_own_entry_points`), else from its metadata like every plugin's. An editable
+    install can leave a ``*.egg-info`` next to the sources (``src/``) on ``sys.path`` besides
+    the installed ``*.dist-info``: the same distribution found twice.
     ``importlib.metadata.entry_points`` keeps the first distribution of each normalized name
     on Python >= 3.10; the key below makes that explicit."""
+    own = _own_entry_points()
     seen: set[tuple[str, str, str]] = set()
-    out = []
+    out: list[_Found] = []
     everything = md.entry_points()  # read once; select() below filters it in memory
     groups = sorted(g for g in everything.groups if g.startswith("zsbir."))
     for ep in (ep for g in groups for ep in everything.select(group=g)):
         dist = getattr(ep, "dist", None)
         try:
-            dist_name = _norm_dist(dist.metadata["Name"] or "?") if dist is not None else "?"
-        except Exception:  # noqa: BLE001
-            dist_name = "?"
-        key = (dist_name, ep.group, ep.name)
+            name = (dist.metadata["Name"] or "?") if dist is not None else "?"
+            version = (dist.version or "?") if dist is not None else "?"
+        except Exception:  # noqa: BLE001 - broken metadata: still list the entry point
+            name, version = "?", "?"
+        if own is not None and _norm_dist(name) == _BUILTIN_PACKAGE:
+            continue
+        key = (_norm_dist(name), ep.group, ep.name)
         if key not in seen:
             seen.add(key)
-            out.append(ep)
-    return out
+            out.append((ep, name, version))
+    return (own or []) + out
 
 
 def discover_plugins(refresh: bool = False) -> dict[str, dict[str, list[PluginEntry]]]:
@@ -377,8 +406,9 @@ def discover_plugins(refresh: bool = False) -> dict[str, dict[str, list[PluginEn
     # kinds added by plugins first: their groups are then read like the built-in ones
     _plugin_kinds.clear()
     _kind_problems.clear()
-    for ep in (ep for ep in eps if ep.group == KINDS_GROUP):
-        entry = _entry(ep.name, ep)
+    for found_ep in (f for f in eps if f[0].group == KINDS_GROUP):
+        ep = found_ep[0]
+        entry = _entry(ep.name, found_ep)
         problem = None
         if ep.name in KINDS:
             problem = f"kind {ep.name!r} is a built-in kind; the declaration is ignored"
@@ -395,11 +425,12 @@ def discover_plugins(refresh: bool = False) -> dict[str, dict[str, list[PluginEn
         _REGISTRIES.setdefault(kind, Registry(kind))
     found: dict[str, dict[str, list[PluginEntry]]] = {k: {} for k in (*KINDS, *_plugin_kinds)}
     unknown: list[PluginEntry] = []
-    for ep in eps:
+    for found_ep in eps:
+        ep = found_ep[0]
         if ep.group == KINDS_GROUP:
             continue
         kind = ep.group.removeprefix("zsbir.")
-        entry = _entry(kind, ep)
+        entry = _entry(kind, found_ep)
         if kind in found:
             found[kind].setdefault(ep.name, []).append(entry)
         else:
