@@ -70,7 +70,7 @@ from zsbir.registry import (
 )
 
 __all__ = ["BUILTIN_EXAMPLES", "BUILTIN_SKIPS", "CONTRACTS", "ContractSkip", "assert_contract",
-           "build", "check_component", "contract_cases", "example_of"]
+           "build", "build_direct", "check_component", "contract_cases", "example_of"]
 
 def _tiny_folder_tree() -> dict[str, Any]:
     """A ROOT/{sketch,photo}/<class>/ tree of 3 classes x 3 small PNGs, in a temp dir."""
@@ -150,17 +150,38 @@ def build(kind: str, name: str, example: dict[str, Any] | None = None, **injecte
           ) -> tuple[Any, dict[str, Any]]:
     """``(object, resolved table)``: ``kind``/``name`` resolved and built as a manifest
     table ``{"name": name, **example}`` would be, with pretrained weights off and the
-    ``injected`` values offered (each passed only where the signature asks for it)."""
+    ``injected`` values offered (each passed only where the kind injects it and the
+    signature asks for it: the suite offers a superset)."""
     from zsbir.build import build_component
     from zsbir.manifest import resolve_component
+    from zsbir.registry import INJECTED
 
     reg = get_registry(kind)
+    allowed = INJECTED.get(reg.kind, frozenset()) or frozenset()
+    injected = {k: v for k, v in injected.items() if k in allowed}  # what this kind gets
     comp = reg.component(name)
     params = example_of(reg.kind, name, comp) if example is None else dict(example)
     table = resolve_component(reg.kind, {"name": name, **params}, f"{reg.kind}.{name}",
                               source=f"zsbir.testing example of {reg.kind}/{name}")
     torch.manual_seed(0)
     return build_component(reg.kind, table, _ctx(), **injected), table
+
+
+def build_direct(kind: str, name: str, **given: Any) -> tuple[Any, dict[str, Any]]:
+    """``(object, parameters)``: the component called directly with its example's (or its
+    signature's default) parameters and the ``given`` objects it asks for, for parts the
+    suite stands in for (a teacher's network: a tiny module instead of a pretrained one)."""
+    reg = get_registry(kind)
+    comp = reg.component(name)
+    params = example_of(reg.kind, name, comp)
+    sig = inspect.signature(comp.obj).parameters
+    for p in sig.values():
+        if p.name not in params and p.default is not inspect.Parameter.empty:
+            params[p.name] = p.default
+    params.update({k: v for k, v in {"ctx": _ctx(), **given}.items() if k in sig})
+    params = {k: v for k, v in params.items() if k in sig}
+    torch.manual_seed(0)
+    return comp.obj(**params), params
 
 
 # ---------------------------------------------------------------------------- contracts
@@ -343,8 +364,10 @@ def check_head(comp: Component) -> None:
     """Pooled features -> a dict of (B, ...) tensors with an embedding."""
     backbone = _tiny_backbone()
     width = backbone.num_features
+    classifier = getattr(backbone, "imagenet_classifier", None)
     obj, _ = build("heads", comp.name, backbone=backbone, num_classes=len(SEEN),
-                   in_features=width)
+                   in_features=width,
+                   classifier=classifier() if callable(classifier) else None)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         out = obj(torch.randn(4, width, generator=g), torch.arange(4) % 2)
@@ -382,8 +405,8 @@ class _TinyNetwork(torch.nn.Module):
 
 def check_teacher(comp: Component) -> None:
     """Declares ``provides``; a teacher that needs no preparation returns those keys."""
-    network = _TinyNetwork()
-    obj, params = build("teachers", comp.name, network=network, model=network)
+    network = _TinyNetwork()  # a teacher network is pretrained: a stand-in here
+    obj, params = build_direct("teachers", comp.name, network=network, model=network)
     provides = declared(obj, "provides", params)
     assert provides and all(isinstance(k, str) for k in provides), "provides is empty"
     prepare = getattr(type(obj), "prepare", None)
