@@ -210,7 +210,7 @@ def test_builtins_come_from_the_checkout_or_from_metadata(monkeypatch):
         assert "ce" in losses and losses.component("ce").package == "zsbir"
         monkeypatch.undo()
         monkeypatch.setattr(registry, "_own_entry_points", lambda: None)  # installed zsbir
-        assert _builtins_found() == declared
+        assert _builtins_found() == declared, "stale metadata: `pip install --no-deps -e .`"
     finally:
         monkeypatch.undo()
         registry.discover_plugins(refresh=True)

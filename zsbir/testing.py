@@ -23,8 +23,9 @@ promises:
   the same batches for the same seed;
 - ``optimizers``: built from a parameter-group list, one step changes the parameters;
   ``schedulers``: built on an optimizer, stepping keeps the learning rate finite;
-- ``teachers``: declares ``provides`` and, where it needs no preparation over data, returns
-  a signal with those keys; ``steps``: callable, ``provides`` a set of names;
+- ``teachers``: declares ``provides``; built around a stand-in network and prepared over a
+  stand-in training split (``prepare``), returns a finite signal with those keys;
+  ``steps``: callable, ``provides`` a set of names;
 - ``protocols``: the ``synthetic`` protocol (and any protocol that declares an example) is
   built and its splits checked; a protocol that needs its dataset on disk is skipped
   ``by design``;
@@ -403,22 +404,51 @@ class _TinyNetwork(torch.nn.Module):
         return {"logits": self.fc(f), "features": f}
 
 
+class _TrainSplit:
+    """A training split stand-in for ``Teacher.prepare``: two items per seen class and
+    domain (``of_domain`` keeps it whole: the labels are what a teacher averages over)."""
+
+    def __init__(self) -> None:
+        self.labels = np.repeat(np.arange(len(SEEN)), 4)
+        self.domains = np.tile(np.array([0, 1]), len(self.labels) // 2)
+
+    def of_domain(self, domain: int) -> _TrainSplit:
+        return self
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _embed(network: Any, split: _TrainSplit) -> tuple[torch.Tensor, ...]:
+    """What the trainer's embedder gives ``prepare``: (N, 1000) logits, (N, F) features and
+    (N,) labels of ``split``, here on random images."""
+    x, _ = _images(len(split))
+    with torch.no_grad():
+        out = network(x, torch.as_tensor(split.domains))
+    return out["logits"], out["features"], torch.as_tensor(split.labels)
+
+
 def check_teacher(comp: Component) -> None:
-    """Declares ``provides``; a teacher that needs no preparation returns those keys."""
+    """Declares ``provides``; prepared over a (stand-in) training split, it returns a signal
+    holding those keys, one row per item."""
+    from types import SimpleNamespace
+
     network = _TinyNetwork()  # a teacher network is pretrained: a stand-in here
     obj, params = build_direct("teachers", comp.name, network=network, model=network)
     provides = declared(obj, "provides", params)
     assert provides and all(isinstance(k, str) for k in provides), "provides is empty"
-    prepare = getattr(type(obj), "prepare", None)
-    from zsbir.teachers.strategies import Teacher
-
-    if prepare is not None and prepare is not getattr(Teacher, "prepare", None):
-        raise ContractSkip("by design: the teacher is prepared over a protocol's training "
-                           "split first (checked by the end-to-end tests)")
+    prepare = getattr(obj, "prepare", None)
+    if callable(prepare):
+        data = SimpleNamespace(train=_TrainSplit(), seen_classes=list(SEEN),
+                               unseen_classes=list(UNSEEN))
+        prepare(data=data, embed=_embed, fingerprint={"contract": comp.name})
     x, dom = _images(4)
     signal = obj({"image": x, "domain": dom, "label": torch.arange(4) % len(SEEN),
                   "index": torch.arange(4)})
-    _check_outputs(signal, 4, "the teacher signal")
+    assert isinstance(signal, dict) and signal, "the teacher signal is not a dict"
+    for key, value in signal.items():  # per item, or per class (class_features)
+        if isinstance(value, torch.Tensor):
+            _finite(value, f"signal[{key!r}]")
     missing = provides - set(signal)
     assert not missing, f"the signal lacks the keys it provides: {sorted(missing)}"
 
@@ -433,9 +463,10 @@ def check_step(comp: Component) -> None:
 
 def check_sampler(comp: Component) -> None:
     """Batches of valid indices, whole tuples, the same for the same seed."""
-    labels = np.repeat(np.arange(4), 16)
+    labels = np.repeat(np.arange(4), 24)
     domains = np.tile(np.array([0, 1]), len(labels) // 2)
-    inject = dict(labels=labels, domains=domains, batch_size=16, seed=0)
+    # 24 items a batch: whole pairs, triplets, quadruplets and sextuplets
+    inject = dict(labels=labels, domains=domains, batch_size=24, seed=0)
     obj, _ = build("samplers", comp.name, **inject)
     again, _ = build("samplers", comp.name, **inject)
 
