@@ -174,7 +174,8 @@ class PluginLoadError(RegistryError):
 
 @dataclass(frozen=True)
 class PluginEntry:
-    """An entry point found in installed metadata; not imported yet."""
+    """An entry point found in metadata (a plugin's, or zsbir's own built-in: ``dist``
+    ``"zsbir"``); not imported yet."""
 
     kind: str
     name: str
@@ -648,7 +649,6 @@ def _failure_text(f: PluginFailure) -> str:
 _REGISTRIES: dict[str, Registry] = {k: Registry(k) for k in KINDS}
 protocols = _REGISTRIES["protocols"]
 backbones = _REGISTRIES["backbones"]
-models = _REGISTRIES["models"]
 losses = _REGISTRIES["losses"]
 teachers = _REGISTRIES["teachers"]
 samplers = _REGISTRIES["samplers"]
@@ -656,6 +656,7 @@ optimizers = _REGISTRIES["optimizers"]
 schedulers = _REGISTRIES["schedulers"]
 hashers = _REGISTRIES["hashers"]
 heads = _REGISTRIES["heads"]
+models = _REGISTRIES["models"]
 networks = _REGISTRIES["networks"]
 steps = _REGISTRIES["steps"]
 rerankers = _REGISTRIES["rerankers"]
