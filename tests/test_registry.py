@@ -267,6 +267,14 @@ def test_a_broken_builtin_module_breaks_only_its_own_names(fake_plugins):
             losses.get("zz_broken")
         assert losses.get("ce") and get_registry("hashers").get("itq")
     assert [(f.dist, f.name) for f in registry.plugin_failures()] == [("zsbir", "zz_broken")]
+    from click.testing import CliRunner
+
+    from zsbir.cli import main
+
+    res = CliRunner().invoke(main, ["plugins"])  # reported like a plugin's failure
+    assert res.exit_code == 1
+    assert any(line.split("\t")[:4] == ["zsbir", "0.1.0", "zsbir.losses", "zz_broken"]
+               and "no xyz" in line for line in res.output.splitlines()), res.output
     # a plugin of the same name never stands in for the broken built-in
     found["losses"]["zz_broken"].append(registry.PluginEntry(
         "losses", "zz_broken", "x:y", "fake-other", "1.0", None))  # type: ignore[arg-type]
