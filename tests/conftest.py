@@ -45,7 +45,7 @@ def fake_plugins(tmp_path, monkeypatch):
 
     yield make
     for k, r in registry._REGISTRIES.items():
-        r._components = saved[k]
+        r._components = saved.get(k, {})  # a kind a fake plugin added has nothing saved
     registry._failures.clear()
     for mod in [m for m in sys.modules if m.startswith("fakeplug")]:
         del sys.modules[mod]

@@ -116,3 +116,258 @@ def test_two_plugins_same_name_conflict(fake_plugins):
                  {"fakeplug_b": PLUGIN_SRC})
     with pytest.raises(PluginLoadError, match="several plugins"):
         losses.get("twin")
+
+
+# ------------------------------------------------------------ one discovery path (#24.7)
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _pyproject_entry_points() -> dict[str, dict[str, str]]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    groups = data["project"].get("entry-points", {})
+    return {g.removeprefix("zsbir."): dict(eps) for g, eps in groups.items()
+            if g.startswith("zsbir.")}
+
+
+def test_every_registration_has_its_entry_point_and_vice_versa():
+    """Each ``@<kind>.register("name")`` under zsbir/ is an entry point of the zsbir
+    distribution in pyproject.toml, pointing at the registered object, and every such entry
+    point is registered. On failure, prints the pyproject lines to add / remove."""
+    import json
+    import subprocess
+    import sys
+
+    from zsbir import catalog
+
+    # a fresh process: here other tests' fixtures reset the registries' tables
+    code = ("import json\nfrom zsbir import catalog\n"
+            "print(json.dumps(catalog.builtin_entry_points()))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    live = json.loads(out.stdout)
+    assert len(live["losses"]) >= 4 and "resnet18" in live["backbones"]
+    declared = _pyproject_entry_points()
+    missing = {k: {n: v for n, v in names.items() if declared.get(k, {}).get(n) != v}
+               for k, names in live.items()}
+    missing = {k: v for k, v in missing.items() if v}
+    extra = sorted(f"zsbir.{k} {n} = {v!r}" for k, names in declared.items()
+                   for n, v in names.items() if live.get(k, {}).get(n) != v)
+    unreachable = sorted(f"{k}/{n}" for k, names in live.items() for n, v in names.items()
+                         if v == "?")
+    assert not unreachable, ("registered objects that are not module attributes (an entry "
+                             f"point cannot name them): {unreachable}")
+    assert not missing, ("pyproject.toml lacks (or has another value for) these entry "
+                         "points of zsbir's built-ins; add them, then "
+                         "`pip install --no-deps -e .`:\n\n"
+                         + catalog.entry_point_toml(missing))
+    assert not extra, ("pyproject.toml declares entry points no module registers "
+                       f"(remove them or register the name): {extra}")
+
+
+def test_installed_metadata_matches_pyproject():
+    """The installed zsbir's entry points are pyproject.toml's (a wheel carries its
+    metadata; an editable install reads them at install time: reinstall after changing
+    them)."""
+    import importlib.metadata as md
+
+    declared = _pyproject_entry_points()
+    installed: dict[str, dict[str, str]] = {}
+    for ep in md.distribution("zsbir").entry_points:
+        if ep.group.startswith("zsbir."):
+            installed.setdefault(ep.group.removeprefix("zsbir."), {})[ep.name] = ep.value
+    assert installed == declared, ("the installed zsbir metadata differs from pyproject.toml: "
+                                   "run `pip install --no-deps -e .`")
+
+
+def _builtins_found() -> dict[str, dict[str, str]]:
+    found = registry.discover_plugins(refresh=True)
+    out = {k: {n: es[0].value for n, es in names.items()
+               if es[0].dist == registry._BUILTIN_PACKAGE} for k, names in found.items()}
+    return {k: v for k, v in out.items() if v}
+
+
+def test_builtins_come_from_the_checkout_or_from_metadata(monkeypatch):
+    """In a source checkout (editable, or a tree on PYTHONPATH with nothing installed, as on
+    the GPU machine) zsbir's entry points are read from its pyproject.toml; an installed
+    zsbir (no pyproject.toml beside the package) uses its metadata. Either way: the same
+    names, and a plugin's are untouched."""
+    import importlib.metadata as md
+
+    declared = _pyproject_entry_points()
+    try:
+        assert _builtins_found() == declared
+        everything = md.entry_points()
+        without_zsbir = md.EntryPoints(
+            ep for g in everything.groups for ep in everything.select(group=g)
+            if getattr(ep, "dist", None) is None or ep.dist.metadata["Name"] != "zsbir")
+        monkeypatch.setattr(md, "entry_points", lambda: without_zsbir)  # nothing installed
+        assert _builtins_found() == declared
+        assert "ce" in losses and losses.component("ce").package == "zsbir"
+        monkeypatch.undo()
+        monkeypatch.setattr(registry, "_own_entry_points", lambda: None)  # installed zsbir
+        assert _builtins_found() == declared, "stale metadata: `pip install --no-deps -e .`"
+    finally:
+        monkeypatch.undo()
+        registry.discover_plugins(refresh=True)
+
+
+def test_lookup_imports_only_the_modules_it_needs():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom zsbir.registry import get_registry, kinds\n"
+            "names = {k: get_registry(k).names() for k in kinds()}\n"
+            "assert 'ce' in names['losses'] and 'itq' in names['hashers']\n"
+            "before = sorted(m for m in sys.modules if m.startswith(('zsbir.losses', "
+            "'zsbir.models', 'zsbir.hashing', 'torch', 'faiss')))\n"
+            "get_registry('hashers').get('sign')\n"
+            "print(before, 'zsbir.losses.classification' in sys.modules, "
+            "'zsbir.hashing.hashers' in sys.modules, 'faiss' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[] False True False", out.stdout
+
+
+def test_import_zsbir_hashing_does_not_import_faiss():
+    import subprocess
+    import sys
+
+    code = ("import sys\nimport zsbir.hashing as h\nfrom zsbir.hashing import ITQHasher\n"
+            "print('faiss' in sys.modules)\nimport zsbir.hashing.ann\n"
+            "print('faiss' in sys.modules, callable(h.search), h.search.__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True", "True", "search"], out.stdout
+
+
+def _builtin_entry(kind: str, name: str, value: str) -> registry.PluginEntry:
+    import importlib.metadata as md
+
+    ep = md.EntryPoint(name, value, f"zsbir.{kind}")
+    return registry.PluginEntry(kind, name, value, "zsbir", "0.1.0",
+                                registry._GuardedEntryPoint(ep))  # type: ignore[arg-type]
+
+
+def test_a_broken_builtin_module_breaks_only_its_own_names(fake_plugins):
+    """A zsbir entry point whose module fails to import is reported (distribution zsbir,
+    the error) on each use of its name; every other name still works, on every lookup."""
+    fake_plugins("fake-none", {}, {"fakeplug_brokenbuiltin": "raise ImportError('no xyz')\n"})
+    found = registry.discover_plugins()
+    found["losses"]["zz_broken"] = [_builtin_entry("losses", "zz_broken",
+                                                   "fakeplug_brokenbuiltin:Loss")]
+    for _ in range(2):  # the failure is remembered, not retried into a different error
+        with pytest.raises(PluginLoadError, match=r"zsbir's built-in zsbir 0\.1\.0 .*no xyz"):
+            losses.get("zz_broken")
+        assert losses.get("ce") and get_registry("hashers").get("itq")
+    assert [(f.dist, f.name) for f in registry.plugin_failures()] == [("zsbir", "zz_broken")]
+    from click.testing import CliRunner
+
+    from zsbir.cli import main
+
+    res = CliRunner().invoke(main, ["plugins"])  # reported like a plugin's failure
+    assert res.exit_code == 1
+    assert any(line.split("\t")[:4] == ["zsbir", "0.1.0", "zsbir.losses", "zz_broken"]
+               and "no xyz" in line for line in res.output.splitlines()), res.output
+    # a plugin of the same name never stands in for the broken built-in
+    found["losses"]["zz_broken"].append(registry.PluginEntry(
+        "losses", "zz_broken", "x:y", "fake-other", "1.0", None))  # type: ignore[arg-type]
+    with pytest.raises(PluginLoadError, match="zsbir's built-in"):
+        losses.get("zz_broken")
+
+
+def test_editable_egg_info_beside_dist_info_is_one_distribution(fake_plugins, tmp_path,
+                                                                monkeypatch):
+    """An editable install leaves src/<pkg>.egg-info on sys.path besides the installed
+    .dist-info: one distribution, not a conflict of two."""
+    fake_plugins("fake-twice", {"zsbir.losses": {"twice_loss": "fakeplug_twice:FakeLoss"}},
+                 {"fakeplug_twice": PLUGIN_SRC})
+    src = tmp_path / "src"
+    egg = src / "fake_twice.egg-info"
+    egg.mkdir(parents=True)
+    (egg / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: fake-twice\nVersion: 1.0\n")
+    (egg / "entry_points.txt").write_text("[zsbir.losses]\ntwice_loss = fakeplug_twice:FakeLoss\n")
+    monkeypatch.syspath_prepend(str(src))
+    registry.discover_plugins(refresh=True)
+    assert len(registry.discover_plugins()["losses"]["twice_loss"]) == 1
+    assert losses.component("twice_loss").package == "fake-twice"
+
+
+# ------------------------------------------------------------ plugins add kinds (#24.6)
+KIND_SRC = """
+from zsbir.registry import KindSpec
+
+def _contract(obj, comp):
+    assert callable(obj), f"{comp.name}: an augmenter is callable"
+
+SPEC = KindSpec(summary="Image augmenters.", injected=frozenset({"ctx", "size"}),
+                contract=_contract)
+
+class Flip:
+    '''Flips images left-right.'''
+    def __init__(self, p: float = 0.5, size: int = 0):
+        self.p = p
+    def __call__(self, x):
+        return x
+"""
+
+
+def test_a_plugin_adds_a_kind(fake_plugins):
+    import sys
+
+    from click.testing import CliRunner
+
+    from zsbir.cli import main
+
+    fake_plugins("fake-kinds", {"zsbir.kinds": {"augmenters": "fakeplug_kind:SPEC"},
+                                "zsbir.augmenters": {"flip": "fakeplug_kind:Flip"}},
+                 {"fakeplug_kind": KIND_SRC})
+    assert "augmenters" in registry.kinds() and registry.kinds()[-1] == "augmenters"
+    reg = get_registry("augmenters")
+    assert get_registry("augmenter") is reg and reg.names() == ["flip"]
+    assert "fakeplug_kind" not in sys.modules  # discovery reads metadata only
+    res = CliRunner().invoke(main, ["list", "augmenters"])
+    assert res.exit_code == 0, res.output
+    assert "flip" in res.output and "Flips images left-right." in res.output
+    assert "fakeplug_kind" not in sys.modules  # list reads the summary from the source
+    comp = reg.component("flip")
+    assert comp.package == "fake-kinds" and comp.kind == "augmenters"
+    assert registry.INJECTED.get("augmenters") == frozenset({"ctx", "size"})
+    assert [p.name for p in comp.parameters()] == ["p"]  # `size` is injected
+    assert registry.kind_spec("augmenters").summary == "Image augmenters."
+    res = CliRunner().invoke(main, ["plugins"])
+    assert res.exit_code == 0, res.output
+    assert "adds kind augmenters" in res.output
+
+
+def test_plugin_kind_problems_are_reported(fake_plugins):
+    from click.testing import CliRunner
+
+    from zsbir.cli import main
+
+    fake_plugins("fake-badkinds", {"zsbir.kinds": {"losses": "fakeplug_bk:SPEC",
+                                                   "Bad-Kind": "fakeplug_bk:SPEC",
+                                                   "widgets": "fakeplug_bk:NOT_A_SPEC"},
+                                   "zsbir.gadgets": {"g": "fakeplug_bk:G"},
+                                   "zsbir.widgets": {"w": "fakeplug_bk:G"}},
+                 {"fakeplug_bk": "from zsbir.registry import KindSpec\nSPEC = KindSpec()\n"
+                                 "NOT_A_SPEC = 3\ndef G():\n    '''A gadget.'''\n"})
+    assert "losses" not in registry.kind_declarations()
+    assert "gadgets" not in registry.kinds() and "widgets" in registry.kinds()
+    problems = {f.name: f.error for f in registry.kind_problems()}
+    assert "built-in kind" in problems["losses"] and "invalid kind" in problems["Bad-Kind"]
+    res = CliRunner().invoke(main, ["list"])
+    assert res.exit_code == 0
+    assert "zsbir.gadgets" in res.stderr and "names no kind" in res.stderr
+    res = CliRunner().invoke(main, ["plugins"])
+    assert res.exit_code == 1
+    out = " ".join(res.output.split())
+    assert "unknown group zsbir.gadgets" in out
+    assert "not a zsbir.registry.KindSpec" in out
+    assert "a built-in kind" in out

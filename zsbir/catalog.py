@@ -1,16 +1,24 @@
 """The built-in components, listed without importing them (``zsbir list`` / ``describe``).
 
-Importing the built-ins means importing torch, timm and every model: seconds before
-``zsbir list`` can print a line. ``catalog.json`` (next to this file, committed) holds what
-those commands print about each built-in component: kind, name, module, source file,
-one-sentence summary, plain-text docstring and parameter table. It is generated from the
-live registries::
+The names come from entry points (zsbir's own and plugins', :mod:`zsbir.registry`), read
+from metadata. What ``zsbir describe`` prints about a built-in (parameter table with the
+types as validation names them, declarations, docstring) needs the component imported, and
+importing the built-ins means importing torch, timm and every model: seconds. So
+``catalog.json`` (next to this file, committed, never edited by hand) holds it for each of
+zsbir's entry points: kind, name, module, qualname, source file, one-sentence summary,
+plain-text docstring and parameter table. It is generated from the live registries::
 
     python -m zsbir.catalog --write
 
 and ``tests/test_cli_fuzz.py::test_catalog_matches_live_registries`` fails when it differs
 from them (a component added, renamed, or its docstring or parameters changed), so it
-cannot go stale unnoticed. Plugins are never in it: they are listed from their metadata.
+cannot go stale unnoticed; meanwhile a name it lacks is still listed (summary read from the
+source, :func:`source_summary`) and described (by importing it). Plugins are never in it:
+their summaries are read from their source files without importing them.
+
+This module also derives zsbir's own entry-point table from the registrations in the
+source (:func:`builtin_entry_points`, :func:`entry_point_toml`), which
+``tests/test_registry.py`` checks ``pyproject.toml`` against.
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CATALOG_PATH", "entry", "generate", "load", "param_rows", "source_line"]
+__all__ = ["CATALOG_PATH", "builtin_entry_points", "entry", "entry_point_toml", "generate",
+           "load", "param_rows", "registering_modules", "source_line", "source_summary"]
 
 CATALOG_PATH = Path(__file__).with_name("catalog.json")
 _ROOT = Path(__file__).resolve().parents[1]
@@ -97,15 +106,14 @@ def declarations(comp: Any) -> list[str]:
 
 
 def generate() -> dict[str, list[dict[str, Any]]]:
-    """The catalog of the built-in components, from the live registries (imports them)."""
-    from zsbir.registry import _BUILTIN_PACKAGE, KINDS, _ensure_builtins, get_registry
+    """The catalog of the built-in components: every entry point of the ``zsbir``
+    distribution, loaded (imports them all)."""
+    from zsbir.registry import KINDS, get_registry
 
-    _ensure_builtins()
     out: dict[str, list[dict[str, Any]]] = {}
     for kind in KINDS:
         reg = get_registry(kind)
-        comps = [c for n, c in sorted(reg._components.items()) if c.package == _BUILTIN_PACKAGE]
-        out[kind] = [_entry_of(c) for c in comps]
+        out[kind] = [_entry_of(reg.component(n)) for n in reg.builtin_names()]
     return out
 
 
@@ -144,6 +152,114 @@ def source_line(e: dict[str, Any]) -> str:
     except OSError:
         return "?"
     return str(path)
+
+
+# ------------------------------------------------------- zsbir's own entry points
+_REGISTER_CALL = re.compile(r"\b[A-Za-z_]\w*\.register\(\s*f?[\"']")
+
+
+def registering_modules() -> list[str]:
+    """Every module under ``zsbir/`` whose source calls ``<kind>.register("...")``."""
+    pkg = Path(__file__).resolve().parent
+    out = []
+    for path in sorted(pkg.rglob("*.py")):
+        if _REGISTER_CALL.search(path.read_text(encoding="utf-8")):
+            parts = path.relative_to(pkg.parent).with_suffix("").parts
+            out.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return out
+
+
+def builtin_entry_points() -> dict[str, dict[str, str]]:
+    """kind -> name -> ``module:qualname`` of every component zsbir's own modules register
+    (imports :func:`registering_modules`): what ``pyproject.toml`` must declare as the
+    ``zsbir`` distribution's entry points. A registered object that is not reachable as
+    ``module:qualname`` gets ``"?"`` (make it a module attribute)."""
+    import importlib
+
+    from zsbir.registry import _BUILTIN_PACKAGE, registries
+
+    for module in registering_modules():
+        importlib.import_module(module)
+    out: dict[str, dict[str, str]] = {}
+    for reg in registries():
+        for name, comp in sorted(reg._components.items()):
+            if comp.package != _BUILTIN_PACKAGE:
+                continue
+            module = getattr(comp.obj, "__module__", "")
+            qualname = getattr(comp.obj, "__qualname__", "")
+            target: Any = importlib.import_module(module) if module else None
+            for part in qualname.split("."):
+                target = getattr(target, part, None)
+            out.setdefault(reg.kind, {})[name] = (f"{module}:{qualname}" if target is comp.obj
+                                                  else "?")
+    return out
+
+
+def entry_point_toml(eps: dict[str, dict[str, str]]) -> str:
+    """``[project.entry-points."zsbir.<kind>"]`` tables for ``pyproject.toml``."""
+    lines: list[str] = []
+    for kind, names in eps.items():
+        if not names:
+            continue
+        lines += ["", f'[project.entry-points."zsbir.{kind}"]']
+        lines += [f'{name} = "{value}"' for name, value in sorted(names.items())]
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+# ------------------------------------------------------------ summaries from source
+@functools.cache
+def _parsed(path: str) -> Any:
+    import ast
+
+    try:
+        return ast.parse(Path(path).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return None
+
+
+def _module_file(module: str) -> Path | None:
+    """The source file of ``module``, found without importing it (only its top-level
+    package's spec is read)."""
+    import importlib.util
+
+    parts = module.split(".")
+    try:
+        spec = importlib.util.find_spec(parts[0])
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    if len(parts) == 1:
+        return Path(spec.origin) if spec.origin else None
+    dirs = [Path(d) for d in (spec.submodule_search_locations or [])]
+    for part in parts[1:-1]:
+        dirs = [d / part for d in dirs if (d / part).is_dir()]
+    for d in dirs:
+        for cand in (d / f"{parts[-1]}.py", d / parts[-1] / "__init__.py"):
+            if cand.is_file():
+                return cand
+    return None
+
+
+def source_summary(value: str) -> str:
+    """The docstring summary of an entry point's object (``pkg.module:Object``), read from
+    its source file without importing anything; ``""`` when it cannot be found there (an
+    object made at import time)."""
+    import ast
+
+    from zsbir.docstrings import first_sentence
+
+    module, _, qualname = value.partition(":")
+    path = _module_file(module.strip())
+    tree = _parsed(str(path)) if path is not None else None
+    node: Any = tree
+    for part in qualname.strip().split("."):
+        body = getattr(node, "body", [])
+        node = next((n for n in body if isinstance(
+            n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.name == part), None)
+        if node is None:
+            return ""
+    return first_sentence(ast.get_docstring(node) or "")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -290,47 +290,63 @@ def validate(manifest: str, overrides: tuple[str, ...], show: bool) -> None:
 def list_(kind: str | None, pattern: str, weights: bool) -> None:
     """List registered components (all kinds, or KIND), filtered by a wildcard PATTERN.
 
-    Built-in components are listed from zsbir's catalog and plugins from their metadata:
-    nothing is imported.
+    Every name is an entry point (zsbir's own and each plugin's), read from package
+    metadata; summaries come from zsbir's generated catalog or the source files: nothing
+    is imported.
     """
     import fnmatch
 
-    from zsbir.registry import KINDS, discover_plugins, get_registry
+    from zsbir.registry import _BUILTIN_PACKAGE, discover_plugins, get_registry, kinds
 
-    kinds = [get_registry(kind).kind] if kind else list(KINDS)
-    builtins = _builtin_catalog()
+    kinds_ = [get_registry(kind).kind] if kind else list(kinds())
     found = discover_plugins()
     rows: list[tuple[str, str, str, str]] = []
-    for k in kinds:
-        names = set(builtins.get(k, {})) | set(found.get(k, {}))
+    for k in kinds_:
+        names = found.get(k, {})
         for name in sorted(n for n in names if fnmatch.fnmatchcase(n, pattern)):
-            if name in builtins.get(k, {}):  # a built-in wins over a plugin of its name
-                package, summary = builtins[k][name]
+            entries = names[name]
+            if entries[0].dist == _BUILTIN_PACKAGE:  # a built-in wins over a plugin
+                summary = _builtin_summary(k, name, entries[0].value)
                 if k == "backbones" and weights:
                     summary = _weights_note(name) + summary
-                rows.append((k, name, package, summary))
-            else:
-                for e in found[k][name]:
-                    rows.append((k, name, f"{e.dist} {e.version}",
-                                 "(plugin; `zsbir describe` imports it)"))
+                rows.append((k, name, _BUILTIN_PACKAGE, summary))
+                continue
+            for e in entries:
+                rows.append((k, name, f"{e.dist} {e.version}",
+                             _source_summary(e.value) or "(plugin; `zsbir describe` imports it)"))
     _emit_table(("kind", "name", "package", "summary"),
                 [tuple(c.replace("[", "\\[") for c in r) for r in rows])
+    _warn_unknown_groups()
 
 
-def _builtin_catalog() -> dict[str, dict[str, tuple[str, str]]]:
-    """kind -> name -> (package, summary) of the built-ins: from ``zsbir/catalog.json``
-    (no import); from the live registries if the catalog is missing."""
+def _builtin_summary(kind: str, name: str, value: str) -> str:
+    """A built-in's summary: from ``zsbir/catalog.json`` when its entry is the entry
+    point's object, else read from the source (no import)."""
     from zsbir import catalog
 
-    cat = catalog.load()
-    if cat:
-        return {k: {e["name"]: ("zsbir", e["summary"]) for e in entries}
-                for k, entries in cat.items()}
-    from zsbir.registry import _BUILTIN_PACKAGE, _ensure_builtins, registries
+    e = catalog.entry(kind, name)
+    if e is not None and f"{e['module']}:{e['qualname']}" == value:
+        return e["summary"]
+    return _source_summary(value)
 
-    _ensure_builtins()
-    return {r.kind: {n: (c.package, c.summary) for n, c in r._components.items()
-                     if c.package == _BUILTIN_PACKAGE} for r in registries()}
+
+def _source_summary(value: str) -> str:
+    from zsbir.catalog import source_summary
+
+    return source_summary(value)
+
+
+def _warn_unknown_groups() -> None:
+    """One line on stderr per ``zsbir.<group>`` naming no kind (never silently ignored)."""
+    from zsbir.registry import kind_problems, unknown_plugin_groups
+
+    groups = sorted({f"{e.group} ({e.dist} {e.version})" for e in unknown_plugin_groups()})
+    for g in groups:
+        click.echo(f"warning: entry-point group {g} names no kind; its entry points are "
+                   "ignored (see `zsbir plugins`)", err=True)
+    for f in kind_problems():
+        click.echo(f"warning: {f.dist} {f.version}: {f.error} (see `zsbir plugins`)",
+                   err=True)
 
 
 def _weights_note(name: str) -> str:
@@ -348,15 +364,22 @@ def _weights_note(name: str) -> str:
 def describe(kind: str, name: str) -> None:
     """Show a component's parameters, defaults, docstring and where it is defined.
 
-    Built-ins are described from zsbir's catalog (nothing imported); a plugin is imported.
+    Built-ins are described from zsbir's generated catalog (nothing imported); a plugin,
+    or a built-in the catalog does not hold, is imported.
     """
     from zsbir import catalog
-    from zsbir.registry import get_registry
+    from zsbir.registry import _BUILTIN_PACKAGE, discover_plugins, get_registry
 
     reg = get_registry(kind)
-    entry = catalog.entry(reg.kind, name)
+    reg.entry(name)  # UnknownComponentError (with suggestions) for a wrong name
+    eps = discover_plugins().get(reg.kind, {}).get(name, [])
+    entry = None
+    if eps and eps[0].dist == _BUILTIN_PACKAGE:
+        entry = catalog.entry(reg.kind, name)
+        if entry is not None and f"{entry['module']}:{entry['qualname']}" != eps[0].value:
+            entry = None  # the catalog is stale for this name: import it instead
     if entry is not None:
-        package, location = "zsbir", catalog.source_line(entry)
+        package, location = _BUILTIN_PACKAGE, catalog.source_line(entry)
         rows, doc = entry["params"], entry["doc"]
         declares = entry.get("declares", [])
     else:
@@ -379,17 +402,49 @@ def describe(kind: str, name: str) -> None:
 
 @main.command()
 def plugins() -> None:
-    """Import every installed plugin and report which load and which fail."""
-    from zsbir.registry import discover_plugins, get_registry, load_all_plugins
+    """Import every installed plugin and report which load and which fail.
 
-    failures = {(f.group, f.name): f for f in load_all_plugins()}
+    zsbir's own entry points are loaded too: a built-in that fails to import is reported
+    the same way (package zsbir).
+    """
+    import difflib
+
+    from zsbir.registry import (
+        _BUILTIN_PACKAGE,
+        KINDS,
+        discover_plugins,
+        get_registry,
+        kind_declarations,
+        kind_problems,
+        kinds,
+        load_all,
+        unknown_plugin_groups,
+    )
+
+    failures = {(f.group, f.name): f for f in load_all()}
     found = discover_plugins()
     rows: list[tuple[str, ...]] = []
+    for kind, entries in sorted(kind_declarations().items()):  # kinds plugins add
+        for e in entries:
+            f = failures.get(("zsbir.kinds", kind))
+            status = ("[red]conflict: several plugins declare this kind[/]" if len(entries) > 1
+                      else "[red]failed:[/] " + f.error.replace("[", "\\[") if f is not None
+                      else f"[green]ok[/] (adds kind {kind})")
+            rows.append((e.dist, e.version, e.group, kind, status))
+    for f in kind_problems():
+        rows.append((f.dist, f.version, f.group, f.name, f"[red]ignored: {f.error}[/]"))
+    broken_builtins = 0
     for kind, names in found.items():
         shadowed = {e.name for e in get_registry(kind).builtin_shadowed()}
         for name, entries in sorted(names.items()):
             for e in entries:
                 f = failures.get((e.group, name))
+                if e.dist == _BUILTIN_PACKAGE:
+                    if f is not None:  # a built-in that does not import: say so
+                        broken_builtins += 1
+                        rows.append((e.dist, e.version, e.group, name,
+                                     "[red]failed:[/] " + f.error.replace("[", "\\[")))
+                    continue
                 if name in shadowed:
                     status = "[yellow]ignored: a built-in has this name[/]"
                 elif len(entries) > 1:
@@ -399,22 +454,20 @@ def plugins() -> None:
                 else:
                     status = "[green]ok[/]"
                 rows.append((e.dist, e.version, e.group, name, status))
-    from zsbir.registry import KINDS, unknown_plugin_groups
-
     unknown = unknown_plugin_groups()
+    all_kinds = kinds()
     for e in unknown:  # a group that names no kind: never loaded
-        import difflib
-
-        close = difflib.get_close_matches(e.kind, KINDS, n=1)
+        close = difflib.get_close_matches(e.kind, all_kinds, n=1)
         hint = f"; did you mean zsbir.{close[0]}?" if close else ""
         rows.append((e.dist, e.version, e.group, e.name,
-                     f"[red]ignored: unknown group {e.group} (kinds: {', '.join(KINDS)})"
+                     f"[red]ignored: unknown group {e.group} (kinds: {', '.join(all_kinds)})"
                      f"{hint}[/]"))
     if not rows:
-        console.print("no zsbir plugins installed (entry-point groups zsbir.<kind>)")
+        console.print("no zsbir plugins installed (entry-point groups zsbir.<kind>, "
+                      f"kinds: {', '.join(KINDS)}; new kinds: zsbir.kinds)")
         return
     _emit_table(("package", "version", "group", "name", "status"), rows)
-    if failures or unknown:
+    if failures or unknown or kind_problems() or broken_builtins:
         sys.exit(1)
 
 

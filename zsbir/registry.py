@@ -1,39 +1,51 @@
-"""Component registries: one flat registry per kind, a decorator to register,
-entry-point plugins discovered from package metadata.
+"""Component registries: one flat registry per kind, a decorator to register, and one
+discovery path for every name: ``importlib.metadata`` entry points.
 
 A *component* is a plain function or class with a typed signature. Its manifest table
 (``[backbone] name = "resnet18" pretrained = false``) names it and gives its keyword
 arguments; :mod:`zsbir.manifest` validates those against the signature.
 
-Plugins register through ``importlib.metadata`` entry points in the groups
-``zsbir.<kind>`` (``zsbir.losses``, ``zsbir.backbones``, ...). The entry point's name is the
-component name and its value the callable (``pkg.module:obj``). Discovery reads metadata
-only; a plugin module is imported the first time one of its names is used (or by
-``zsbir plugins``, which checks them all). A plugin that fails to import is recorded with
-its distribution's name, version and error and never breaks the other names. A plugin can
-never shadow a built-in name: the built-in wins and the clash is reported.
+Every name, zsbir's own and each plugin's, is an entry point in the group
+``zsbir.<kind>`` (``zsbir.losses``, ``zsbir.backbones``, ...) of its distribution: the entry
+point's name is the component name and its value the callable (``pkg.module:obj``). zsbir's
+built-ins are entry points of the ``zsbir`` distribution itself (``pyproject.toml``,
+``[project.entry-points."zsbir.<kind>"]``; the module also registers the object with
+``@<kind>.register("name")``, and ``tests/test_registry.py`` checks the two agree). Discovery
+reads metadata only; a module is imported the first time one of its names is used (or by
+``zsbir plugins``, which loads them all). An entry point that fails to import is recorded
+with its distribution's name, version and error and never breaks the other names (a broken
+built-in module breaks only its own names). A plugin can never shadow a built-in name: the
+built-in wins and the clash is reported.
 
-Design notes (after timm's ``_registry.py``, confection and flake8's plugin finder):
-duplicate names are an error, not a warning; unknown names come with "did you mean"
-suggestions; wildcards (``zsbir list losses 'rpkd_*'``) filter names.
+A plugin may add a kind: an entry point in the group ``zsbir.kinds`` whose name is the new
+kind (plural, ``[a-z][a-z0-9_]*``) and whose value is a :class:`KindSpec`; the group
+``zsbir.<newkind>`` is then read like a built-in kind's (:func:`kinds`, :func:`get_registry`,
+``zsbir list``). A ``zsbir.<other>`` group that names no kind is reported by
+``zsbir plugins``, never silently used.
+
+Design notes (after timm's ``_registry.py``, confection and flake8's plugin finder, which
+also lists its own checks as entry points of the flake8 distribution): duplicate names are
+an error, not a warning; unknown names come with "did you mean" suggestions; wildcards
+(``zsbir list losses 'rpkd_*'``) filter names.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
-import importlib
 import importlib.metadata as md
 import inspect
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 __all__ = [
     "KINDS",
     "Component",
     "Factory",
+    "KindSpec",
     "Nested",
     "DuplicateComponentError",
     "PluginEntry",
@@ -45,6 +57,8 @@ __all__ = [
     "declared",
     "discover_plugins",
     "get_registry",
+    "kinds",
+    "load_all",
     "plugin_failures",
     "unknown_plugin_groups",
     "registries",
@@ -57,6 +71,7 @@ KINDS: tuple[str, ...] = (
     "protocols",
     "backbones",
     "heads",
+    "models",
     "networks",
     "losses",
     "teachers",
@@ -68,9 +83,26 @@ KINDS: tuple[str, ...] = (
     "rerankers",
 )
 
+class _Injected(dict):  # type: ignore[type-arg]
+    """The built-in kinds' injected parameters; a plugin kind's come from its
+    :class:`KindSpec` (imported on first use)."""
+
+    def get(self, kind: str, default: Any = None) -> Any:  # type: ignore[override]
+        if kind in self:
+            return self[kind]
+        spec = _plugin_kind_spec(kind)
+        return spec.injected if spec is not None else default
+
+    def __missing__(self, kind: str) -> frozenset[str]:
+        spec = _plugin_kind_spec(kind)
+        if spec is None:
+            raise KeyError(kind)
+        return spec.injected
+
+
 #: Parameters the toolkit supplies itself (never written in a manifest), per kind.
 #: ``ctx`` is the :class:`zsbir.context.BuildContext` for any kind that asks for it.
-INJECTED: dict[str, frozenset[str]] = {
+INJECTED: dict[str, frozenset[str]] = _Injected({
     "protocols": frozenset({"ctx"}),
     "backbones": frozenset({"ctx"}),
     "losses": frozenset({"ctx"}),
@@ -83,7 +115,7 @@ INJECTED: dict[str, frozenset[str]] = {
     "networks": frozenset({"ctx"}),
     "steps": frozenset({"ctx"}),
     "rerankers": frozenset({"ctx"}),
-}
+})
 
 @dataclass(frozen=True)
 class Nested:
@@ -142,7 +174,8 @@ class PluginLoadError(RegistryError):
 
 @dataclass(frozen=True)
 class PluginEntry:
-    """An entry point found in installed metadata; not imported yet."""
+    """An entry point found in metadata (a plugin's, or zsbir's own built-in: ``dist``
+    ``"zsbir"``); not imported yet."""
 
     kind: str
     name: str
@@ -239,9 +272,30 @@ def _dist_of_module(module: str) -> str:
     return dists[0] if dists else top
 
 
-# ---------------------------------------------------------------------------- plugins
+# --------------------------------------------------------------------------- discovery
+#: the entry-point group in which a plugin declares a new kind
+KINDS_GROUP = "zsbir.kinds"
+_KIND_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    """What a plugin declares about a kind it adds (the value of its ``zsbir.kinds`` entry
+    point): a one-sentence summary, the parameters the code that builds components of the
+    kind injects (never written in a manifest), and optionally the kind's contract for
+    :mod:`zsbir.testing`: a callable ``contract(built_object, component)`` that raises
+    ``AssertionError`` when a built component breaks the kind's rules."""
+
+    summary: str = ""
+    injected: frozenset[str] = frozenset({"ctx"})
+    contract: Callable[[Any, Component], None] | None = None
+
+
 _discovered: dict[str, dict[str, list[PluginEntry]]] | None = None
 _failures: dict[tuple[str, str], PluginFailure] = {}
+_unknown_groups: list[PluginEntry] = []
+_plugin_kinds: dict[str, list[PluginEntry]] = {}
+_kind_problems: list[PluginFailure] = []
 
 
 class PluginExitError(Exception):
@@ -273,38 +327,166 @@ class _GuardedEntryPoint:
         return f"EntryPoint(name={self.name!r}, value={self.value!r}, group={self.group!r})"
 
 
-_unknown_groups: list[PluginEntry] = []
+_Found = tuple[md.EntryPoint, str, str]  # an entry point, its distribution and version
 
 
-def discover_plugins(refresh: bool = False) -> dict[str, dict[str, list[PluginEntry]]]:
-    """Entry points per kind and name, read from metadata only (nothing imported).
+def _entry(kind: str, found: _Found) -> PluginEntry:
+    ep, dist, version = found
+    return PluginEntry(kind, ep.name, ep.value, dist, version,
+                       _GuardedEntryPoint(ep))  # type: ignore[arg-type]
 
-    Entry points in a ``zsbir.<other>`` group that names no kind are never loaded; they
-    are kept for :func:`unknown_plugin_groups` (``zsbir plugins`` reports them)."""
-    global _discovered
-    if _discovered is not None and not refresh:
-        return _discovered
-    found: dict[str, dict[str, list[PluginEntry]]] = {k: {} for k in KINDS}
-    unknown: list[PluginEntry] = []
-    groups = sorted({g for g in md.entry_points().groups if g.startswith("zsbir.")}
-                    | {f"zsbir.{k}" for k in KINDS})
-    for ep in (ep for group in groups for ep in md.entry_points(group=group)):
-        kind = ep.group.removeprefix("zsbir.")
+
+def _norm_dist(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _own_entry_points() -> list[_Found] | None:
+    """zsbir's own entry points from the ``pyproject.toml`` of the source checkout zsbir
+    is imported from (an editable install, or a tree on ``PYTHONPATH`` with nothing
+    installed): the file is the truth there, the installed metadata may be older. None for
+    an installed zsbir (no such file): its metadata holds them."""
+    path = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if not path.is_file():
+        return None
+    try:
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        project = tomllib.loads(path.read_text(encoding="utf-8")).get("project", {})
+    except Exception:  # noqa: BLE001 - unreadable: fall back to the installed metadata
+        return None
+    if project.get("name") != _BUILTIN_PACKAGE:
+        return None
+    version = str(project.get("version", "?"))
+    return [(md.EntryPoint(name=name, value=value, group=group), _BUILTIN_PACKAGE, version)
+            for group, entries in project.get("entry-points", {}).items()
+            if group.startswith("zsbir.") for name, value in entries.items()]
+
+
+def _installed_entry_points() -> list[_Found]:
+    """Every ``zsbir.*`` entry point, each (distribution, group, name) once.
+
+    zsbir's own come from its source checkout's ``pyproject.toml`` when there is one
+    (:func:`_own_entry_points`), else from its metadata like every plugin's. An editable
+    install can leave a ``*.egg-info`` next to the sources (``src/``) on ``sys.path`` besides
+    the installed ``*.dist-info``: the same distribution found twice.
+    ``importlib.metadata.entry_points`` keeps the first distribution of each normalized name
+    on Python >= 3.10; the key below makes that explicit."""
+    own = _own_entry_points()
+    seen: set[tuple[str, str, str]] = set()
+    out: list[_Found] = []
+    everything = md.entry_points()  # read once; select() below filters it in memory
+    groups = sorted(g for g in everything.groups if g.startswith("zsbir."))
+    for ep in (ep for g in groups for ep in everything.select(group=g)):
         dist = getattr(ep, "dist", None)
         try:
             name = (dist.metadata["Name"] or "?") if dist is not None else "?"
             version = (dist.version or "?") if dist is not None else "?"
         except Exception:  # noqa: BLE001 - broken metadata: still list the entry point
             name, version = "?", "?"
-        entry = PluginEntry(kind, ep.name, ep.value, name, version,
-                            _GuardedEntryPoint(ep))  # type: ignore[arg-type]
+        if own is not None and _norm_dist(name) == _BUILTIN_PACKAGE:
+            continue
+        key = (_norm_dist(name), ep.group, ep.name)
+        if key not in seen:
+            seen.add(key)
+            out.append((ep, name, version))
+    return (own or []) + out
+
+
+def discover_plugins(refresh: bool = False) -> dict[str, dict[str, list[PluginEntry]]]:
+    """Entry points per kind and name, zsbir's own and every plugin's, read from metadata
+    only (nothing imported). Also reads the kinds plugins add (group ``zsbir.kinds``).
+
+    Entry points in a ``zsbir.<other>`` group that names no kind are never loaded; they
+    are kept for :func:`unknown_plugin_groups` (``zsbir plugins`` reports them)."""
+    global _discovered
+    if _discovered is not None and not refresh:
+        return _discovered
+    eps = _installed_entry_points()
+    # kinds added by plugins first: their groups are then read like the built-in ones
+    _plugin_kinds.clear()
+    _kind_problems.clear()
+    for found_ep in (f for f in eps if f[0].group == KINDS_GROUP):
+        ep = found_ep[0]
+        entry = _entry(ep.name, found_ep)
+        problem = None
+        if ep.name in KINDS:
+            problem = f"kind {ep.name!r} is a built-in kind; the declaration is ignored"
+        elif not _KIND_RE.match(ep.name):
+            problem = f"invalid kind name {ep.name!r} (expected [a-z][a-z0-9_]*)"
+        if problem is not None:
+            _kind_problems.append(PluginFailure(entry.dist, entry.version, KINDS_GROUP,
+                                                ep.name, ep.value, problem))
+            continue
+        _plugin_kinds.setdefault(ep.name, []).append(entry)
+    for kind in [k for k in _REGISTRIES if k not in KINDS and k not in _plugin_kinds]:
+        del _REGISTRIES[kind]  # its distribution is gone
+    for kind in _plugin_kinds:
+        _REGISTRIES.setdefault(kind, Registry(kind))
+    found: dict[str, dict[str, list[PluginEntry]]] = {k: {} for k in (*KINDS, *_plugin_kinds)}
+    unknown: list[PluginEntry] = []
+    for found_ep in eps:
+        ep = found_ep[0]
+        if ep.group == KINDS_GROUP:
+            continue
+        kind = ep.group.removeprefix("zsbir.")
+        entry = _entry(kind, found_ep)
         if kind in found:
             found[kind].setdefault(ep.name, []).append(entry)
         else:
             unknown.append(entry)
+    for names in found.values():  # zsbir's own entry first: the built-in wins
+        for entries in names.values():
+            entries.sort(key=lambda e: e.dist != _BUILTIN_PACKAGE)
     _discovered = found
     _unknown_groups[:] = unknown
     return found
+
+
+def kinds() -> tuple[str, ...]:
+    """Every kind: the built-in ones (:data:`KINDS`, in ``zsbir list``'s order), then those
+    installed plugins add (group ``zsbir.kinds``), sorted."""
+    discover_plugins()
+    return (*KINDS, *sorted(_plugin_kinds))
+
+
+def kind_declarations() -> dict[str, list[PluginEntry]]:
+    """The ``zsbir.kinds`` entry points of installed plugins, per kind they add."""
+    discover_plugins()
+    return {k: list(v) for k, v in _plugin_kinds.items()}
+
+
+def _plugin_kind_spec(kind: str) -> KindSpec | None:
+    """The :class:`KindSpec` a plugin declares for ``kind`` (imported), or None for a
+    name no plugin declares. Raises :class:`PluginLoadError` when it cannot be used."""
+    discover_plugins()
+    entries = _plugin_kinds.get(kind)
+    if not entries:
+        return None
+    if len(entries) > 1:
+        dists = ", ".join(f"{e.dist} {e.version}" for e in entries)
+        raise PluginLoadError(f"kind {kind!r} is declared by several plugins ({dists}); "
+                              "uninstall all but one")
+    entry = entries[0]
+    key = (KINDS_GROUP, kind)
+    if key in _failures:
+        raise PluginLoadError(_failure_text(_failures[key]))
+    try:
+        spec = entry.entry_point.load()
+        if not isinstance(spec, KindSpec):
+            raise TypeError(f"{entry.value} is a {type(spec).__name__}, not a "
+                            "zsbir.registry.KindSpec")
+    except Exception as exc:  # noqa: BLE001 - any import error belongs to the plugin
+        _failures[key] = PluginFailure(entry.dist, entry.version, KINDS_GROUP, kind,
+                                       entry.value, f"{type(exc).__name__}: {exc}")
+        raise PluginLoadError(_failure_text(_failures[key])) from exc
+    return spec
+
+
+def kind_spec(kind: str) -> KindSpec | None:
+    """The :class:`KindSpec` of a kind a plugin adds (None for a built-in kind)."""
+    return _plugin_kind_spec(get_registry(kind).kind) if kind not in KINDS else None
 
 
 def unknown_plugin_groups() -> list[PluginEntry]:
@@ -313,27 +495,37 @@ def unknown_plugin_groups() -> list[PluginEntry]:
     return list(_unknown_groups)
 
 
+def kind_problems() -> list[PluginFailure]:
+    """``zsbir.kinds`` entries that cannot add a kind (a built-in kind's name, an invalid
+    name)."""
+    discover_plugins()
+    return list(_kind_problems)
+
+
 def plugin_failures() -> list[PluginFailure]:
-    """Plugins that failed to load so far in this process (``zsbir plugins`` loads all)."""
+    """Entry points (built-in or plugin) that failed to load so far in this process
+    (``zsbir plugins`` loads all)."""
     return list(_failures.values())
 
 
 # ---------------------------------------------------------------------------- registry
 class Registry:
-    """A flat name -> component mapping for one kind, plus that kind's plugins."""
+    """A flat name -> component mapping for one kind, filled from entry points on demand."""
 
     def __init__(self, kind: str):
-        if kind not in KINDS:
-            raise ValueError(f"unknown registry kind {kind!r}; kinds are {', '.join(KINDS)}")
+        if kind not in KINDS and kind not in _plugin_kinds:
+            raise ValueError(f"unknown registry kind {kind!r}; kinds are {', '.join(kinds())}")
         self.kind = kind
         self._components: dict[str, Component] = {}
 
     def __repr__(self) -> str:
-        return f"Registry({self.kind!r}, {len(self._components)} built-in)"
+        return f"Registry({self.kind!r}, {len(self._components)} loaded)"
 
     # -- registering
     def register(self, name: str | None = None) -> Callable[[T], T]:
-        """Decorator: ``@losses.register("ce")`` registers the decorated callable."""
+        """Decorator: ``@losses.register("ce")`` registers the decorated callable (the
+        name must also be an entry point of its distribution to be found before its
+        module is imported)."""
 
         def deco(obj: T) -> T:
             self.add(name or obj.__name__, obj)  # type: ignore[attr-defined]
@@ -362,16 +554,21 @@ class Registry:
 
     # -- looking up
     def _plugins(self) -> dict[str, list[PluginEntry]]:
-        return discover_plugins()[self.kind]
+        """Entry points of this kind per name (zsbir's own and plugins'), built-in first."""
+        return discover_plugins().get(self.kind, {})
 
     def names(self, pattern: str = "*") -> list[str]:
-        """Built-in and plugin names matching a wildcard pattern, without importing plugins."""
-        _ensure_builtins()
+        """Every name (entry points and registered objects) matching a wildcard pattern,
+        without importing anything."""
         all_names = set(self._components) | set(self._plugins())
         return sorted(n for n in all_names if fnmatch.fnmatchcase(n, pattern))
 
+    def builtin_names(self) -> list[str]:
+        """Names zsbir's own distribution declares for this kind (nothing imported)."""
+        return sorted(n for n, es in self._plugins().items()
+                      if any(e.dist == _BUILTIN_PACKAGE for e in es))
+
     def __contains__(self, name: object) -> bool:
-        _ensure_builtins()
         return name in self._components or name in self._plugins()
 
     def suggest(self, name: str, n: int = 3) -> list[str]:
@@ -383,13 +580,16 @@ class Registry:
         return close
 
     def component(self, name: str) -> Component:
-        """The registered component, importing its plugin if needed."""
-        _ensure_builtins()
-        if name in self._components:
-            return self._components[name]
-        entries = self._plugins().get(name)
+        """The registered component, importing its module (built-in or plugin) if needed."""
+        entries = self._plugins().get(name, [])
+        comp = self._components.get(name)
+        if comp is not None and (comp.package == _BUILTIN_PACKAGE or not entries
+                                 or entries[0].dist != _BUILTIN_PACKAGE):
+            return comp
         if not entries:
             raise UnknownComponentError(self.kind, name, self.suggest(name))
+        if entries[0].dist == _BUILTIN_PACKAGE:  # a built-in wins over any plugin
+            return self._load(entries[0])
         if len(entries) > 1:
             dists = ", ".join(f"{e.dist} {e.version}" for e in entries)
             raise PluginLoadError(
@@ -403,13 +603,16 @@ class Registry:
         return self.component(name).obj
 
     def entry(self, name: str) -> Component | PluginEntry:
-        """What is known about ``name`` without importing a plugin."""
-        _ensure_builtins()
-        if name in self._components:
-            return self._components[name]
+        """What is known about ``name`` without importing anything: the loaded component,
+        else its entry point (zsbir's own first)."""
         entries = self._plugins().get(name)
+        comp = self._components.get(name)
+        if comp is not None and (not entries or comp.package == entries[0].dist):
+            return comp
         if entries:
             return entries[0]
+        if comp is not None:
+            return comp
         raise UnknownComponentError(self.kind, name, self.suggest(name))
 
     def _load(self, entry: PluginEntry) -> Component:
@@ -432,14 +635,14 @@ class Registry:
 
     def builtin_shadowed(self) -> list[PluginEntry]:
         """Plugin entries whose name a built-in already takes (the built-in wins)."""
-        _ensure_builtins()
-        builtin = {n for n, c in self._components.items() if c.package == _BUILTIN_PACKAGE}
+        builtin = set(self.builtin_names())
         return [e for n, es in self._plugins().items() if n in builtin for e in es
                 if e.dist != _BUILTIN_PACKAGE]
 
 
 def _failure_text(f: PluginFailure) -> str:
-    return (f"plugin {f.dist} {f.version} failed to load {f.group} entry point "
+    who = "zsbir's built-in" if f.dist == _BUILTIN_PACKAGE else "plugin"
+    return (f"{who} {f.dist} {f.version} failed to load {f.group} entry point "
             f"{f.name!r} ({f.value}): {f.error}")
 
 
@@ -453,33 +656,45 @@ optimizers = _REGISTRIES["optimizers"]
 schedulers = _REGISTRIES["schedulers"]
 hashers = _REGISTRIES["hashers"]
 heads = _REGISTRIES["heads"]
+models = _REGISTRIES["models"]
 networks = _REGISTRIES["networks"]
 steps = _REGISTRIES["steps"]
 rerankers = _REGISTRIES["rerankers"]
 
 
 def get_registry(kind: str) -> Registry:
-    """The registry of one kind; accepts the singular too (``loss``)."""
+    """The registry of one kind (built-in or added by a plugin); accepts the singular too
+    (``loss``)."""
+    discover_plugins()
     if kind in _REGISTRIES:
         return _REGISTRIES[kind]
     for plural in (kind + "s", kind + "es"):
         if plural in _REGISTRIES:
             return _REGISTRIES[plural]
-    close = difflib.get_close_matches(kind, KINDS, n=2)
-    hint = f"; did you mean {', '.join(close)}?" if close else f"; kinds are {', '.join(KINDS)}"
+    all_kinds = kinds()
+    close = difflib.get_close_matches(kind, all_kinds, n=2)
+    hint = (f"; did you mean {', '.join(close)}?" if close
+            else f"; kinds are {', '.join(all_kinds)}")
     raise RegistryError(f"unknown component kind {kind!r}{hint}")
 
 
 def registries() -> Iterable[Registry]:
-    return _REGISTRIES.values()
+    """Every registry: the built-in kinds', then the plugin kinds'."""
+    return [_REGISTRIES[k] for k in kinds()]
 
 
-def load_all_plugins() -> list[PluginFailure]:
-    """Import every discovered plugin entry point; return the failures (none raised)."""
-    for reg in _REGISTRIES.values():
+def load_all(kinds_: Iterable[str] | None = None) -> list[PluginFailure]:
+    """Import every discovered entry point (built-in and plugin; of ``kinds_``, default
+    all) and every plugin kind's :class:`KindSpec`; return the failures (none raised)."""
+    selected = list(kinds_) if kinds_ is not None else list(kinds())
+    for kind in selected:
+        if kind not in KINDS:
+            try:
+                _plugin_kind_spec(kind)
+            except RegistryError:
+                pass
+        reg = get_registry(kind)
         for name in reg.names():
-            if name in reg._components:
-                continue
             try:
                 reg.component(name)
             except RegistryError:
@@ -487,23 +702,6 @@ def load_all_plugins() -> list[PluginFailure]:
     return plugin_failures()
 
 
-_builtins_loaded = False
-_builtin_error: str | None = None
-
-
-def _ensure_builtins() -> None:
-    """Import the modules that register the built-in components (once). A built-in module
-    that fails to import is a bug in zsbir or its environment: every later lookup says so
-    (instead of "unknown component")."""
-    global _builtins_loaded, _builtin_error
-    if _builtin_error is not None:
-        raise RegistryError(_builtin_error)
-    if not _builtins_loaded:
-        _builtins_loaded = True
-        try:
-            importlib.import_module("zsbir.components")
-        except Exception as exc:
-            _builtin_error = (f"zsbir's built-in components failed to import "
-                              f"({type(exc).__name__}: {exc}); reinstall zsbir or fix the "
-                              "environment")
-            raise
+def load_all_plugins() -> list[PluginFailure]:
+    """:func:`load_all` over every kind (the name ``zsbir plugins`` has always used)."""
+    return load_all()

