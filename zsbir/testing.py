@@ -391,7 +391,8 @@ def check_network(comp: Component) -> None:
 
 
 class _TinyNetwork(torch.nn.Module):
-    """A teacher network stand-in: ImageNet logits and pooled features."""
+    """A teacher network (or student, for teachers given the model) stand-in: ImageNet
+    logits, pooled features and an embedding."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -401,7 +402,7 @@ class _TinyNetwork(torch.nn.Module):
     def forward(self, image: torch.Tensor, domain: torch.Tensor | None = None
                 ) -> dict[str, torch.Tensor]:
         f = self.proj(image.mean(dim=(2, 3)))
-        return {"logits": self.fc(f), "features": f}
+        return {"logits": self.fc(f), "features": f, "embedding": f}
 
 
 class _TrainSplit:
