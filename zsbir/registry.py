@@ -57,6 +57,7 @@ KINDS: tuple[str, ...] = (
     "protocols",
     "backbones",
     "heads",
+    "models",
     "networks",
     "losses",
     "teachers",
@@ -74,12 +75,13 @@ INJECTED: dict[str, frozenset[str]] = {
     "protocols": frozenset({"ctx"}),
     "backbones": frozenset({"ctx"}),
     "losses": frozenset({"ctx"}),
-    "teachers": frozenset({"ctx", "network"}),
+    "teachers": frozenset({"ctx"}),
     "samplers": frozenset({"ctx", "labels", "domains", "batch_size", "seed"}),
     "optimizers": frozenset({"ctx", "params"}),
     "schedulers": frozenset({"ctx", "optimizer", "epochs", "steps_per_epoch"}),
     "hashers": frozenset({"ctx"}),
-    "heads": frozenset({"ctx", "backbone", "num_classes"}),
+    "heads": frozenset({"ctx", "in_features", "num_classes", "classifier"}),
+    "models": frozenset({"ctx", "num_classes"}),
     "networks": frozenset({"ctx"}),
     "steps": frozenset({"ctx"}),
     "rerankers": frozenset({"ctx"}),
@@ -453,6 +455,7 @@ optimizers = _REGISTRIES["optimizers"]
 schedulers = _REGISTRIES["schedulers"]
 hashers = _REGISTRIES["hashers"]
 heads = _REGISTRIES["heads"]
+models = _REGISTRIES["models"]
 networks = _REGISTRIES["networks"]
 steps = _REGISTRIES["steps"]
 rerankers = _REGISTRIES["rerankers"]
