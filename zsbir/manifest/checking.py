@@ -155,7 +155,9 @@ def validate_params(obj: Any, kind: str, table: Mapping[str, Any], path: str,
         if key in skip:
             continue
         if key in injected and key in sig.parameters:
-            what = "a table" if isinstance(value, (dict, list)) else "a value"
+            what = "a table" if isinstance(value, dict) or (
+                isinstance(value, list) and value and all(isinstance(v, dict) for v in value)
+            ) else "a value"
             problems.append(Problem(f"{path}.{key}", f"{what} under {key!r}, which zsbir "
                                     f"supplies to a {_singular(kind)} itself (injected): "
                                     "it is never written in a manifest"))

@@ -81,7 +81,9 @@ _PART = re.compile(r"^([A-Za-z0-9_\-]+)((?:\[\d+\])*)$")
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str],
                     source: str = "<manifest>") -> dict[str, Any]:
     """Apply ``--set`` overrides: ``train.epochs=3``, ``losses[1].weight=0.5``,
-    ``backbone.name="resnet50"``. Values are TOML literals; a bare word is a string."""
+    ``backbone.name="resnet50"``. Values are TOML literals; a bare word is a string.
+    ``backbone.KEY`` sets ``model.backbone.KEY`` in a manifest that writes
+    ``[model.backbone]`` (``[backbone]`` is its shorthand)."""
     problems: list[Problem] = []
     for item in overrides:
         if "=" not in item:
@@ -97,6 +99,9 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str],
             problems.append(Problem(f"--set {key}", f"the value is nested deeper than "
                                     f"{MAX_DEPTH} levels of tables and arrays"))
             continue
+        if re.match(r"backbone(\.|$)", key) and "backbone" not in raw and isinstance(
+                raw.get("model"), dict) and isinstance(raw["model"].get("backbone"), dict):
+            key = "model." + key  # the shorthand [backbone] of a manifest in [model] form
         try:
             _set_path(raw, key, value)
         except (KeyError, IndexError, TypeError) as exc:
