@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from zsbir.constraints import constraints_of
 from zsbir.manifest.errors import Problem
-from zsbir.registry import INJECTED, _singular
+from zsbir.registry import INJECTED, Factory, Nested, _singular
 
 __all__ = ["check_type", "constraint_text", "validate_params"]
 
@@ -26,7 +26,12 @@ def _type_name(tp: Any) -> str:
         return "none"
     origin = typing.get_origin(tp)
     if origin is typing.Annotated:  # the base type; constraints: see constraint_text
-        return _type_name(typing.get_args(tp)[0])
+        base, *meta = typing.get_args(tp)
+        for m in meta:
+            if isinstance(m, (Nested, Factory)):  # a component table, nested
+                return f"{_singular(m.kind)} table" + ("s" if typing.get_origin(base) is list
+                                                       else "")
+        return _type_name(base)
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
