@@ -82,6 +82,20 @@ def test_markers_are_read_from_signatures():
                                "make": Marker("heads", factory=True)}
 
 
+def test_an_unresolvable_annotation_does_not_hide_a_marker():
+    import types
+
+    module = types.ModuleType("plugin_with_type_checking_imports")
+    exec("from __future__ import annotations\n"
+         "from typing import TYPE_CHECKING, Annotated\n"
+         "from zsbir.registry import Nested\n"
+         "if TYPE_CHECKING:\n"
+         "    from elsewhere import Thing\n"
+         "def comp(net: Annotated[object, Nested('networks')], other: Thing = None): ...\n",
+         module.__dict__)
+    assert markers(module.comp) == {"net": Marker("networks")}
+
+
 def test_every_builtin_nested_parameter_is_a_marker():
     assert markers(BackboneHead) == {"backbone": Marker("backbones"),
                                      "head": Marker("heads", factory=True)}

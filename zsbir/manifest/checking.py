@@ -134,11 +134,24 @@ def check_type(value: Any, tp: Any, path: str, problems: list[Problem]) -> Any:
 
 
 def _hints(obj: Any) -> dict[str, Any]:
+    """The evaluated annotations of a component's parameters (``Annotated`` extras kept).
+    When one cannot be evaluated (a name imported only under ``TYPE_CHECKING``), the others
+    still are, one by one, so that an unrelated annotation never hides a ``Nested`` marker;
+    the unresolvable ones are left out (not checked)."""
     target = obj.__init__ if inspect.isclass(obj) and not dataclasses.is_dataclass(obj) else obj
     try:
         return typing.get_type_hints(target, include_extras=True)
-    except Exception:  # noqa: BLE001 - unresolvable annotations: fall back to raw ones
-        return {}
+    except Exception:  # noqa: BLE001 - unresolvable annotations: one at a time
+        pass
+    raw = getattr(target, "__annotations__", None) or {}
+    namespace = {**vars(typing), **getattr(inspect.unwrap(target), "__globals__", {})}
+    out: dict[str, Any] = {}
+    for name, ann in raw.items():
+        try:
+            out[name] = eval(ann, namespace) if isinstance(ann, str) else ann  # noqa: S307
+        except Exception:  # noqa: BLE001 - this one stays unchecked
+            continue
+    return out
 
 
 def _suggest(name: str, choices: Sequence[str]) -> str:
