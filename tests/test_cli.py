@@ -41,7 +41,7 @@ def test_validate_good_and_bad(tmp_path):
     res = invoke("validate", str(EXAMPLES / "quickstart.toml"))
     assert res.exit_code == 0 and "ok" in res.output
     res = invoke("validate", str(EXAMPLES / "quickstart.toml"), "--show")
-    assert "[backbone]" in res.output and "download = false" in res.output
+    assert "[model.backbone]" in res.output and "download = false" in res.output
     bad = tmp_path / "bad.toml"
     bad.write_text((EXAMPLES / "quickstart.toml").read_text()
                    + '\n[[losses]]\nname = "ce"\nweight = "a"\n')

@@ -339,12 +339,14 @@ def _run_python(block: Block, sb: Sandbox) -> str:
 
 
 def _merge(base: dict[str, Any], fragment: dict[str, Any]) -> dict[str, Any]:
-    """Core sections merge key by key; component tables and lists are replaced whole."""
+    """Core sections and ``[model]`` (whose keys are its backbone and head tables) merge key
+    by key; component tables and lists are replaced whole."""
     from zsbir.manifest import CORE_SECTIONS
 
     out = dict(base)
     for key, value in fragment.items():
-        if key in CORE_SECTIONS and isinstance(value, dict) and isinstance(out.get(key), dict):
+        if (key in CORE_SECTIONS or key == "model") and isinstance(value, dict) \
+                and isinstance(out.get(key), dict):
             out[key] = {**out[key], **value}
         else:
             out[key] = value

@@ -178,13 +178,16 @@ def test_frozen_teacher_and_svd_heads(lite0, photos):
         feats = lite0(x)
     assert t.shape == (2, 1000)
     # full rank (1000 <= 1280): head(embed(x)) reproduces the pretrained logits
-    full = RetrievalNet(lite0, StackedHead(lite0, 5, embed_dim=1000, imagenet_head="svd")).eval()
+    classifier = lite0.imagenet_classifier()
+    full = RetrievalNet(lite0, StackedHead(lite0.num_features, 5, classifier, embed_dim=1000,
+                                           imagenet_head="svd")).eval()
     with torch.no_grad():
         out = full.head.imagenet_head(full.head.embed(feats))
     torch.testing.assert_close(out, t, atol=2e-3, rtol=1e-3)
     # SAKE's 512-d embedding: a rank-512 approximation that still recognizes the photos
     # (measured: chelsea -> Egyptian cat instead of tiger cat, the runner-up; espresso)
-    low = RetrievalNet(lite0, StackedHead(lite0, 5, embed_dim=512, imagenet_head="svd")).eval()
+    low = RetrievalNet(lite0, StackedHead(lite0.num_features, 5, classifier, embed_dim=512,
+                                          imagenet_head="svd")).eval()
     with torch.no_grad():
         approx = low(x)["imagenet_logits"]
     top1 = approx.argmax(1).tolist()

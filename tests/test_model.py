@@ -3,6 +3,8 @@ the retrieval network and the ImageNet-classifier teacher network."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -14,9 +16,12 @@ from zsbir.models.net import RetrievalNet, svd_init
 
 
 def net(bb, num_classes, embed_dim, heads_on="embedding", imagenet_head="none"):
+    """backbone + head, the head built by the model (in_features, num_classes and the
+    pretrained classifier come from it, as a Factory("heads") parameter's do)."""
     cls = StackedHead if heads_on == "embedding" else ParallelHead
-    return RetrievalNet(bb, cls(bb, num_classes, embed_dim=embed_dim,
-                                imagenet_head=imagenet_head))
+    return RetrievalNet(bb, functools.partial(cls, embed_dim=embed_dim,
+                                              imagenet_head=imagenet_head),
+                        num_classes=num_classes)
 
 
 class LinearBackbone(Backbone):

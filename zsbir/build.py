@@ -3,9 +3,13 @@
 Read :func:`build` top to bottom to see how a run is assembled. Nothing here is
 method-specific: SAKE, SBTKNet, RPKD and plugin methods differ only in the registered
 names their manifests give. Every component table, at any depth, is built the same way
-by :func:`build_component`: its nested component tables first (``[teacher.network]``,
-``[teacher.network.backbone]``, ``[model.head.network]``, ...), passed to it as keyword
-arguments with whatever it asks for among the injected values (``ctx``, ...).
+by :func:`build_component`: the nested component tables its signature marks
+(``Nested(kind)``: ``[model.backbone]``, ``[teacher.network]``,
+``[teacher.network.backbone]``, ...) first, bottom-up, passed built; those marked
+``Factory(kind)`` (``[model.head]``) passed as builders the parent calls with what it
+provides; plus whatever it asks for among the injected values (``ctx``, ...), which every
+call below names and :data:`zsbir.registry.INJECTED` lists, one table for building and
+validation (:func:`build_component` refuses a value the table does not list).
 
 Purposes:
 
@@ -19,6 +23,7 @@ Purposes:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import logging
@@ -30,17 +35,17 @@ import torch
 
 from zsbir.context import BuildContext, default_cache_dir
 from zsbir.data.base import ProtocolData
-from zsbir.data.loading import Transform
+from zsbir.data.loading import DomainTransforms, Transform
 from zsbir.engine.step import loss_labels
-from zsbir.manifest import COMPONENT_KEYS, Manifest, is_component_value
-from zsbir.models.net import RetrievalNet
+from zsbir.manifest import RESERVED, Manifest, Marker, markers
+from zsbir.models.inputs import InputConfig, from_pretrained_cfg
 from zsbir.progress import phase
-from zsbir.registry import _singular, get_registry
+from zsbir.registry import INJECTED, _singular, get_registry
 
 log = logging.getLogger(__name__)
 
 __all__ = ["BuildError", "Experiment", "Purpose", "build", "build_component",
-           "resolve_device"]
+           "resolve_device", "transforms_for"]
 
 Purpose = Literal["train", "evaluate", "embed"]
 
@@ -58,19 +63,25 @@ class Experiment:
     manifest: Manifest
     ctx: BuildContext
     data: ProtocolData | None
-    model: RetrievalNet
+    model: torch.nn.Module
     teacher: Any | None
     losses: list[tuple[str, float, torch.nn.Module]]
     sampler: Any
     optimizer: torch.optim.Optimizer | None
     scheduler: Any
     hashers: list[Any]
-    train_transform: Transform
-    eval_transform: Transform
+    train_transform: DomainTransforms
+    eval_transform: DomainTransforms
     fingerprint: dict[str, Any] = field(default_factory=dict)
     step: Any = None
     rerankers: list[Any] = field(default_factory=list)
     purpose: str = "train"
+
+    @property
+    def transforms(self) -> dict[str, dict[str, Transform]]:
+        """Per domain (``"sketch"``, ``"photo"``): ``{"train": ..., "eval": ...}``."""
+        return {d: {"train": self.train_transform.for_domain(d),
+                    "eval": self.eval_transform.for_domain(d)} for d in ("sketch", "photo")}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -86,20 +97,25 @@ def resolve_device(name: str) -> torch.device:
 
 def build_component(kind: str, table: dict[str, Any], ctx: BuildContext,
                     skip: tuple[str, ...] = (), **injected: Any) -> Any:
-    """Build a resolved component table: nested component tables first (bottom-up), then
+    """Build a resolved component table: the nested tables its signature marks first
+    (``Nested``: built, bottom-up; ``Factory``: passed as ``factory(**provided)``), then
     the component with its parameters plus whatever it asks for among ``ctx`` and the
-    ``injected`` values. Reserved keys (``weight``) and ``skip`` are not passed."""
+    ``injected`` values (each listed in :data:`zsbir.registry.INJECTED` for ``kind``).
+    The kind's reserved keys (a loss's ``weight``) and ``skip`` are not passed."""
+    unlisted = set(injected) - INJECTED.get(kind, frozenset())
+    if unlisted:  # the one table validation reads must name what building supplies
+        raise TypeError(f"build_component({kind!r}) was given {', '.join(sorted(unlisted))}, "
+                        f"which zsbir.registry.INJECTED[{kind!r}] does not list")
     obj = get_registry(kind).get(table["name"])
     accepted = inspect.signature(obj).parameters
-    reserved = {"name", "weight", *skip}
+    marks = markers(obj)
+    reserved = {"name", *RESERVED.get(kind, {}), *skip}
     params: dict[str, Any] = {}
     for key, value in table.items():
         if key in reserved:
             continue
-        if is_component_value(key, value):
-            sub = COMPONENT_KEYS[key]
-            value = ([build_component(sub, v, ctx) for v in value] if isinstance(value, list)
-                     else build_component(sub, value, ctx))
+        if key in marks and value is not None:
+            value = _build_marked(marks[key], value, ctx)
         params[key] = value
     if not ctx.load_pretrained:  # a checkpoint's weights replace the pretrained ones
         if "pretrained" in accepted:
@@ -116,25 +132,50 @@ def build_component(kind: str, table: dict[str, Any], ctx: BuildContext,
         raise BuildError(f"{_singular(kind)} {table['name']!r}: {exc}") from exc
 
 
+def _build_marked(mark: Marker, value: Any, ctx: BuildContext) -> Any:
+    """A marked parameter's table (or array of tables): built, or a builder."""
+    def one(t: dict[str, Any]) -> Any:
+        if mark.factory:
+            return functools.partial(build_component, mark.kind, t, ctx)
+        return build_component(mark.kind, t, ctx)
 
-def transforms_for(manifest: Manifest, backbone: Any) -> tuple[Transform, Transform]:
-    """(train, eval) transforms: the manifest's augmentation, the backbone weights'
-    normalization and resize filter (``backbone.pretrained_cfg``)."""
+    return [one(t) for t in value] if mark.many else one(value)
+
+
+def _input_config(model: Any, domain: str) -> InputConfig:
+    if hasattr(model, "input_config"):
+        return model.input_config(domain)
+    return from_pretrained_cfg(getattr(model, "pretrained_cfg", None))  # a bare backbone
+
+
+def transforms_for(manifest: Manifest, model: Any) -> tuple[DomainTransforms, DomainTransforms]:
+    """(train, eval) transforms, one per domain: the manifest's augmentation, and the
+    normalization and resize filter of the model's input configuration for that domain
+    (``model.input_config(domain)``; a bare backbone: its ``pretrained_cfg``)."""
     d = manifest.data_cfg
-    cfg = backbone.pretrained_cfg
-    norm: dict[str, Any] = ({"mean": tuple(cfg.mean), "std": tuple(cfg.std)}
-                            if d.normalize == "backbone" else {"mean": None, "std": None})
-    common = dict(size=d.image_size, interpolation=cfg.interpolation, **norm)
-    train = Transform(train=True, augment_prob=d.augment_prob, flip=d.flip, scale=d.scale,
-                      rotation=d.rotation, translation=d.translation, **common)
-    return train, Transform(train=False, **common)
+    train: dict[str, Transform] = {}
+    evaluation: dict[str, Transform] = {}
+    for domain in ("photo", "sketch"):
+        cfg = _input_config(model, domain)
+        norm: dict[str, Any] = ({"mean": tuple(cfg.mean), "std": tuple(cfg.std)}
+                                if d.normalize == "backbone" else {"mean": None, "std": None})
+        common = dict(size=cfg.size or d.image_size, interpolation=cfg.interpolation, **norm)
+        train[domain] = Transform(train=True, augment_prob=d.augment_prob, flip=d.flip,
+                                  scale=d.scale, rotation=d.rotation,
+                                  translation=d.translation, **common)
+        evaluation[domain] = Transform(train=False, **common)
+    if train["photo"].size != train["sketch"].size:
+        raise BuildError(f"the model takes {train['sketch'].size}-pixel sketches and "
+                         f"{train['photo'].size}-pixel photos; batches mix both domains, so "
+                         "the input sizes must agree")
+    return DomainTransforms(**train), DomainTransforms(**evaluation)
 
 
 def build(manifest: Manifest, purpose: Purpose = "train", run_dir: Path | None = None,
           checkpoint: dict[str, Any] | None = None) -> Experiment:
     """Build what a manifest names, for ``purpose`` (see the module docstring), in this
-    order (later parts use what earlier ones found): protocol, model (backbone + head),
-    teacher, losses, step, sampler, optimizer, schedule, hashers, rerankers.
+    order (later parts use what earlier ones found): protocol, model (``[model]``: e.g.
+    backbone + head), teacher, losses, step, sampler, optimizer, schedule, hashers, rerankers.
 
     ``checkpoint``: a checkpoint dict (``final.pt``, ``best.pt``): the model's weights (and
     the hashers' fitted state, and the class lists for ``embed``) come from it.
@@ -164,16 +205,15 @@ def build(manifest: Manifest, purpose: Purpose = "train", run_dir: Path | None =
             data = build_component("protocols", manifest.protocol, ctx)
         ctx.seen_classes, ctx.unseen_classes = list(data.seen_classes), list(data.unseen_classes)
 
-    # 2. the student: backbone + head; the transforms follow the backbone's weights
+    # 2. the student ([model]: backbone + head by default); the transforms follow its
+    # input configuration per domain
     with phase("building the model"):
-        backbone = build_component("backbones", manifest.backbone, ctx)
-        head = build_component("heads", manifest.head, ctx, backbone=backbone,
-                               num_classes=len(ctx.seen_classes))
-        model = RetrievalNet(backbone, head)
+        model = build_component("models", manifest.model, ctx,
+                                num_classes=len(ctx.seen_classes))
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
     model.to(ctx.device)
-    train_tf, eval_tf = transforms_for(manifest, backbone)
+    train_tf, eval_tf = transforms_for(manifest, model)
 
     # 3. the teacher: a frozen network ([teacher.network]) behind a signal strategy
     teacher = None

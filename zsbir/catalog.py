@@ -60,6 +60,8 @@ def _type_text(tp: Any, type_name: Any) -> str:
 
     if typing.get_origin(tp) is typing.Annotated:
         base, *meta = typing.get_args(tp)
+        if any(type(m).__name__ in ("Nested", "Factory") for m in meta):
+            return type_name(tp)  # a nested component table: "backbone table"
         rules = [str(m) for m in meta if type(m).__str__ is not object.__str__]
         text = _type_text(base, type_name)
         return f"{text} ({'; '.join(rules)})" if rules else text

@@ -106,16 +106,18 @@ INJECTED: dict[str, frozenset[str]] = _Injected({
     "protocols": frozenset({"ctx"}),
     "backbones": frozenset({"ctx"}),
     "losses": frozenset({"ctx"}),
-    "teachers": frozenset({"ctx", "network"}),
+    "teachers": frozenset({"ctx"}),
     "samplers": frozenset({"ctx", "labels", "domains", "batch_size", "seed"}),
     "optimizers": frozenset({"ctx", "params"}),
     "schedulers": frozenset({"ctx", "optimizer", "epochs", "steps_per_epoch"}),
     "hashers": frozenset({"ctx"}),
-    "heads": frozenset({"ctx", "backbone", "num_classes"}),
+    "heads": frozenset({"ctx", "in_features", "num_classes", "classifier"}),
+    "models": frozenset({"ctx", "num_classes"}),
     "networks": frozenset({"ctx"}),
     "steps": frozenset({"ctx"}),
     "rerankers": frozenset({"ctx"}),
 })
+
 
 @dataclass(frozen=True)
 class Nested:

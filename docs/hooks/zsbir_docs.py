@@ -70,7 +70,8 @@ def _cell(text: str) -> str:
 
 
 #: where the nested component kinds' tables usually sit (core API, issue 14)
-_NESTED_HOME = {"heads": "model.head", "networks": "teacher.network", "steps": "train.step"}
+_NESTED_HOME = {"backbones": "model.backbone", "heads": "model.head", "networks": "teacher.network",
+                "steps": "train.step"}
 
 
 def _section_of(kind: str) -> tuple[str, bool, bool, Any, dict[str, Any]] | None:

@@ -1,7 +1,11 @@
 """Decoding, augmentation and batching.
 
 Items are decoded and augmented in worker processes into uint8 tensors; normalization
-happens on the device (:func:`to_device`), which keeps host-to-device copies small.
+happens on the device (:func:`to_device`), which keeps host-to-device copies small. The
+transform is per domain (:class:`DomainTransforms`: the model says which input
+configuration each domain uses): a sketch row is resized and normalized as the sketch
+transform says, a photo row as the photo one (one normalization for the whole batch when
+both agree).
 
 Augmentation is deterministic per item: each training item carries a seed derived from
 ``(run seed, epoch, step, position)``, so a resumed run, any worker count and any
@@ -25,11 +29,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from zsbir.data.base import Split
+from zsbir.data.base import PHOTO, SKETCH, Split
 from zsbir.engine.threads import current_plan, loader_workers, worker_init
 
-__all__ = ["CorruptImageError", "ImageDataset", "Transform", "make_loader", "to_device",
-           "worker_count"]
+__all__ = ["CorruptImageError", "DomainTransforms", "ImageDataset", "Transform", "make_loader",
+           "to_device", "worker_count"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -101,6 +105,10 @@ class Transform:
         tx, ty = (float(v) for v in rng.uniform(-t, t, size=2))
         return _affine(img, angle, s, tx, ty)
 
+    def for_domain(self, domain: int | str) -> Transform:
+        """The transform of a domain: this one, for every domain."""
+        return self
+
     def describe(self) -> dict[str, Any]:
         """Plain data identifying the transform (cache keys)."""
         return {"size": self.size, "train": self.train, "augment_prob": self.augment_prob,
@@ -108,6 +116,67 @@ class Transform:
                 "translation": self.translation, "interpolation": self.interpolation,
                 "mean": list(self.mean) if self.mean is not None else None,
                 "std": list(self.std) if self.std is not None else None}
+
+
+def _domain_bit(domain: int | str) -> int:
+    if isinstance(domain, str):
+        if domain not in ("photo", "sketch"):
+            raise ValueError(f"unknown domain {domain!r}; domains are 'sketch' and 'photo'")
+        return SKETCH if domain == "sketch" else PHOTO
+    return int(domain)
+
+
+@dataclass
+class DomainTransforms:
+    """A :class:`Transform` per domain (``photo``, ``sketch``), built from the model's
+    per-domain input configuration. Items are transformed by their domain's
+    (:meth:`for_domain`); :func:`to_device` normalizes each row with its domain's mean and
+    std. ``size``, ``mean``, ``std``, ``interpolation`` and ``train`` read the photo
+    transform's (older code that knew one transform)."""
+
+    photo: Transform
+    sketch: Transform
+
+    def for_domain(self, domain: int | str) -> Transform:
+        """The transform of a domain bit (``zsbir.data.base``: PHOTO = 0, SKETCH = 1) or
+        name (``"photo"``, ``"sketch"``)."""
+        return self.sketch if _domain_bit(domain) == SKETCH else self.photo
+
+    @property
+    def same(self) -> bool:
+        """Whether both domains are transformed alike."""
+        return self.photo == self.sketch
+
+    def __call__(self, img: Image.Image, seed: int | None = None,
+                 domain: int | str = PHOTO) -> torch.Tensor:
+        return self.for_domain(domain)(img, seed)
+
+    @property
+    def size(self) -> int:
+        return self.photo.size
+
+    @property
+    def mean(self) -> Sequence[float] | None:
+        return self.photo.mean
+
+    @property
+    def std(self) -> Sequence[float] | None:
+        return self.photo.std
+
+    @property
+    def interpolation(self) -> str:
+        return self.photo.interpolation
+
+    @property
+    def train(self) -> bool:
+        return self.photo.train
+
+    def describe(self) -> dict[str, Any]:
+        """Plain data identifying the transforms (cache keys): one transform's when both
+        domains agree (as before there were two), else ``{"photo": ..., "sketch": ...}``."""
+        if self.same:
+            return self.photo.describe()
+        return {"photo": self.photo.describe(), "sketch": self.sketch.describe()}
 
 
 def _affine(img: Image.Image, angle: float, scale: float, tx: float, ty: float) -> Image.Image:
@@ -128,8 +197,8 @@ def _affine(img: Image.Image, angle: float, scale: float, tx: float, ty: float) 
 class ImageDataset(torch.utils.data.Dataset):
     """Items of a split; keys are ``(index, augmentation seed or -1)``."""
 
-    def __init__(self, split: Split, reader: Callable[[str], Image.Image], transform: Transform,
-                 on_corrupt: str = "skip"):
+    def __init__(self, split: Split, reader: Callable[[str], Image.Image],
+                 transform: Transform | DomainTransforms, on_corrupt: str = "skip"):
         self.split = split
         self.reader = reader
         self.transform = transform
@@ -149,8 +218,9 @@ class ImageDataset(torch.utils.data.Dataset):
             if self.on_corrupt == "fail":
                 raise CorruptImageError(f"cannot decode image {source!r}: {exc}") from exc
             return {"index": index, "error": f"{type(exc).__name__}: {exc}", "source": source}
-        return {"image": self.transform(img, None if seed < 0 else seed), "index": index,
-                "label": int(self.split.labels[index]), "domain": int(self.split.domains[index])}
+        domain = int(self.split.domains[index])
+        return {"image": self.transform.for_domain(domain)(img, None if seed < 0 else seed),
+                "index": index, "label": int(self.split.labels[index]), "domain": domain}
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -202,13 +272,28 @@ def make_loader(dataset: ImageDataset, batches: BatchList | Sequence[Sequence[An
     )
 
 
-def to_device(batch: dict[str, Any], device: torch.device, transform: Transform | None = None,
+def to_device(batch: dict[str, Any], device: torch.device,
+              transform: Transform | DomainTransforms | None = None,
               channels_last: bool = False) -> dict[str, Any]:
     """Move a batch to the device and turn uint8 images into float32 normalized with the
-    transform's ``mean``/``std`` (none without a transform or when they are ``None``)."""
+    transform's ``mean``/``std`` (none without a transform or when they are ``None``);
+    with :class:`DomainTransforms` each row with its domain's (one normalization for the
+    batch when both domains agree)."""
     out = dict(batch)
     img = batch["image"].to(device, non_blocking=True).float().div_(255.0)
-    if transform is not None and transform.mean is not None and transform.std is not None:
+    if isinstance(transform, DomainTransforms) and (
+            (transform.photo.mean, transform.photo.std)
+            == (transform.sketch.mean, transform.sketch.std)):
+        transform = transform.photo
+    if isinstance(transform, DomainTransforms):  # per row: table[domain bit]
+        rows = [transform.photo, transform.sketch]  # PHOTO = 0, SKETCH = 1
+        mean = torch.tensor([list(t.mean) if t.mean is not None else [0.0] * 3 for t in rows],
+                            device=device)
+        std = torch.tensor([list(t.std) if t.std is not None else [1.0] * 3 for t in rows],
+                           device=device)
+        dom = batch["domain"].to(device, non_blocking=True)
+        img = (img - mean[dom].view(-1, 3, 1, 1)) / std[dom].view(-1, 3, 1, 1)
+    elif transform is not None and transform.mean is not None and transform.std is not None:
         mean = torch.tensor(transform.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(transform.std, device=device).view(1, 3, 1, 1)
         img = (img - mean) / std

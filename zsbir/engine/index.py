@@ -59,7 +59,8 @@ class TrainedModel:
         """Embeddings (N, d) of decoded images (PIL, converted to RGB here)."""
         if not images:
             return np.zeros((0, self.model.embed_dim), dtype=np.float32)
-        batch = collate([{"image": self.transform(im.convert("RGB")), "index": i, "label": 0,
+        tf = self.transform.for_domain(domain)
+        batch = collate([{"image": tf(im.convert("RGB")), "index": i, "label": 0,
                           "domain": domain} for i, im in enumerate(images)])
         return self.embed_batch(batch)
 

@@ -62,6 +62,7 @@ class RunDirError(RuntimeError):
 RESUME_SAFE_KEYS: tuple[str, ...] = (
     "run.name", "run.output_dir", "run.device", "run.cache_dir", "run.overwrite", "run.threads",
     "protocol.root", "protocol.cache_dir", "protocol.rebuild_index", "backbone.weights",
+    "model.backbone.weights", "model.sketch.weights", "model.photo.weights",
     "data.workers", "data.eval_batch_size", "train.log_every", "train.checkpoint_every",
     "train.compile", "train.channels_last", "train.select", "evaluation", "hashers",
     "rerankers",

@@ -1,8 +1,10 @@
 """Registered heads: what sits on the backbone's pooled features (``[model.head]``).
 
-A head is an ``nn.Module`` built from its manifest table plus what the toolkit injects:
-``backbone`` (the built :class:`~zsbir.models.backbone.Backbone`, for its width and its
-pretrained ImageNet classifier), ``num_classes`` (seen classes) and ``ctx``. Its
+A head is an ``nn.Module`` built by its model (a ``Factory("heads")`` parameter, e.g.
+``backbone_head``'s ``head``) from its manifest table plus what the model provides:
+``in_features`` (the width of the features it reads), ``num_classes`` (seen classes),
+``classifier`` (the backbone's pretrained ImageNet classifier, ``None`` when there is
+none; for SVD initialization) and ``ctx``. Its
 ``forward(features, domain)`` returns named outputs, at least ``"embedding"`` (B, d), the
 retrieval feature; ``provides`` (a set, or a function of the head's parameters) names
 them, so that validation can check every loss's ``output_keys`` against it.
@@ -32,7 +34,6 @@ from torch import nn
 
 from zsbir.constraints import Range
 from zsbir.context import BuildContext
-from zsbir.models.backbone import Backbone
 from zsbir.registry import heads
 
 __all__ = ["LinearHeads", "ParallelHead", "StackedHead", "svd_init"]
@@ -64,7 +65,7 @@ def _outputs(params: dict[str, Any]) -> frozenset[str]:
 def _needs_weights(params: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
     """An initialization from the pretrained classifier needs a pretrained backbone."""
     init = params.get("imagenet_head", "none")
-    bb = manifest.get("backbone") or {}
+    bb = manifest.get("backbone") or {}  # the student's backbone (the photo tower's)
     if init in ("svd", "pretrained") and bb.get("pretrained") is False and not bb.get("weights"):
         return [f"imagenet_head = {init!r} initializes from the backbone's pretrained "
                 "ImageNet classifier, but backbone.pretrained = false (set it to true, give "
@@ -80,10 +81,10 @@ class LinearHeads(nn.Module):
     provides = staticmethod(_outputs)
     check_manifest = staticmethod(_needs_weights)
 
-    def __init__(self, backbone: Backbone, num_classes: int, ctx: BuildContext | None,
-                 embed_dim: int, imagenet_head: str, dropout: float):
+    def __init__(self, in_features: int, num_classes: int, classifier: nn.Linear | None,
+                 ctx: BuildContext | None, embed_dim: int, imagenet_head: str, dropout: float):
         super().__init__()
-        feat = backbone.num_features
+        feat = int(in_features)
         self.embed = nn.Linear(feat, embed_dim)
         head_in = embed_dim if self.heads_on == "embedding" else feat
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -94,7 +95,7 @@ class LinearHeads(nn.Module):
         self.imagenet_head = nn.Linear(head_in, 1000)
         if ctx is not None and not ctx.load_pretrained:
             return  # weights come from a checkpoint: shapes are all that matter
-        pretrained = backbone.imagenet_classifier()
+        pretrained = classifier
         if imagenet_head in ("svd", "pretrained") and pretrained is None:
             raise ValueError(
                 f"model.head.imagenet_head = {imagenet_head!r} needs a backbone with "
@@ -140,11 +141,12 @@ class StackedHead(LinearHeads):
 
     heads_on: ClassVar[str] = "embedding"
 
-    def __init__(self, backbone: Backbone, num_classes: int, ctx: BuildContext | None = None,
-                 embed_dim: EmbedDim = 512,
+    def __init__(self, in_features: int, num_classes: int, classifier: nn.Linear | None = None,
+                 ctx: BuildContext | None = None, embed_dim: EmbedDim = 512,
                  imagenet_head: Literal["svd", "random", "none"] = "none",
                  dropout: Dropout = 0.0):
-        super().__init__(backbone, num_classes, ctx, embed_dim, imagenet_head, dropout)
+        super().__init__(in_features, num_classes, classifier, ctx, embed_dim, imagenet_head,
+                         dropout)
 
 
 @heads.register("parallel")
@@ -162,8 +164,9 @@ class ParallelHead(LinearHeads):
 
     heads_on: ClassVar[str] = "features"
 
-    def __init__(self, backbone: Backbone, num_classes: int, ctx: BuildContext | None = None,
-                 embed_dim: EmbedDim = 512,
+    def __init__(self, in_features: int, num_classes: int, classifier: nn.Linear | None = None,
+                 ctx: BuildContext | None = None, embed_dim: EmbedDim = 512,
                  imagenet_head: Literal["pretrained", "random", "none"] = "none",
                  dropout: Dropout = 0.0):
-        super().__init__(backbone, num_classes, ctx, embed_dim, imagenet_head, dropout)
+        super().__init__(in_features, num_classes, classifier, ctx, embed_dim, imagenet_head,
+                         dropout)

@@ -301,8 +301,12 @@ def run_summary(run: Run) -> list[tuple[str, str]]:
                 "hashers", "rerankers"):
         if key in m:
             out.append((key, _component_names(m[key])))
-    if isinstance(m.get("model"), dict) and "head" in m["model"]:
-        out.append(("model.head", _component_names(m["model"]["head"])))
+    model = m.get("model")
+    if isinstance(model, dict):  # [model]: its name and each of its component tables
+        if "name" in model:
+            out.append(("model", str(model["name"])))
+        out.extend((f"model.{k}", _component_names(v)) for k, v in model.items()
+                   if isinstance(v, dict) and "name" in v)
     classes = res.get("classes", {}).get("counts")
     if classes:
         out.append(("classes", f"{classes['seen']} seen, {classes['unseen']} unseen "

@@ -25,12 +25,12 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 
 from zsbir.context import BuildContext
-from zsbir.registry import teachers
+from zsbir.registry import Nested, teachers
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class OnlineTeacher(Teacher):
 
     provides: ClassVar[frozenset[str]] = frozenset({"logits", "features"})
 
-    def __init__(self, network: torch.nn.Module):
+    def __init__(self, network: Annotated[torch.nn.Module, Nested("networks")]):
         self.network = network
 
     def to(self, device: torch.device) -> OnlineTeacher:
@@ -91,7 +91,8 @@ class ClassMeanTeacher(Teacher):
 
     provides: ClassVar[frozenset[str]] = frozenset({"logits", "features", "class_features"})
 
-    def __init__(self, network: torch.nn.Module, ctx: BuildContext,
+    def __init__(self, network: Annotated[torch.nn.Module, Nested("networks")],
+                 ctx: BuildContext,
                  domains: Literal["photo", "all"] = "photo",
                  cache: bool = True):
         if domains not in ("photo", "all"):

@@ -187,7 +187,7 @@ def test_text_classifier_head_against_a_naive_reference(tiny):
     text = clip_text(config=tiny, pretrained=False)
     bb = clip_vit(config=tiny, pretrained=False)
     classes = ["hot-air_balloon", "triangle-ring", "cat"]
-    head = ClipTextClassifier(backbone=bb, num_classes=3, network=text,
+    head = ClipTextClassifier(in_features=bb.num_features, num_classes=3, network=text,
                               ctx=BuildContext(seen_classes=classes))
     assert class_prompt("a photo of a {}", "hot-air_balloon") == "a photo of a hot air balloon"
     f = torch.randn(5, 32)
@@ -200,12 +200,12 @@ def test_text_classifier_head_against_a_naive_reference(tiny):
             cos = float(f[i] @ t[c] / (f[i].norm() * t[c].norm()))
             assert abs(float(out["logits"][i, c]) - text.logit_scale * cos) < 1e-3
     assert set(head.state_dict()) == {"text_features", "logit_scale"}  # no text tower kept
-    fixed = ClipTextClassifier(backbone=bb, num_classes=3, network=text, logit_scale=10.0,
-                               ctx=BuildContext(seen_classes=classes))
+    fixed = ClipTextClassifier(in_features=bb.num_features, num_classes=3, network=text,
+                               logit_scale=10.0, ctx=BuildContext(seen_classes=classes))
     assert torch.allclose(fixed(f)["logits"] * text.logit_scale / 10.0, out["logits"],
                           atol=1e-4)
     with pytest.raises(ValueError, match="class names"):
-        ClipTextClassifier(backbone=bb, num_classes=4, network=text,
+        ClipTextClassifier(in_features=bb.num_features, num_classes=4, network=text,
                            ctx=BuildContext(seen_classes=classes))
 
 

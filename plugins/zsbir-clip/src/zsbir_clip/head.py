@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zsbir.constraints import Pattern, Range
+from zsbir.registry import Nested
 
 __all__ = ["ClipTextClassifier", "class_prompt"]
 
@@ -60,7 +61,8 @@ class ClipTextClassifier(nn.Module):
     provides: ClassVar[frozenset[str]] = frozenset({"embedding", "logits"})
     check_manifest = staticmethod(_same_clip)
 
-    def __init__(self, backbone: nn.Module, num_classes: int, network: nn.Module,
+    def __init__(self, in_features: int, num_classes: int,
+                 network: Annotated[nn.Module, Nested("networks")],
                  template: Template = "a photo of a {}",
                  logit_scale: Annotated[float, Range(gt=0)] | Literal["clip"] = "clip",
                  ctx: Any = None):
@@ -72,7 +74,7 @@ class ClipTextClassifier(nn.Module):
         if not hasattr(network, "encode_text"):
             raise ValueError("clip_text_classifier: model.head.network must be a text tower "
                              "with encode_text(texts) (e.g. name = \"clip_text\")")
-        dim = int(backbone.num_features)
+        dim = int(in_features)
         text = network.encode_text([class_prompt(template, c) for c in names]).float()
         if text.shape != (num_classes, dim):
             raise ValueError(f"clip_text_classifier: the text tower gives {tuple(text.shape)} "

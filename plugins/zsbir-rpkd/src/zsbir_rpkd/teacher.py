@@ -15,12 +15,13 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 
 from zsbir.context import BuildContext
 from zsbir.models.net import TeacherNet
+from zsbir.registry import Nested
 from zsbir.teachers.strategies import OnlineTeacher
 
 __all__ = ["RpkdTeacher"]
@@ -63,7 +64,7 @@ class RpkdTeacher(OnlineTeacher):
 
     provides: ClassVar[frozenset[str]] = frozenset({"logits", "features", "class_features"})
 
-    def __init__(self, network: TeacherNet, ctx: BuildContext,
+    def __init__(self, network: Annotated[TeacherNet, Nested("networks")], ctx: BuildContext,
                  center_domains: Literal["photo", "all"] = "photo", cache: bool = True):
         super().__init__(network)
         if center_domains not in ("photo", "all"):
