@@ -31,6 +31,7 @@ import torch
 from zsbir.context import BuildContext, default_cache_dir
 from zsbir.data.base import ProtocolData
 from zsbir.data.loading import Transform
+from zsbir.engine.param_groups import param_groups, trainable_owners
 from zsbir.engine.step import loss_labels
 from zsbir.manifest import COMPONENT_KEYS, Manifest, is_component_value
 from zsbir.models.net import RetrievalNet
@@ -179,7 +180,7 @@ def build(manifest: Manifest, purpose: Purpose = "train", run_dir: Path | None =
     teacher = None
     if training and manifest.teacher is not None:
         with phase("building the teacher"):
-            teacher = build_component("teachers", manifest.teacher, ctx)
+            teacher = build_component("teachers", manifest.teacher, ctx, model=model)
             teacher.to(ctx.device)
 
     # 4. losses (each with its weight and a unique log label) and the training step
@@ -191,15 +192,20 @@ def build(manifest: Manifest, purpose: Purpose = "train", run_dir: Path | None =
             losses = [(label, float(t["weight"]),
                        build_component("losses", t, ctx).to(ctx.device))
                       for label, t in zip(labels, manifest.losses)]
-        step = build_component("steps", train.step, ctx)
+        step = build_component("steps", train.step, ctx, model=model)
+        if isinstance(step, torch.nn.Module):
+            step.to(ctx.device)
 
         # 5. batches, optimizer, schedule
         sampler = build_component("samplers", manifest.sampler, ctx, labels=data.train.labels,
                                   domains=data.train.domains, batch_size=train.batch_size,
                                   seed=run.seed)
-        params = [p for p in model.parameters() if p.requires_grad]
-        params += [p for _, _, loss in losses for p in loss.parameters() if p.requires_grad]
-        optimizer = build_component("optimizers", manifest.optimizer, ctx, params=params)
+        # every trainable parameter, wherever it lives, named by its owner and grouped by
+        # [[optimizer.groups]] and the modules' hooks (zsbir.engine.param_groups)
+        groups = param_groups(trainable_owners(model, losses, step, teacher),
+                              manifest.optimizer.get("groups") or ())
+        optimizer = build_component("optimizers", manifest.optimizer, ctx, skip=("groups",),
+                                    params=groups)
         steps = len(sampler) if not train.max_steps_per_epoch else min(
             len(sampler), train.max_steps_per_epoch)
         scheduler = build_component("schedulers", manifest.schedule, ctx, optimizer=optimizer,

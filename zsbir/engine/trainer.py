@@ -28,8 +28,10 @@ import torch
 
 from zsbir.build import Experiment
 from zsbir.data.loading import BatchList, ImageDataset, make_loader, to_device, worker_count
+from zsbir.data.samplers import batch_tuples
 from zsbir.engine import distributed as D
 from zsbir.engine.checkpoint import atomic_save, capture_rng, package_versions, restore_rng
+from zsbir.engine.param_groups import trainable_params
 from zsbir.engine.step import StepContext
 
 log = logging.getLogger(__name__)
@@ -94,23 +96,25 @@ class Trainer:
             net = getattr(exp.teacher, "network", None)
             if isinstance(net, torch.nn.Module):  # the teacher calls network(image, domain)
                 exp.teacher.network = torch.compile(net, mode=m.train.compile)
-        self.params = [p for p in exp.model.parameters() if p.requires_grad]
-        self.params += [p for _, _, loss in exp.losses for p in loss.parameters()
-                        if p.requires_grad]
+        #: every trained parameter (model, losses, step, teacher): the optimizer's, one source
+        self.params = trainable_params(exp.optimizer)
         # data parallelism (zsbir.engine.distributed): each process trains on its slice of
-        # every global batch; DDP averages the gradients (loss parameters by their hooks)
-        from zsbir.data.samplers import sampler_unit
+        # every global batch; DDP averages the model's gradients, hooks the others' (losses,
+        # step, teacher)
+        from zsbir.data.samplers import sampler_roles, sampler_unit
 
         self.rank, self.world = D.rank(), D.world_size()
-        self.unit = sampler_unit(exp.sampler)
+        #: the sampler's tuple roles and size (1: independent items)
+        self.roles, self.unit = sampler_roles(exp.sampler), sampler_unit(exp.sampler)
         self.ddp_weight = None
         if self.world > 1:
             # a batch that cannot be split is refused now, not epochs into the run
             D.shard_batches(self.epoch_batches(0), 0, self.world, self.unit,
                             m.train.batch_size)
             ddp, self.ddp_weight = D.wrap_ddp(exp.model, self.device)
-            D.sync_extra_params([p for _, _, loss in exp.losses for p in loss.parameters()
-                                 if p.requires_grad], self.ddp_weight)
+            in_model = {id(p) for p in exp.model.parameters()}
+            D.sync_extra_params([p for p in self.params if id(p) not in in_model],
+                                self.ddp_weight)
             self.forward = ddp if m.train.compile == "off" else torch.compile(
                 ddp, mode=m.train.compile)
         self.step_ctx = StepContext(
@@ -281,6 +285,9 @@ class Trainer:
         """Run the manifest's step on one loader batch (moved and normalized here)."""
         self.step_ctx.global_step = self.state["global_step"]
         b = to_device(batch, self.device, self.exp.train_transform, self.channels_last)
+        if self.roles:  # the tuples, explicitly: losses read rows by role, not by position
+            tuples = batch_tuples(len(b["label"]), self.roles)
+            b["tuples"], b["roles"] = tuples["tuples"].to(self.device), tuples["roles"]
         return self.exp.step(self.step_ctx, b)
 
     def _end_epoch(self, epoch: int, record: dict[str, Any]) -> None:
@@ -332,15 +339,17 @@ class Trainer:
                         st["step"])
 
     def _drop_incomplete(self, batch: dict[str, Any], expected: np.ndarray) -> dict[str, Any]:
-        """Quadruplet batches: drop every quadruplet that lost an item to a bad file."""
-        if getattr(self.exp.sampler, "structure", "items") != "quadruplet" or "image" not in batch:
+        """Tuple batches (the sampler's ``roles``): drop every tuple that lost an item to a
+        bad file, so the batch stays whole tuples in role order."""
+        k = self.unit
+        if k == 1 or "image" not in batch:
             return batch
         bad = {s for s, _ in batch["skipped"]}
         sources = self.exp.data.train.sources
         good_pos = np.array([sources[i] not in bad for i in expected])
         rows = np.cumsum(good_pos) - 1
-        keep = [rows[g * 4 + j] for g in range(len(expected) // 4)
-                if good_pos[g * 4:g * 4 + 4].all() for j in range(4)]
+        keep = [rows[g * k + j] for g in range(len(expected) // k)
+                if good_pos[g * k:g * k + k].all() for j in range(k)]
         if not keep:
             return {"skipped": batch["skipped"]}
         idx = torch.as_tensor(keep)
