@@ -84,6 +84,90 @@ def test_resume_mid_epoch_matches_uninterrupted(tmp_path):
     assert ma == mb
 
 
+class EmaStep:
+    """Test-only stateful step: the default step plus an exponential moving average of the
+    student's weights (a momentum teacher in miniature, Tarvainen & Valpola, NeurIPS 2017),
+    updated after every optimizer step, checkpointed, and the weights the run evaluates."""
+
+    def __init__(self, model: torch.nn.Module, decay: float = 0.5):
+        import copy
+
+        from zsbir.engine.step import DefaultStep
+
+        self.inner, self.model, self.decay = DefaultStep(), model, decay
+        self.ema = copy.deepcopy(model).requires_grad_(False)
+        self.updates, self.total_steps = 0, 0
+
+    def __call__(self, s, batch):
+        return self.inner(s, batch)
+
+    def on_train_start(self, info) -> None:
+        self.total_steps = info.total_steps
+
+    @torch.no_grad()
+    def on_after_optimizer_step(self, global_step: int) -> None:
+        student = self.model.state_dict()
+        for k, v in self.ema.state_dict().items():
+            if v.is_floating_point():
+                v.mul_(self.decay).add_(student[k], alpha=1 - self.decay)
+            else:
+                v.copy_(student[k])
+        self.updates += 1
+        assert self.updates == global_step
+
+    def state_dict(self) -> dict:
+        return {"ema": self.ema.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema.load_state_dict(state["ema"])
+        self.updates = state["updates"]
+
+    def inference_model(self) -> torch.nn.Module:
+        return self.ema
+
+
+@pytest.fixture
+def ema_step():
+    from zsbir.registry import steps
+
+    steps.add("test_ema", EmaStep)
+    yield "test_ema"
+    steps._components.pop("test_ema", None)
+
+
+@pytest.mark.slow
+def test_resume_with_a_stateful_step_matches_uninterrupted(tmp_path, ema_step):
+    """A step with state (an EMA of the student) that chooses the evaluated weights: killed
+    mid-epoch and resumed, the run ends bit-identical to the uninterrupted one, student,
+    EMA and evaluated weights alike."""
+    extra = [f'train.step={{name = "{ema_step}", decay = 0.5}}', "train.select=last"]
+    run_experiment(tiny(tmp_path, "full", extra))
+    out = run_experiment(tiny(tmp_path, "part", extra), stop_after_steps=4)
+    assert out["interrupted"]
+    ckpt = load_checkpoint(tmp_path / "part/checkpoints/last.pt")
+    assert ckpt["components"]["step"]["updates"] == 3  # the step's state is checkpointed
+    run_experiment(load_resumable(tmp_path / "part"), resume=True)
+    for name in ("last.pt", "final.pt"):
+        a = load_checkpoint(tmp_path / "full/checkpoints" / name)
+        b = load_checkpoint(tmp_path / "part/checkpoints" / name)
+        for k in a["model"]:
+            assert torch.equal(a["model"][k], b["model"][k]), (name, k)
+    last = load_checkpoint(tmp_path / "part/checkpoints/last.pt")
+    ema, final = last["components"]["step"]["ema"], load_checkpoint(
+        tmp_path / "part/checkpoints/final.pt")["model"]
+    for k in ema:
+        assert torch.equal(ema[k], load_checkpoint(
+            tmp_path / "full/checkpoints/last.pt")["components"]["step"]["ema"][k]), k
+    # the evaluated and exported weights are the EMA copy, not the student
+    key = next(k for k, v in final.items() if v.is_floating_point())
+    assert torch.equal(final[key], ema[key])
+    assert any(not torch.equal(final[k], last["model"][k]) for k in final
+               if final[k].is_floating_point())
+    ma = json.loads((tmp_path / "full/metrics.json").read_text())["results"]
+    mb = json.loads((tmp_path / "part/metrics.json").read_text())["results"]
+    assert ma == mb
+
+
 def test_resume_needs_a_run_dir(tmp_path):
     with pytest.raises(RunDirError, match="not a zsbir run directory"):
         load_resumable(tmp_path)

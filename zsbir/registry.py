@@ -74,14 +74,14 @@ INJECTED: dict[str, frozenset[str]] = {
     "protocols": frozenset({"ctx"}),
     "backbones": frozenset({"ctx"}),
     "losses": frozenset({"ctx"}),
-    "teachers": frozenset({"ctx", "network"}),
+    "teachers": frozenset({"ctx", "network", "model"}),
     "samplers": frozenset({"ctx", "labels", "domains", "batch_size", "seed"}),
     "optimizers": frozenset({"ctx", "params"}),
     "schedulers": frozenset({"ctx", "optimizer", "epochs", "steps_per_epoch"}),
     "hashers": frozenset({"ctx"}),
     "heads": frozenset({"ctx", "backbone", "num_classes"}),
     "networks": frozenset({"ctx"}),
-    "steps": frozenset({"ctx"}),
+    "steps": frozenset({"ctx", "model"}),
     "rerankers": frozenset({"ctx"}),
 }
 

@@ -30,7 +30,18 @@ from zsbir.build import Experiment
 from zsbir.data.loading import BatchList, ImageDataset, make_loader, to_device, worker_count
 from zsbir.data.samplers import batch_tuples
 from zsbir.engine import distributed as D
-from zsbir.engine.checkpoint import atomic_save, capture_rng, package_versions, restore_rng
+from zsbir.engine import lifecycle as L
+from zsbir.engine.checkpoint import (
+    atomic_save,
+    base_reference,
+    capture_rng,
+    check_base,
+    frozen_names,
+    load_trainable_state,
+    package_versions,
+    restore_rng,
+    trainable_state,
+)
 from zsbir.engine.param_groups import trainable_params
 from zsbir.engine.step import StepContext
 
@@ -98,6 +109,11 @@ class Trainer:
                 exp.teacher.network = torch.compile(net, mode=m.train.compile)
         #: every trained parameter (model, losses, step, teacher): the optimizer's, one source
         self.params = trainable_params(exp.optimizer)
+        #: the student's frozen parameters: not in last.pt / best.pt, which reference them
+        #: (``base``: weights files and a digest) instead; None when everything trains
+        self.frozen = frozen_names(exp.model)
+        self.base = (base_reference(exp.model, m.data, self.frozen) if self.frozen
+                     else None)
         # data parallelism (zsbir.engine.distributed): each process trains on its slice of
         # every global batch; DDP averages the model's gradients, hooks the others' (losses,
         # step, teacher)
@@ -127,14 +143,14 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         exp = self.exp
-        step_state = getattr(exp.step, "state_dict", None)
         return {
             "format": "zsbir.checkpoint/1",
-            "model": exp.model.state_dict(),
+            "model": trainable_state(exp.model.state_dict(), self.frozen),
+            "base": self.base,
             "losses": [loss.state_dict() for _, _, loss in exp.losses],
             "optimizer": exp.optimizer.state_dict(),
             "scheduler": exp.scheduler.state_dict(),
-            "step": step_state() if callable(step_state) else {},
+            "components": L.component_state(exp),  # the step's and teacher's state
             "rng": capture_rng(),
             "train_state": dict(self.state),
             "manifest": exp.manifest.data,
@@ -145,13 +161,15 @@ class Trainer:
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         exp = self.exp
-        exp.model.load_state_dict(ckpt["model"])
+        where = self.ckpt_dir / "last.pt"
+        check_base(ckpt.get("base"), self.base or {}, where)  # the frozen weights, first
+        load_trainable_state(exp.model, ckpt["model"], self.frozen, where)
         for (_, _, loss), sd in zip(exp.losses, ckpt.get("losses", [])):
             loss.load_state_dict(sd)
         exp.optimizer.load_state_dict(ckpt["optimizer"])
         exp.scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("step") and hasattr(exp.step, "load_state_dict"):
-            exp.step.load_state_dict(ckpt["step"])
+        L.load_component_state(exp, ckpt.get("components") or (
+            {"step": ckpt["step"]} if ckpt.get("step") else {}))  # older: the step's only
         restore_rng(ckpt["rng"])
         self.state = TrainState(ckpt["train_state"])
 
@@ -189,6 +207,9 @@ class Trainer:
             # steps run before anything else is logged): what is about to run, and the
             # position the progress and its time left count from
             steps = len(self.epoch_batches(st["epoch"]))
+            L.call_hook(exp, "on_train_start", L.TrainInfo(
+                total_steps=steps * cfg.epochs, steps_per_epoch=steps, epochs=cfg.epochs,
+                global_step=st["global_step"]))
             self.progress({"train_start": True, "epochs": cfg.epochs, "steps": steps,
                            "batch_size": cfg.batch_size, "epoch": st["epoch"],
                            "step": st["step"], "world_size": self.world})
@@ -253,6 +274,8 @@ class Trainer:
                 n_sum += 1
                 images += len(batch["image"]) * self.world
             st["step"], st["global_step"] = step + 1, st["global_step"] + 1
+            if has_images:  # an optimizer step was taken (EMA updates, ...)
+                L.call_hook(exp, "on_after_optimizer_step", st["global_step"])
             update = getattr(exp.scheduler, "step_update", None)
             if callable(update):  # per-iteration schedules (warm-up, one-cycle)
                 update(st["global_step"])
@@ -292,6 +315,7 @@ class Trainer:
 
     def _end_epoch(self, epoch: int, record: dict[str, Any]) -> None:
         exp, cfg, st = self.exp, self.exp.manifest.train, self.state
+        L.call_hook(exp, "on_epoch_end", epoch)
         self._check_weights()  # before best.pt can be written from them
         if cfg.val_every and len(exp.data.val) and (epoch + 1) % cfg.val_every == 0:
             from zsbir.engine.embed import validation_accuracy
@@ -301,7 +325,9 @@ class Trainer:
             if acc > st["best_val"]:
                 st["best_val"], st["best_epoch"], st["bad_epochs"] = acc, epoch, 0
                 if self.rank == 0:  # data-parallel: rank 0 alone writes
-                    atomic_save({"model": exp.model.state_dict(), "epoch": epoch,
+                    atomic_save({"model": trainable_state(L.inference_model(exp).state_dict(),
+                                                          self.frozen),
+                                 "base": self.base, "epoch": epoch,
                                  "val_accuracy": acc, "manifest": exp.manifest.data,
                                  "plugins": dict(exp.manifest.plugins)},
                                 self.ckpt_dir / "best.pt")

@@ -240,3 +240,40 @@ def test_the_cli_runs_it_and_reports_errors_in_one_line(tmp_path, tiny):
     assert result.exit_code == 2, result.output
     assert "pretrained = true needs backbone.weights" in result.output
     assert "Traceback" not in result.output
+
+
+def test_last_pt_holds_what_trains_and_checks_its_base(tmp_path, tiny):
+    """last.pt / best.pt keep the prompts and LayerNorms, not the frozen tower, plus a
+    reference to the weights file (path, size, sha256) checked before resuming: a changed
+    file is refused in one line naming it. final.pt stays self-contained."""
+    from safetensors.torch import save_file
+
+    from zsbir.engine.checkpoint import CheckpointError, load_checkpoint
+    from zsbir.engine.run import load_resumable, run_experiment
+
+    def save_clip(seed: int, path: Path) -> None:
+        torch.manual_seed(seed)
+        clip = open_clip.CLIP(**json.loads(Path(tiny).read_text()), quick_gelu=True)
+        save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(path))
+
+    weights = tmp_path / "tiny_clip.safetensors"
+    save_clip(1, weights)
+    raw = apply_overrides(tiny_manifest(tmp_path, tiny, str(weights), "part"),
+                          ["train.checkpoint_every=2"])
+    assert run_experiment(resolve(raw), stop_after_steps=2)["interrupted"]
+    last = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")
+    assert "backbone.prompts" in last["model"] and "backbone.visual.ln_pre.weight" in last["model"]
+    assert "backbone.visual.conv1.weight" not in last["model"]
+    assert "backbone.visual.conv1.weight" in last["base"]["frozen"]
+    files = {f["key"]: f for f in last["base"]["files"]}
+    assert files["backbone.weights"]["path"] == str(weights)
+    assert files["backbone.weights"]["size"] == weights.stat().st_size
+    assert len(files["backbone.weights"]["sha256"]) == 64
+    # the base changed: refused before anything is trained, naming the file
+    save_clip(2, weights)
+    with pytest.raises(CheckpointError, match="tiny_clip.safetensors.*changed"):
+        run_experiment(load_resumable(tmp_path / "part"), resume=True)
+    save_clip(1, weights)  # restored: the run resumes and finishes
+    run_experiment(load_resumable(tmp_path / "part"), resume=True)
+    final = load_checkpoint(tmp_path / "part" / "checkpoints" / "final.pt")
+    assert "backbone.visual.conv1.weight" in final["model"]  # self-contained
