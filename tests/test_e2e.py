@@ -4,6 +4,11 @@ killed mid-epoch resumes to the same weights as the uninterrupted run."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -106,6 +111,7 @@ class EmaStep:
 
     @torch.no_grad()
     def on_after_optimizer_step(self, global_step: int) -> None:
+        time.sleep(float(os.environ.get("ZSBIR_TEST_STEP_SLEEP", "0")))  # to be killed
         student = self.model.state_dict()
         for k, v in self.ema.state_dict().items():
             if v.is_floating_point():
@@ -126,6 +132,25 @@ class EmaStep:
         return self.ema
 
 
+def ema_extra(name: str) -> list[str]:
+    return [f'train.step={{name = "{name}", decay = 0.5}}', "train.select=last"]
+
+
+def same_runs(a: Path, b: Path) -> None:
+    """Bit-identical last.pt (student and step state) and final.pt, equal metrics."""
+    for name in ("last.pt", "final.pt"):
+        x, y = (load_checkpoint(d / "checkpoints" / name) for d in (a, b))
+        for k in x["model"]:
+            assert torch.equal(x["model"][k], y["model"][k]), (name, k)
+    x, y = (load_checkpoint(d / "checkpoints" / "last.pt")["components"]["step"]
+            for d in (a, b))
+    assert x["updates"] == y["updates"]
+    for k in x["ema"]:
+        assert torch.equal(x["ema"][k], y["ema"][k]), k
+    assert (json.loads((a / "metrics.json").read_text())["results"]
+            == json.loads((b / "metrics.json").read_text())["results"])
+
+
 @pytest.fixture
 def ema_step():
     from zsbir.registry import steps
@@ -140,7 +165,7 @@ def test_resume_with_a_stateful_step_matches_uninterrupted(tmp_path, ema_step):
     """A step with state (an EMA of the student) that chooses the evaluated weights: killed
     mid-epoch and resumed, the run ends bit-identical to the uninterrupted one, student,
     EMA and evaluated weights alike."""
-    extra = [f'train.step={{name = "{ema_step}", decay = 0.5}}', "train.select=last"]
+    extra = ema_extra(ema_step)
     run_experiment(tiny(tmp_path, "full", extra))
     out = run_experiment(tiny(tmp_path, "part", extra), stop_after_steps=4)
     assert out["interrupted"]
@@ -206,3 +231,25 @@ def test_index_and_search_a_photo_folder(tmp_path):
     assert len(ranked) == 4 and all(Path(r["path"]).parent == photos for r in ranked)
     distances = [r["score"] for r in ranked]
     assert distances == sorted(distances)  # Hamming distances, ascending
+
+
+@pytest.mark.slow
+def test_sigkilled_run_with_a_stateful_step_resumes_bit_identically(tmp_path, ema_step):
+    """The same run in a process of its own, SIGKILLed once a checkpoint exists (possibly
+    while writing the next one), then resumed: bit-identical to the uninterrupted run."""
+    run_experiment(tiny(tmp_path, "full", ema_extra(ema_step)))
+    worker = [sys.executable, str(Path(__file__).with_name("stateful_worker.py")),
+              str(tmp_path)]
+    proc = subprocess.Popen([*worker, "part", "fresh"],
+                            env={**os.environ, "ZSBIR_TEST_STEP_SLEEP": "0.2"})
+    last = tmp_path / "part" / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 600
+    while not last.exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (tmp_path / "part" / "metrics.json").exists()  # killed mid-training
+    subprocess.run([*worker, "part", "resume"], check=True, timeout=600)
+    same_runs(tmp_path / "full", tmp_path / "part")

@@ -171,3 +171,26 @@ def test_triplet_sampler(seed):
     assert t["tuples"].tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
     with pytest.raises(ValueError, match="multiple of 3"):
         TripletSampler(labels, domains, 8, seed=seed)
+
+
+@pytest.mark.parametrize("unit", [3, 4])
+def test_a_tuple_that_lost_an_item_is_dropped_whole(unit):
+    """The trainer drops every tuple (of the sampler's unit, not a hard-coded 4) with an
+    unreadable file, keeping the others whole and in role order."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from zsbir.engine.trainer import Trainer
+
+    expected = np.arange(3 * unit)  # three tuples of items 0.., sources "f<i>"
+    sources = [f"f{i}" for i in range(3 * unit)]
+    bad = {unit + 1}  # the second tuple's second item
+    rows = [i for i in expected if i not in bad]  # what the loader decoded, in order
+    batch = {"image": torch.tensor(rows), "label": torch.tensor(rows),
+             "skipped": [(sources[i], "bad") for i in bad]}
+    me = SimpleNamespace(unit=unit, exp=SimpleNamespace(
+        data=SimpleNamespace(train=SimpleNamespace(sources=sources))))
+    out = Trainer._drop_incomplete(me, batch, expected)
+    keep = [*range(unit), *range(2 * unit, 3 * unit)]
+    assert out["image"].tolist() == keep and out["label"].tolist() == keep
