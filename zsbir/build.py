@@ -31,6 +31,7 @@ import torch
 from zsbir.context import BuildContext, default_cache_dir
 from zsbir.data.base import ProtocolData
 from zsbir.data.loading import Transform
+from zsbir.engine.checkpoint import load_model_checkpoint
 from zsbir.engine.param_groups import param_groups, trainable_owners
 from zsbir.engine.step import loss_labels
 from zsbir.manifest import COMPONENT_KEYS, Manifest, is_component_value
@@ -149,7 +150,7 @@ def build(manifest: Manifest, purpose: Purpose = "train", run_dir: Path | None =
         device=resolve_device(run.device), seed=run.seed, run_dir=run_dir,
         cache_dir=Path(run.cache_dir).expanduser() if run.cache_dir else default_cache_dir(),
         image_size=manifest.data_cfg.image_size, purpose=purpose,
-        load_pretrained=purpose != "embed",
+        load_pretrained=purpose != "embed" or bool((checkpoint or {}).get("base")),
     )
     torch.manual_seed(run.seed)  # model initialization is part of the seeded run
     training = purpose == "train"
@@ -171,8 +172,8 @@ def build(manifest: Manifest, purpose: Purpose = "train", run_dir: Path | None =
         head = build_component("heads", manifest.head, ctx, backbone=backbone,
                                num_classes=len(ctx.seen_classes))
         model = RetrievalNet(backbone, head)
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
+    if checkpoint is not None:  # over the verified base weights when it holds only those
+        load_model_checkpoint(model, checkpoint, manifest.data)
     model.to(ctx.device)
     train_tf, eval_tf = transforms_for(manifest, backbone)
 

@@ -48,7 +48,8 @@ import torch
 
 __all__ = ["CheckpointError", "NonFiniteCheckpointError", "atomic_save", "base_reference",
            "capture_rng", "check_base", "clean_stale_temporaries", "first_non_finite",
-           "frozen_digest", "frozen_names", "load_checkpoint", "load_trainable_state",
+           "frozen_digest", "frozen_names", "load_checkpoint", "load_model_checkpoint",
+           "load_trainable_state",
            "package_versions", "restore_rng", "trainable_state", "verify_archive"]
 
 
@@ -378,3 +379,18 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor],
         raise CheckpointError(
             f"{str(where)!r} does not fit the model ({'missing' if missing else 'unexpected'}"
             f" keys: {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
+
+
+def load_model_checkpoint(model: torch.nn.Module, ckpt: dict[str, Any],
+                          manifest_data: dict[str, Any], where: str | Path = "checkpoint"
+                          ) -> None:
+    """Load a checkpoint's ``model`` into a freshly built model: a self-contained one
+    (``final.pt``) whole; one holding only what trains (``last.pt``, ``best.pt``: it has a
+    ``base``) over the base weights the build loaded, after :func:`check_base`."""
+    base = ckpt.get("base")
+    if not base:
+        model.load_state_dict(ckpt["model"])
+        return
+    frozen = frozen_names(model)
+    check_base(base, base_reference(model, manifest_data, frozen), where)
+    load_trainable_state(model, ckpt["model"], frozen, where)
