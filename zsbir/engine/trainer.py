@@ -144,7 +144,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         exp = self.exp
         return {
-            "format": "zsbir.checkpoint/1",
+            "format": "zsbir.checkpoint/2",  # 2: model = what trains, + base, components
             "model": trainable_state(exp.model.state_dict(), self.frozen),
             "base": self.base,
             "losses": [loss.state_dict() for _, _, loss in exp.losses],
