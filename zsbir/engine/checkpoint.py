@@ -321,7 +321,8 @@ def frozen_digest(model: torch.nn.Module, frozen: set[str]) -> str:
         if name in frozen:
             t = t.detach().cpu().contiguous()
             h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\0".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -8,9 +8,8 @@ from its manifest table (minus ``name`` and ``weight``) and called as
   ``"embedding"`` (B, d) the retrieval embedding (not normalized), ``"logits"`` (B, n_seen)
   seen-class logits, and ``"imagenet_logits"`` (B, 1000) when the model has an ImageNet head;
 - ``batch``: ``"image"`` (B, 3, H, W), ``"label"`` (B,) int64 seen-class labels,
-  ``"domain"`` (B,) int64 (0 photo, 1 sketch), ``"index"`` (B,) item indices. With the
-  ``quadruplet`` sampler the batch is ordered in quadruplets
-  ``[anchor sketch, positive photo, negative photo, negative sketch] * N``;
+  ``"domain"`` (B,) int64 (0 photo, 1 sketch), ``"index"`` (B,) item indices, and, from a
+  tuple sampler, ``"tuples"`` / ``"roles"`` (below);
 - ``teacher``: the teacher signal, or ``None`` without a teacher: a dict with
   ``"logits"`` (B, 1000) ImageNet logits for each item and, where the strategy has them,
   ``"features"`` (B, F) the teacher's pooled features and ``"class_features"``
@@ -25,9 +24,11 @@ in ``roles`` (checked against the sampler's).
 
 It returns a scalar tensor; the total loss is the manifest-weighted sum. ``requires``
 declares what the loss needs, so that validation rejects a manifest that cannot feed it:
-``"teacher"``, ``"quadruplet"``; ``output_keys`` the model outputs it reads (checked
-against the head's ``provides``); ``teacher_keys`` the keys of the teacher signal it
-reads, checked against the teacher strategy's ``provides``. Each may be a frozenset or a
+``"teacher"`` (a teacher signal, from ``[teacher]`` or a step that ``provides`` it) and
+``"quadruplet"`` (older spelling of the quadruplet's four ``roles``); ``roles`` the tuple
+roles it reads (checked against the sampler's); ``output_keys`` the model outputs it reads
+(checked against the head's ``provides``); ``teacher_keys`` the keys of the teacher signal
+it reads, checked against what the teacher and the step ``provides``. Each may be a frozenset or a
 function of the loss's resolved parameters (``sake`` with ``lambda1 = 0`` needs no
 teacher).
 """
