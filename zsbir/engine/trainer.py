@@ -327,7 +327,8 @@ class Trainer:
                 if self.rank == 0:  # data-parallel: rank 0 alone writes
                     atomic_save({"model": trainable_state(L.inference_model(exp).state_dict(),
                                                           self.frozen),
-                                 "base": self.base, "epoch": epoch,
+                                 "base": self.base, "components": L.component_state(exp),
+                                 "epoch": epoch,
                                  "val_accuracy": acc, "manifest": exp.manifest.data,
                                  "plugins": dict(exp.manifest.plugins)},
                                 self.ckpt_dir / "best.pt")
