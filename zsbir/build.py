@@ -182,7 +182,8 @@ def build(manifest: Manifest, purpose: Purpose = "train", run_dir: Path | None =
     if training and manifest.teacher is not None:
         with phase("building the teacher"):
             teacher = build_component("teachers", manifest.teacher, ctx, model=model)
-            teacher.to(ctx.device)
+            if callable(getattr(teacher, "to", None)):
+                teacher.to(ctx.device)
 
     # 4. losses (each with its weight and a unique log label) and the training step
     losses: list[tuple[str, float, torch.nn.Module]] = []

@@ -223,14 +223,16 @@ class Trainer:
         from zsbir.progress import phase
 
         exp = self.exp
-        D.barrier()  # data-parallel: every rank finds the teacher cache in the same state
-        with phase("preparing the teacher"):
-            exp.teacher.prepare(
-                data=exp.data,
-                embed=lambda net, split: teacher_outputs(net, split, exp),
-                fingerprint=exp.fingerprint,
-            )
-        exp.teacher.to(self.device)
+        prepare = getattr(exp.teacher, "prepare", None)  # optional (an EMA teacher has none)
+        if callable(prepare):
+            D.barrier()  # data-parallel: every rank finds the teacher cache in the same state
+            with phase("preparing the teacher"):
+                prepare(data=exp.data,
+                        embed=lambda net, split: teacher_outputs(net, split, exp),
+                        fingerprint=exp.fingerprint)
+        to = getattr(exp.teacher, "to", None)
+        if callable(to):
+            to(self.device)
 
     def _run_epoch(self) -> bool:
         exp, cfg, st = self.exp, self.exp.manifest.train, self.state
