@@ -94,7 +94,6 @@ def skipped_report(indexed: Any, trained: Any, evaluated: Any) -> dict[str, Any]
     return {"count": len(files), "by_stage": counts, "files": files}
 
 
-
 def _class_lists(data: Any) -> dict[str, Any]:
     """The class split a run used (names and counts), for ``metrics.json``."""
     val_labels = sorted({int(v) for v in np.unique(data.val.labels)}) if len(data.val) else []

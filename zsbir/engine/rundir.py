@@ -128,8 +128,6 @@ def check_resumable(ckpt: dict[str, Any], manifest: Manifest, run_dir: Path) -> 
             str(run_dir / RESOLVED))
 
 
-
-
 def _note_resume_changes(ckpt: dict[str, Any], manifest: Manifest, run_dir: Path) -> None:
     """Log the (safe) keys a resume changed, and keep manifest.resolved.toml describing
     the run as it now continues (``--set run.device=cpu``, new evaluation settings)."""
