@@ -4,7 +4,9 @@ optimizer by the manifest's ``[[optimizer.groups]]`` and the modules' own hooks.
 Names are dotted and prefixed by owner: ``model.`` (the student), ``losses.<label>.``,
 ``step.``, ``teacher.`` (steps and teachers that hold trainable parameters, e.g. a
 projection or a memory bank), so ``match = "model.*.lora_*"`` picks the LoRA matrices of
-the student wherever they sit. A parameter reachable from two owners (a step holding the
+the student wherever they sit (patterns are :mod:`fnmatch`'s: a loss label with an index,
+``losses.sake[1].``, is matched by ``losses.sake[[]1].*`` or ``losses.sake?1?.*``). A
+parameter reachable from two owners (a step holding the
 student) is counted once, under its first owner in that order.
 
 Which group a parameter joins (first rule that applies wins):
