@@ -134,13 +134,16 @@ def test_every_sampler_shards_into_the_global_batches(make):
 
 def test_sampler_unit_for_plugin_samplers():
     class Plain:
-        structure = "items"
+        roles = ()
 
-    class Quad:
-        structure = "quadruplet"
+    class Triplets:
+        roles = ("anchor", "positive", "negative")
 
-    assert sampler_unit(Plain()) == 1 and sampler_unit(Quad()) == 4
-    assert sampler_unit(object()) == 1
+    class Pairs:  # the older spelling: a unit without roles
+        unit = 2
+
+    assert sampler_unit(Plain()) == 1 and sampler_unit(Triplets()) == 3
+    assert sampler_unit(Pairs()) == 2 and sampler_unit(object()) == 1
 
 
 def test_parse_shard_and_partition_files():

@@ -4,6 +4,11 @@ killed mid-epoch resumes to the same weights as the uninterrupted run."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -84,6 +89,106 @@ def test_resume_mid_epoch_matches_uninterrupted(tmp_path):
     assert ma == mb
 
 
+class EmaStep:
+    """Test-only stateful step: the default step plus an exponential moving average of the
+    student's weights (a momentum teacher in miniature, Tarvainen & Valpola, NeurIPS 2017),
+    updated after every optimizer step, checkpointed, and the weights the run evaluates."""
+
+    def __init__(self, model: torch.nn.Module, decay: float = 0.5):
+        import copy
+
+        from zsbir.engine.step import DefaultStep
+
+        self.inner, self.model, self.decay = DefaultStep(), model, decay
+        self.ema = copy.deepcopy(model).requires_grad_(False)
+        self.updates, self.total_steps, self.epochs_ended = 0, 0, 0
+
+    def __call__(self, s, batch):
+        return self.inner(s, batch)
+
+    def on_train_start(self, info) -> None:
+        assert info.epochs == 2 and info.total_steps == 2 * info.steps_per_epoch > 0
+        assert info.global_step == self.updates  # 0, or where a resumed run continues
+        self.total_steps = info.total_steps
+
+    def on_epoch_end(self, epoch: int) -> None:
+        assert epoch == self.epochs_ended
+        self.epochs_ended += 1
+
+    @torch.no_grad()
+    def on_after_optimizer_step(self, global_step: int) -> None:
+        time.sleep(float(os.environ.get("ZSBIR_TEST_STEP_SLEEP", "0")))  # to be killed
+        student = self.model.state_dict()
+        for k, v in self.ema.state_dict().items():
+            if v.is_floating_point():
+                v.mul_(self.decay).add_(student[k], alpha=1 - self.decay)
+            else:
+                v.copy_(student[k])
+        self.updates += 1
+        assert self.updates == global_step
+
+    def state_dict(self) -> dict:
+        return {"ema": self.ema.state_dict(), "updates": self.updates,
+                "epochs_ended": self.epochs_ended}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema.load_state_dict(state["ema"])
+        self.updates, self.epochs_ended = state["updates"], state["epochs_ended"]
+
+    def inference_model(self) -> torch.nn.Module:
+        return self.ema
+
+
+def ema_extra(name: str) -> list[str]:
+    return [f'train.step={{name = "{name}", decay = 0.5}}', "train.select=last"]
+
+
+def same_runs(a: Path, b: Path) -> None:
+    """Bit-identical last.pt (student and step state) and final.pt, equal metrics."""
+    for name in ("last.pt", "final.pt"):
+        x, y = (load_checkpoint(d / "checkpoints" / name) for d in (a, b))
+        for k in x["model"]:
+            assert torch.equal(x["model"][k], y["model"][k]), (name, k)
+    x, y = (load_checkpoint(d / "checkpoints" / "last.pt")["components"]["step"]
+            for d in (a, b))
+    assert x["updates"] == y["updates"] and x["epochs_ended"] == y["epochs_ended"] == 2
+    for k in x["ema"]:
+        assert torch.equal(x["ema"][k], y["ema"][k]), k
+    assert (json.loads((a / "metrics.json").read_text())["results"]
+            == json.loads((b / "metrics.json").read_text())["results"])
+
+
+@pytest.fixture
+def ema_step():
+    from zsbir.registry import steps
+
+    steps.add("test_ema", EmaStep)
+    yield "test_ema"
+    steps._components.pop("test_ema", None)
+
+
+@pytest.mark.slow
+def test_resume_with_a_stateful_step_matches_uninterrupted(tmp_path, ema_step):
+    """A step with state (an EMA of the student) that chooses the evaluated weights: killed
+    mid-epoch and resumed, the run ends bit-identical to the uninterrupted one, student,
+    EMA and evaluated weights alike."""
+    extra = ema_extra(ema_step)
+    run_experiment(tiny(tmp_path, "full", extra))
+    out = run_experiment(tiny(tmp_path, "part", extra), stop_after_steps=4)
+    assert out["interrupted"]
+    ckpt = load_checkpoint(tmp_path / "part/checkpoints/last.pt")
+    assert ckpt["components"]["step"]["updates"] == 3  # the step's state is checkpointed
+    run_experiment(load_resumable(tmp_path / "part"), resume=True)
+    same_runs(tmp_path / "full", tmp_path / "part")
+    last = load_checkpoint(tmp_path / "part/checkpoints/last.pt")
+    ema = last["components"]["step"]["ema"]
+    final = load_checkpoint(tmp_path / "part/checkpoints/final.pt")["model"]
+    # the evaluated and exported weights are the EMA copy, not the student
+    assert all(torch.equal(final[k], ema[k]) for k in final)
+    assert any(not torch.equal(final[k], last["model"][k]) for k in final
+               if final[k].is_floating_point())
+
+
 def test_resume_needs_a_run_dir(tmp_path):
     with pytest.raises(RunDirError, match="not a zsbir run directory"):
         load_resumable(tmp_path)
@@ -122,3 +227,25 @@ def test_index_and_search_a_photo_folder(tmp_path):
     assert len(ranked) == 4 and all(Path(r["path"]).parent == photos for r in ranked)
     distances = [r["score"] for r in ranked]
     assert distances == sorted(distances)  # Hamming distances, ascending
+
+
+@pytest.mark.slow
+def test_sigkilled_run_with_a_stateful_step_resumes_bit_identically(tmp_path, ema_step):
+    """The same run in a process of its own, SIGKILLed once a checkpoint exists (possibly
+    while writing the next one), then resumed: bit-identical to the uninterrupted run."""
+    run_experiment(tiny(tmp_path, "full", ema_extra(ema_step)))
+    worker = [sys.executable, str(Path(__file__).with_name("stateful_worker.py")),
+              str(tmp_path)]
+    proc = subprocess.Popen([*worker, "part", "fresh"],
+                            env={**os.environ, "ZSBIR_TEST_STEP_SLEEP": "0.2"})
+    last = tmp_path / "part" / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 600
+    while not last.exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (tmp_path / "part" / "metrics.json").exists()  # killed mid-training
+    subprocess.run([*worker, "part", "resume"], check=True, timeout=600)
+    same_runs(tmp_path / "full", tmp_path / "part")

@@ -301,7 +301,31 @@ def test_domain_quadruplet_errors():
             loss({"embedding": torch.randn(b, 8)}, {}, None)
     with pytest.raises(ValueError, match="margin"):
         DomainQuadrupletLoss(margin=-0.1)
-    assert DomainQuadrupletLoss.requires == frozenset({"quadruplet"})
+    assert DomainQuadrupletLoss.roles == frozenset(
+        {"anchor", "positive", "negative", "negative_sketch"})
+    with pytest.raises(ValueError, match="negative_sketch"):  # a triplet batch has no 4th role
+        loss({"embedding": torch.randn(6, 8)},
+             {"tuples": torch.arange(6).view(2, 3), "roles": ("anchor", "positive", "negative")},
+             None)
+
+
+@pytest.mark.parametrize("seed,n", [(0, 1), (1, 5), (2, 9)])
+def test_domain_quadruplet_reads_tuples_by_role(seed, n):
+    """Rows scattered over the batch and roles in another column order: the loss reads
+    ``batch["tuples"]`` by role and equals the naive loss on the quadruplets laid out in
+    order (values and gradients)."""
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(4 * n, 6, generator=g)
+    perm = torch.randperm(4 * n, generator=g)
+    scattered = torch.empty_like(emb)
+    scattered[perm] = emb  # row i in order sits at row perm[i]
+    order = [2, 0, 3, 1]  # columns: negative, anchor, negative_sketch, positive
+    roles = ("anchor", "positive", "negative", "negative_sketch")
+    tuples = perm.view(n, 4)[:, order]
+    batch = {"tuples": tuples, "roles": tuple(roles[j] for j in order)}
+    loss = DomainQuadrupletLoss(margin=0.3)
+    assert_same(lambda e: loss({"embedding": e}, batch, None),
+                lambda e: naive_quadruplet(e[perm], 0.3), scattered)
 
 
 def test_registered_names():

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from zsbir.data.base import PHOTO, SKETCH
-from zsbir.data.quadruplet import QuadrupletSampler
+from zsbir.data.quadruplet import QuadrupletSampler, TripletSampler
+from zsbir.data.samplers import batch_tuples, sampler_unit
 
 DOMAINS_AT = np.array([SKETCH, PHOTO, PHOTO, SKETCH])
 
@@ -123,7 +124,7 @@ def test_batch_size_and_drop_last():
         assert len(keep) == -(-n_anchor // (bs // 4))
         assert len(drop) == n_anchor // (bs // 4)
         assert all(len(b) == bs for b in drop.epoch(0))
-        assert keep.structure == "quadruplet"
+        assert keep.roles == ("anchor", "positive", "negative", "negative_sketch")
 
 
 @pytest.mark.parametrize("bs", [1, 2, 6, 10, 63])
@@ -148,3 +149,48 @@ def test_too_few_classes():
     assert np.array_equal(s.epoch(0)[0], [1, 0, 2, 3])
     with pytest.raises(ValueError, match="all with both"):
         QuadrupletSampler(*mixed, 4, seed=0, same_negative_class=True)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_triplet_sampler(seed):
+    """Triplets [anchor sketch (c), positive photo (c), negative photo (c' != c)]: three
+    items per tuple (no negative sketch is drawn, so none is decoded), every usable sketch
+    the anchor of one triplet per epoch; batch_size a multiple of 3."""
+    labels, domains = make_split(seed)
+    s = TripletSampler(labels, domains, 12, seed=seed)
+    assert s.roles == ("anchor", "positive", "negative") and sampler_unit(s) == 3
+    batches = s.epoch(0)
+    assert all(len(b) % 3 == 0 for b in batches) and len(batches[0]) == 12
+    tri = np.concatenate(batches).reshape(-1, 3)
+    assert (domains[tri] == [SKETCH, PHOTO, PHOTO]).all()
+    lab = labels[tri]
+    assert (lab[:, 0] == lab[:, 1]).all() and (lab[:, 2] != lab[:, 0]).all()
+    quad = QuadrupletSampler(labels, domains, 16, seed=seed)
+    assert sorted(tri[:, 0]) == sorted(np.concatenate(quad.epoch(0)).reshape(-1, 4)[:, 0])
+    t = batch_tuples(12, s.roles)
+    assert t["tuples"].tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    with pytest.raises(ValueError, match="multiple of 3"):
+        TripletSampler(labels, domains, 8, seed=seed)
+
+
+@pytest.mark.parametrize("unit", [3, 4])
+def test_a_tuple_that_lost_an_item_is_dropped_whole(unit):
+    """The trainer drops every tuple (of the sampler's unit, not a hard-coded 4) with an
+    unreadable file, keeping the others whole and in role order."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from zsbir.engine.trainer import Trainer
+
+    expected = np.arange(3 * unit)  # three tuples of items 0.., sources "f<i>"
+    sources = [f"f{i}" for i in range(3 * unit)]
+    bad = {unit + 1}  # the second tuple's second item
+    rows = [i for i in expected if i not in bad]  # what the loader decoded, in order
+    batch = {"image": torch.tensor(rows), "label": torch.tensor(rows),
+             "skipped": [(sources[i], "bad") for i in bad]}
+    me = SimpleNamespace(unit=unit, exp=SimpleNamespace(
+        data=SimpleNamespace(train=SimpleNamespace(sources=sources))))
+    out = Trainer._drop_incomplete(me, batch, expected)
+    keep = [*range(unit), *range(2 * unit, 3 * unit)]
+    assert out["image"].tolist() == keep and out["label"].tolist() == keep

@@ -36,6 +36,8 @@ import torch
 from zsbir.context import BuildContext, default_cache_dir
 from zsbir.data.base import ProtocolData
 from zsbir.data.loading import DomainTransforms, Transform
+from zsbir.engine.checkpoint import load_model_checkpoint
+from zsbir.engine.param_groups import param_groups, trainable_owners
 from zsbir.engine.step import loss_labels
 from zsbir.manifest import RESERVED, Manifest, Marker, markers
 from zsbir.models.inputs import InputConfig, from_pretrained_cfg
@@ -189,7 +191,7 @@ def build(manifest: Manifest, purpose: Purpose = "train", run_dir: Path | None =
         device=resolve_device(run.device), seed=run.seed, run_dir=run_dir,
         cache_dir=Path(run.cache_dir).expanduser() if run.cache_dir else default_cache_dir(),
         image_size=manifest.data_cfg.image_size, purpose=purpose,
-        load_pretrained=purpose != "embed",
+        load_pretrained=purpose != "embed" or bool((checkpoint or {}).get("base")),
     )
     torch.manual_seed(run.seed)  # model initialization is part of the seeded run
     training = purpose == "train"
@@ -210,8 +212,8 @@ def build(manifest: Manifest, purpose: Purpose = "train", run_dir: Path | None =
     with phase("building the model"):
         model = build_component("models", manifest.model, ctx,
                                 num_classes=len(ctx.seen_classes))
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
+    if checkpoint is not None:  # over the verified base weights when it holds only those
+        load_model_checkpoint(model, checkpoint, manifest.data)
     model.to(ctx.device)
     train_tf, eval_tf = transforms_for(manifest, model)
 
@@ -219,8 +221,9 @@ def build(manifest: Manifest, purpose: Purpose = "train", run_dir: Path | None =
     teacher = None
     if training and manifest.teacher is not None:
         with phase("building the teacher"):
-            teacher = build_component("teachers", manifest.teacher, ctx)
-            teacher.to(ctx.device)
+            teacher = build_component("teachers", manifest.teacher, ctx, model=model)
+            if callable(getattr(teacher, "to", None)):
+                teacher.to(ctx.device)
 
     # 4. losses (each with its weight and a unique log label) and the training step
     losses: list[tuple[str, float, torch.nn.Module]] = []
@@ -231,15 +234,20 @@ def build(manifest: Manifest, purpose: Purpose = "train", run_dir: Path | None =
             losses = [(label, float(t["weight"]),
                        build_component("losses", t, ctx).to(ctx.device))
                       for label, t in zip(labels, manifest.losses)]
-        step = build_component("steps", train.step, ctx)
+        step = build_component("steps", train.step, ctx, model=model)
+        if isinstance(step, torch.nn.Module):
+            step.to(ctx.device)
 
         # 5. batches, optimizer, schedule
         sampler = build_component("samplers", manifest.sampler, ctx, labels=data.train.labels,
                                   domains=data.train.domains, batch_size=train.batch_size,
                                   seed=run.seed)
-        params = [p for p in model.parameters() if p.requires_grad]
-        params += [p for _, _, loss in losses for p in loss.parameters() if p.requires_grad]
-        optimizer = build_component("optimizers", manifest.optimizer, ctx, params=params)
+        # every trainable parameter, wherever it lives, named by its owner and grouped by
+        # [[optimizer.groups]] and the modules' hooks (zsbir.engine.param_groups)
+        groups = param_groups(trainable_owners(model, losses, step, teacher),
+                              manifest.optimizer.get("groups") or ())
+        optimizer = build_component("optimizers", manifest.optimizer, ctx, skip=("groups",),
+                                    params=groups)
         steps = len(sampler) if not train.max_steps_per_epoch else min(
             len(sampler), train.max_steps_per_epoch)
         scheduler = build_component("schedulers", manifest.schedule, ctx, optimizer=optimizer,

@@ -106,7 +106,7 @@ INJECTED: dict[str, frozenset[str]] = _Injected({
     "protocols": frozenset({"ctx"}),
     "backbones": frozenset({"ctx"}),
     "losses": frozenset({"ctx"}),
-    "teachers": frozenset({"ctx"}),
+    "teachers": frozenset({"ctx", "model"}),
     "samplers": frozenset({"ctx", "labels", "domains", "batch_size", "seed"}),
     "optimizers": frozenset({"ctx", "params"}),
     "schedulers": frozenset({"ctx", "optimizer", "epochs", "steps_per_epoch"}),
@@ -114,7 +114,7 @@ INJECTED: dict[str, frozenset[str]] = _Injected({
     "heads": frozenset({"ctx", "in_features", "num_classes", "classifier"}),
     "models": frozenset({"ctx", "num_classes"}),
     "networks": frozenset({"ctx"}),
-    "steps": frozenset({"ctx"}),
+    "steps": frozenset({"ctx", "model"}),
     "rerankers": frozenset({"ctx"}),
 })
 

@@ -213,9 +213,11 @@ def render_component(comp: Any, *, mkdocstrings: bool = True) -> str:
     elif raw_requires:
         lines += ["Needs: " + ", ".join(f"`{r}`" for r in sorted(raw_requires))
                   + " (checked by `zsbir validate`).", ""]
-    structure = getattr(obj, "structure", None)
-    if comp.kind == "samplers" and isinstance(structure, str):
-        lines += [f"Batch structure: `{structure}`.", ""]
+    roles = getattr(obj, "roles", None)
+    if comp.kind in ("samplers", "losses") and isinstance(roles, (tuple, frozenset)) and roles:
+        shown = roles if isinstance(roles, tuple) else sorted(roles)
+        lines += [("Tuples: " if comp.kind == "samplers" else "Needs tuples with the roles ")
+                  + ", ".join(f"`{r}`" for r in shown) + ".", ""]
     rows = parameter_rows(comp)
     if rows:
         lines += ["| parameter | type | default | description |", "|---|---|---|---|"]

@@ -1,4 +1,7 @@
-"""The ``quadruplet`` sampler of SBTKNet's domain-aware quadruplet loss."""
+"""Tuple samplers: ``quadruplet`` (SBTKNet's domain-aware quadruplet loss) and ``triplet``
+(sketch anchor, photo positive, photo negative: Sain et al., CVPR 2023, and any triplet
+method). Each declares the ``roles`` of its tuples; a batch is its tuples flattened in role
+order, and the trainer hands the losses ``batch["tuples"]`` (T, len(roles)) row indices."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from zsbir.data.base import PHOTO, SKETCH
 from zsbir.data.samplers import Sampler, epoch_rng
 from zsbir.registry import samplers
 
-__all__ = ["QuadrupletSampler"]
+__all__ = ["QuadrupletSampler", "TripletSampler"]
 
 #: domain at each position of a quadruplet
 QUADRUPLET_DOMAINS = (SKETCH, PHOTO, PHOTO, SKETCH)
@@ -58,17 +61,18 @@ class QuadrupletSampler(Sampler):
     ``drop_last``: drop the last, smaller batch (default False: every sketch is an anchor).
     """
 
-    structure: ClassVar[str] = "quadruplet"
-    #: a quadruplet is never split across data-parallel processes
-    unit: ClassVar[int] = 4
+    #: the positions of each tuple (a quadruplet is never split across processes)
+    roles: ClassVar[tuple[str, ...]] = ("anchor", "positive", "negative", "negative_sketch")
 
     def __init__(self, labels: np.ndarray, domains: np.ndarray, batch_size: int, seed: int,
                  same_negative_class: bool = False, drop_last: bool = False):
         super().__init__(labels, domains, batch_size, seed)
-        if batch_size % 4:
-            raise ValueError(f"quadruplet sampler: batch_size counts images and must be a "
-                             f"multiple of 4 (anchor, positive, two negatives), got {batch_size}")
-        self.quads_per_batch = batch_size // 4
+        k, what = len(self.roles), type(self).__name__.removesuffix("Sampler").lower()
+        if batch_size % k:
+            raise ValueError(f"{what} sampler: batch_size counts images and must be a "
+                             f"multiple of {k} ({', '.join(self.roles)}), got {batch_size}")
+        self.quads_per_batch = batch_size // k
+        negative_sketch = "negative_sketch" in self.roles
         self.same_negative_class = same_negative_class
         self.drop_last = drop_last
 
@@ -85,9 +89,10 @@ class QuadrupletSampler(Sampler):
         else:
             photo_ok, sketch_ok = is_photo, is_sketch
             n_photo_cls, n_sketch_cls = int(has_photo.sum()), int(has_sketch.sum())
-        if not usable.any() or min(n_photo_cls, n_sketch_cls) < 2:
+        if not usable.any() or n_photo_cls < 2 or (negative_sketch and n_sketch_cls < 2):
             raise ValueError(
-                "quadruplet sampler needs at least 2 classes with photos and 2 with sketches"
+                f"{what} sampler needs at least 2 classes with photos"
+                + (" and 2 with sketches" if negative_sketch else "")
                 + (", all with both" if same_negative_class else "")
                 + f" (got {int(has_photo.sum())} classes with photos, "
                 f"{int(has_sketch.sum())} with sketches, {int(usable.sum())} with both)"
@@ -113,10 +118,28 @@ class QuadrupletSampler(Sampler):
         anchor, c = self._anchors[perm], self._anchor_cls[perm]
         pos = self._pos.draw_in(c, rng)
         neg_photo = self._photos.draw_not_in(c, rng)
-        if self.same_negative_class:
-            neg_sketch = self._sketches.draw_in(self._cls[neg_photo], rng)
-        else:
-            neg_sketch = self._sketches.draw_not_in(c, rng)
-        quads = np.stack([anchor, pos, neg_photo, neg_sketch], axis=1).astype(np.int64)
+        columns = [anchor, pos, neg_photo]
+        if "negative_sketch" in self.roles:
+            if self.same_negative_class:
+                columns.append(self._sketches.draw_in(self._cls[neg_photo], rng))
+            else:
+                columns.append(self._sketches.draw_not_in(c, rng))
+        quads = np.stack(columns, axis=1).astype(np.int64)
         q = self.quads_per_batch
         return [quads[i * q:(i + 1) * q].reshape(-1) for i in range(len(self))]
+
+
+@samplers.register("triplet")
+class TripletSampler(QuadrupletSampler):
+    """Batches of triplets ``[anchor sketch (class c), positive photo (c), negative photo
+    (c' != c)]``: the first three positions of the ``quadruplet`` sampler's tuples, drawn
+    the same way (every sketch of a class with photos is the anchor of one triplet per
+    epoch; positive uniform among the class's photos, negative uniform among the other
+    classes' photos), without the negative sketch, which is therefore never decoded. As
+    the data loader of Sain et al. (CVPR 2023, "CLIP for All Things Zero-Shot SBIR")
+    builds its triplets. ``batch_size`` counts images (a multiple of 3).
+
+    ``same_negative_class`` has no effect here (there is no negative sketch).
+    """
+
+    roles: ClassVar[tuple[str, ...]] = ("anchor", "positive", "negative")

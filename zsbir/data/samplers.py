@@ -17,7 +17,8 @@ from zsbir.constraints import Range
 from zsbir.data.base import PHOTO, SKETCH
 from zsbir.registry import samplers
 
-__all__ = ["MixedSampler", "RandomSampler", "Sampler", "epoch_rng", "sampler_unit"]
+__all__ = ["MixedSampler", "RandomSampler", "Sampler", "batch_tuples", "epoch_rng",
+           "sampler_roles", "sampler_unit"]
 
 
 def epoch_rng(seed: int, epoch: int, stream: int = 0) -> np.random.Generator:
@@ -26,12 +27,13 @@ def epoch_rng(seed: int, epoch: int, stream: int = 0) -> np.random.Generator:
 
 
 class Sampler:
-    """Base class. ``structure`` tells losses how a batch is ordered; ``unit`` is how many
-    consecutive items a loss reads together, which data-parallel training never splits
-    across processes (:func:`zsbir.engine.distributed.shard_batches`)."""
+    """Base class. ``roles`` names the positions of the tuples a batch is made of (e.g.
+    ``("anchor", "positive", "negative")``), ``()`` for independent items: a batch is its
+    tuples flattened in role order, the trainer gives the losses ``batch["tuples"]`` (T,
+    len(roles)) row indices and ``batch["roles"]``, and data-parallel training never
+    splits a tuple across processes (:func:`zsbir.engine.distributed.shard_batches`)."""
 
-    structure: ClassVar[str] = "items"
-    unit: ClassVar[int] = 1
+    roles: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, labels: np.ndarray, domains: np.ndarray, batch_size: int, seed: int):
         if batch_size < 1:
@@ -58,15 +60,36 @@ class Sampler:
                              self.batch_size)
 
 
+def sampler_roles(sampler: object) -> tuple[str, ...]:
+    """The roles of a sampler's tuples (``()``: independent items). Plugin samplers need
+    not derive from :class:`Sampler`: a missing or malformed ``roles`` is ``()``."""
+    roles = getattr(sampler, "roles", ())
+    return tuple(roles) if isinstance(roles, (tuple, list)) and all(
+        isinstance(r, str) for r in roles) else ()
+
+
 def sampler_unit(sampler: object) -> int:
-    """Items per indivisible group of a sampler's batches: its ``unit`` attribute, else 4
-    for ``structure = "quadruplet"`` (plugin samplers need not derive from
-    :class:`Sampler`), else 1."""
+    """Items per indivisible group of a sampler's batches: ``len(roles)``, else its
+    ``unit`` attribute (a plugin sampler's older spelling), else 1."""
+    roles = sampler_roles(sampler)
+    if roles:
+        return len(roles)
     unit = getattr(sampler, "unit", 1)
-    unit = unit if isinstance(unit, int) and unit >= 1 else 1
-    if getattr(sampler, "structure", "items") == "quadruplet" and unit % 4:
-        return 4
-    return unit
+    return unit if isinstance(unit, int) and not isinstance(unit, bool) and unit >= 1 else 1
+
+
+def batch_tuples(n_rows: int, roles: tuple[str, ...]) -> dict[str, object]:
+    """``{"tuples": (n_rows / k, k) LongTensor of row indices, "roles": roles}`` for a batch
+    of whole tuples in role order (``{}`` for independent items)."""
+    import torch
+
+    if not roles:
+        return {}
+    k = len(roles)
+    if n_rows % k:
+        raise ValueError(f"a batch of {n_rows} rows is not whole tuples of "
+                         f"{k} ({', '.join(roles)})")
+    return {"tuples": torch.arange(n_rows).view(-1, k), "roles": tuple(roles)}
 
 
 @samplers.register("random")

@@ -16,6 +16,15 @@ tensor's bytes, which ``torch.load`` itself does not notice, is refused, not res
 And, as the last line of defence against a diverged run, :func:`atomic_save` refuses to
 write a floating-point tensor holding NaN or infinity (:class:`NonFiniteCheckpointError`),
 so every checkpoint on disk is a finite state.
+
+What a checkpoint holds: ``last.pt`` and ``best.pt`` hold what trains (the model's
+trainable parameters and buffers, :func:`trainable_state`), the components' state, and
+``base``, a reference to the frozen weights the model was built from (each weights file:
+key, path, size, sha256; and a digest of the frozen tensors, :func:`base_reference`). A
+frozen foundation tower therefore is not copied into every checkpoint; resuming or loading
+``best.pt`` rebuilds the model from the base weights, checks them (:func:`check_base`,
+one line naming the file when it changed or is gone) and loads the checkpoint over them.
+``final.pt`` stays self-contained (search indexes copy it).
 """
 
 from __future__ import annotations
@@ -37,9 +46,11 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "NonFiniteCheckpointError", "atomic_save", "capture_rng",
-           "clean_stale_temporaries", "first_non_finite", "load_checkpoint",
-           "package_versions", "restore_rng", "verify_archive"]
+__all__ = ["CheckpointError", "NonFiniteCheckpointError", "atomic_save", "base_reference",
+           "capture_rng", "check_base", "clean_stale_temporaries", "first_non_finite",
+           "frozen_digest", "frozen_names", "load_checkpoint", "load_model_checkpoint",
+           "load_trainable_state",
+           "package_versions", "restore_rng", "trainable_state", "verify_archive"]
 
 
 class CheckpointError(RuntimeError):
@@ -259,3 +270,128 @@ def package_versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return out
+
+
+# ------------------------------------------------------------- what trains, and its base
+#: manifest sections whose ``weights`` files the student's frozen weights come from
+BASE_SECTIONS = ("model", "backbone")
+
+
+def frozen_names(model: torch.nn.Module) -> set[str]:
+    """``state_dict`` keys of the model's parameters that do not train."""
+    return {n for n, p in model.named_parameters(remove_duplicate=False)
+            if not p.requires_grad}
+
+
+def trainable_state(state: dict[str, torch.Tensor], frozen: set[str]) -> dict[str, Any]:
+    """A model ``state_dict`` without its frozen parameters: what trains, and the buffers.
+    ``frozen``: :func:`frozen_names` of the student (the layout of every model saved)."""
+    return {k: v for k, v in state.items() if k not in frozen}
+
+
+def _weights_files(table: Any, path: str) -> Iterator[tuple[str, str]]:
+    """``(key path, file)`` of every ``weights`` file named in a manifest table."""
+    if isinstance(table, list):
+        for i, t in enumerate(table):
+            yield from _weights_files(t, f"{path}[{i}]")
+    elif isinstance(table, dict):
+        for k, v in table.items():
+            if k == "weights" and isinstance(v, str) and v:
+                yield f"{path}.{k}", v
+            else:
+                yield from _weights_files(v, f"{path}.{k}")
+
+
+def _sha256_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def frozen_digest(model: torch.nn.Module, frozen: set[str]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of the model's frozen tensors."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if name in frozen:
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\0".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def base_reference(model: torch.nn.Module, manifest_data: dict[str, Any],
+                   frozen: set[str]) -> dict[str, Any]:
+    """What a partial checkpoint (``last.pt``, ``best.pt``) needs beside itself: each
+    weights file the student was built from (key path, file path, size, sha256) and a
+    digest of its frozen tensors, as plain data."""
+    files = []
+    for section in BASE_SECTIONS:
+        for key, file in _weights_files(manifest_data.get(section), section):
+            p = Path(file).expanduser()
+            if p.is_file():
+                files.append({"key": key, "path": str(p), "size": p.stat().st_size,
+                              "sha256": _sha256_file(p)})
+    return {"files": files, "frozen": sorted(frozen),
+            "frozen_digest": frozen_digest(model, frozen)}
+
+
+def check_base(saved: dict[str, Any] | None, current: dict[str, Any], where: str | Path
+               ) -> None:
+    """Refuse a partial checkpoint whose base weights changed or are gone: one line
+    (:class:`CheckpointError`) naming the checkpoint and the weights file. ``saved``:
+    the checkpoint's ``base``; ``current``: :func:`base_reference` of the model built now."""
+    if not saved:
+        return  # a self-contained checkpoint (final.pt, an older last.pt)
+    now = {f["key"]: f for f in current.get("files", [])}
+    for f in saved.get("files", []):
+        cur = now.get(f["key"])
+        if cur is None or not Path(cur["path"]).is_file():
+            raise CheckpointError(
+                f"{str(where)!r} holds only what trains; its base weights file "
+                f"{f['path']!r} ({f['key']}) is gone: restore it to resume or evaluate")
+        if (cur["size"], cur["sha256"]) != (f["size"], f["sha256"]):
+            raise CheckpointError(
+                f"{str(where)!r} holds only what trains; its base weights file "
+                f"{cur['path']!r} ({f['key']}) changed since it was written (sha256 "
+                f"{f['sha256'][:12]}... -> {cur['sha256'][:12]}...): restore the original")
+    if saved.get("frozen") != current.get("frozen") \
+            or saved.get("frozen_digest") != current.get("frozen_digest"):
+        raise CheckpointError(
+            f"{str(where)!r} holds only what trains, and the frozen base weights built now "
+            "differ from those it was trained on (another weights file or version, or other "
+            "frozen parameters): restore them, or start a new run")
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor],
+                         frozen: set[str], where: str | Path) -> None:
+    """Load a (possibly partial) model state: every key the model has must be in it except
+    the frozen parameters, already in place from the verified base weights."""
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k not in frozen]
+    if missing or result.unexpected_keys:
+        bad = missing or result.unexpected_keys
+        raise CheckpointError(
+            f"{str(where)!r} does not fit the model ({'missing' if missing else 'unexpected'}"
+            f" keys: {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
+
+
+def load_model_checkpoint(model: torch.nn.Module, ckpt: dict[str, Any],
+                          manifest_data: dict[str, Any], where: str | Path = "checkpoint"
+                          ) -> None:
+    """Load a checkpoint's ``model`` into a freshly built model: a self-contained one
+    (``final.pt``) whole; one holding only what trains (``last.pt``, ``best.pt``: it has a
+    ``base``) over the base weights the build loaded, after :func:`check_base`."""
+    base = ckpt.get("base")
+    if not base:
+        model.load_state_dict(ckpt["model"])
+        return
+    frozen = frozen_names(model)
+    check_base(base, base_reference(model, manifest_data, frozen), where)
+    load_trainable_state(model, ckpt["model"], frozen, where)

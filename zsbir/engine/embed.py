@@ -73,8 +73,11 @@ def embed_split(exp: Any, split: Split, label: str | None = None
 
 
 def validation_accuracy(exp: Any) -> float:
-    """Seen-class classification accuracy on the validation split (model selection)."""
-    model = exp.model
+    """Seen-class classification accuracy on the validation split (model selection), of
+    the weights the run evaluates (:func:`zsbir.engine.lifecycle.inference_model`)."""
+    from zsbir.engine.lifecycle import inference_model
+
+    model = inference_model(exp)
     model.eval()
     logits, kept, _ = _run(exp, exp.data.val, lambda b: model(b["image"], b["domain"])["logits"],
                            f"validating on {len(exp.data.val)} images")

@@ -1,5 +1,11 @@
 """Optimizers and learning-rate schedules, registered so manifests name them.
 
+An optimizer component receives ``params`` as a list of parameter groups (``{"params":
+[...], "names": [...], "name": str, ["lr", "weight_decay"]}``: every trainable parameter of
+the run, grouped by ``[[optimizer.groups]]`` and the modules' hooks,
+:mod:`zsbir.engine.param_groups`); a group's ``lr`` / ``weight_decay`` override the
+component's own, which apply to the rest.
+
 Schedules are stepped once per epoch (``epoch`` counts from 0) unless documented
 otherwise; each is a ``torch.optim.lr_scheduler.LambdaLR`` so its state is plain data.
 """

@@ -4,17 +4,23 @@ The trainer owns the loop, mixed precision, checkpoints and logging; what happen
 batch is the step's. A step is built from its manifest table (+ ``ctx``) and called as
 ``step(s, batch)`` with a :class:`StepContext` ``s`` and the batch already on the device;
 it returns the detached loss terms (``"total"`` included) and must not synchronize with
-the host (the trainer checks finiteness where it syncs anyway). A step with state (an EMA
-teacher, a memory bank) has ``state_dict``/``load_state_dict``; it is saved in every
-checkpoint. Plugins register other steps (two forwards per batch, EMA teachers, ...) in
-the entry-point group ``zsbir.steps``.
+the host (the trainer checks finiteness where it syncs anyway).
+
+A step may ask for the student (a ``model`` parameter: injected), hold trainable
+parameters (``named_parameters()``: optimized, clipped and synchronized as ``step.*``),
+define the lifecycle hooks and ``inference_model()`` of :mod:`zsbir.engine.lifecycle`, and
+hold state (``state_dict``/``load_state_dict``, saved in every checkpoint and restored on
+resume). A step that computes a signal for the losses itself (an EMA teacher inside the
+step, a memory bank) declares its keys in ``provides`` (like a teacher's), so that
+validation accepts losses that read them without a ``[teacher]`` table. Plugins register
+other steps in the entry-point group ``zsbir.steps``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -28,7 +34,8 @@ Losses = Sequence[tuple[str, float, torch.nn.Module]]
 @dataclass
 class StepContext:
     """What a step may use. ``forward`` is the (possibly compiled) model call;
-    ``params`` every trained parameter (model and losses), for clipping."""
+    ``params`` every trained parameter (the optimizer's: model, losses, step, teacher),
+    for clipping."""
 
     model: torch.nn.Module
     forward: Callable[..., dict[str, torch.Tensor]]
@@ -73,6 +80,9 @@ class DefaultStep:
     """One optimization step: student forward and teacher signal (under autocast), the
     manifest-weighted sum of the losses, backward, gradient clipping over every trained
     parameter, optimizer step."""
+
+    #: signal keys the step gives the losses besides the teacher's (none)
+    provides: ClassVar[frozenset[str]] = frozenset()
 
     def __call__(self, s: StepContext, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         with s.autocast():

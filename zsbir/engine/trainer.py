@@ -28,8 +28,21 @@ import torch
 
 from zsbir.build import Experiment
 from zsbir.data.loading import BatchList, ImageDataset, make_loader, to_device, worker_count
+from zsbir.data.samplers import batch_tuples
 from zsbir.engine import distributed as D
-from zsbir.engine.checkpoint import atomic_save, capture_rng, package_versions, restore_rng
+from zsbir.engine import lifecycle as L
+from zsbir.engine.checkpoint import (
+    atomic_save,
+    base_reference,
+    capture_rng,
+    check_base,
+    frozen_names,
+    load_trainable_state,
+    package_versions,
+    restore_rng,
+    trainable_state,
+)
+from zsbir.engine.param_groups import trainable_params
 from zsbir.engine.step import StepContext
 
 log = logging.getLogger(__name__)
@@ -94,23 +107,30 @@ class Trainer:
             net = getattr(exp.teacher, "network", None)
             if isinstance(net, torch.nn.Module):  # the teacher calls network(image, domain)
                 exp.teacher.network = torch.compile(net, mode=m.train.compile)
-        self.params = [p for p in exp.model.parameters() if p.requires_grad]
-        self.params += [p for _, _, loss in exp.losses for p in loss.parameters()
-                        if p.requires_grad]
+        #: every trained parameter (model, losses, step, teacher): the optimizer's, one source
+        self.params = trainable_params(exp.optimizer)
+        #: the student's frozen parameters: not in last.pt / best.pt, which reference them
+        #: (``base``: weights files and a digest) instead; None when everything trains
+        self.frozen = frozen_names(exp.model)
+        self.base = (base_reference(exp.model, m.data, self.frozen) if self.frozen
+                     else None)
         # data parallelism (zsbir.engine.distributed): each process trains on its slice of
-        # every global batch; DDP averages the gradients (loss parameters by their hooks)
-        from zsbir.data.samplers import sampler_unit
+        # every global batch; DDP averages the model's gradients, hooks the others' (losses,
+        # step, teacher)
+        from zsbir.data.samplers import sampler_roles, sampler_unit
 
         self.rank, self.world = D.rank(), D.world_size()
-        self.unit = sampler_unit(exp.sampler)
+        #: the sampler's tuple roles and size (1: independent items)
+        self.roles, self.unit = sampler_roles(exp.sampler), sampler_unit(exp.sampler)
         self.ddp_weight = None
         if self.world > 1:
             # a batch that cannot be split is refused now, not epochs into the run
             D.shard_batches(self.epoch_batches(0), 0, self.world, self.unit,
                             m.train.batch_size)
             ddp, self.ddp_weight = D.wrap_ddp(exp.model, self.device)
-            D.sync_extra_params([p for _, _, loss in exp.losses for p in loss.parameters()
-                                 if p.requires_grad], self.ddp_weight)
+            in_model = {id(p) for p in exp.model.parameters()}
+            D.sync_extra_params([p for p in self.params if id(p) not in in_model],
+                                self.ddp_weight)
             self.forward = ddp if m.train.compile == "off" else torch.compile(
                 ddp, mode=m.train.compile)
         self.step_ctx = StepContext(
@@ -123,14 +143,14 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         exp = self.exp
-        step_state = getattr(exp.step, "state_dict", None)
         return {
-            "format": "zsbir.checkpoint/1",
-            "model": exp.model.state_dict(),
+            "format": "zsbir.checkpoint/2",  # 2: model = what trains, + base, components
+            "model": trainable_state(exp.model.state_dict(), self.frozen),
+            "base": self.base,
             "losses": [loss.state_dict() for _, _, loss in exp.losses],
             "optimizer": exp.optimizer.state_dict(),
             "scheduler": exp.scheduler.state_dict(),
-            "step": step_state() if callable(step_state) else {},
+            "components": L.component_state(exp),  # the step's and teacher's state
             "rng": capture_rng(),
             "train_state": dict(self.state),
             "manifest": exp.manifest.data,
@@ -141,13 +161,15 @@ class Trainer:
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         exp = self.exp
-        exp.model.load_state_dict(ckpt["model"])
+        where = self.ckpt_dir / "last.pt"
+        check_base(ckpt.get("base"), self.base or {}, where)  # the frozen weights, first
+        load_trainable_state(exp.model, ckpt["model"], self.frozen, where)
         for (_, _, loss), sd in zip(exp.losses, ckpt.get("losses", [])):
             loss.load_state_dict(sd)
         exp.optimizer.load_state_dict(ckpt["optimizer"])
         exp.scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("step") and hasattr(exp.step, "load_state_dict"):
-            exp.step.load_state_dict(ckpt["step"])
+        L.load_component_state(exp, ckpt.get("components") or (
+            {"step": ckpt["step"]} if ckpt.get("step") else {}))  # older: the step's only
         restore_rng(ckpt["rng"])
         self.state = TrainState(ckpt["train_state"])
 
@@ -185,6 +207,9 @@ class Trainer:
             # steps run before anything else is logged): what is about to run, and the
             # position the progress and its time left count from
             steps = len(self.epoch_batches(st["epoch"]))
+            L.call_hook(exp, "on_train_start", L.TrainInfo(
+                total_steps=steps * cfg.epochs, steps_per_epoch=steps, epochs=cfg.epochs,
+                global_step=st["global_step"]))
             self.progress({"train_start": True, "epochs": cfg.epochs, "steps": steps,
                            "batch_size": cfg.batch_size, "epoch": st["epoch"],
                            "step": st["step"], "world_size": self.world})
@@ -198,14 +223,16 @@ class Trainer:
         from zsbir.progress import phase
 
         exp = self.exp
-        D.barrier()  # data-parallel: every rank finds the teacher cache in the same state
-        with phase("preparing the teacher"):
-            exp.teacher.prepare(
-                data=exp.data,
-                embed=lambda net, split: teacher_outputs(net, split, exp),
-                fingerprint=exp.fingerprint,
-            )
-        exp.teacher.to(self.device)
+        prepare = getattr(exp.teacher, "prepare", None)  # optional (an EMA teacher has none)
+        if callable(prepare):
+            D.barrier()  # data-parallel: every rank finds the teacher cache in the same state
+            with phase("preparing the teacher"):
+                prepare(data=exp.data,
+                        embed=lambda net, split: teacher_outputs(net, split, exp),
+                        fingerprint=exp.fingerprint)
+        to = getattr(exp.teacher, "to", None)
+        if callable(to):
+            to(self.device)
 
     def _run_epoch(self) -> bool:
         exp, cfg, st = self.exp, self.exp.manifest.train, self.state
@@ -249,6 +276,8 @@ class Trainer:
                 n_sum += 1
                 images += len(batch["image"]) * self.world
             st["step"], st["global_step"] = step + 1, st["global_step"] + 1
+            if has_images:  # an optimizer step was taken (EMA updates, ...)
+                L.call_hook(exp, "on_after_optimizer_step", st["global_step"])
             update = getattr(exp.scheduler, "step_update", None)
             if callable(update):  # per-iteration schedules (warm-up, one-cycle)
                 update(st["global_step"])
@@ -281,10 +310,14 @@ class Trainer:
         """Run the manifest's step on one loader batch (moved and normalized here)."""
         self.step_ctx.global_step = self.state["global_step"]
         b = to_device(batch, self.device, self.exp.train_transform, self.channels_last)
+        if self.roles:  # the tuples, explicitly: losses read rows by role, not by position
+            tuples = batch_tuples(len(b["label"]), self.roles)
+            b["tuples"], b["roles"] = tuples["tuples"].to(self.device), tuples["roles"]
         return self.exp.step(self.step_ctx, b)
 
     def _end_epoch(self, epoch: int, record: dict[str, Any]) -> None:
         exp, cfg, st = self.exp, self.exp.manifest.train, self.state
+        L.call_hook(exp, "on_epoch_end", epoch)
         self._check_weights()  # before best.pt can be written from them
         if cfg.val_every and len(exp.data.val) and (epoch + 1) % cfg.val_every == 0:
             from zsbir.engine.embed import validation_accuracy
@@ -294,7 +327,10 @@ class Trainer:
             if acc > st["best_val"]:
                 st["best_val"], st["best_epoch"], st["bad_epochs"] = acc, epoch, 0
                 if self.rank == 0:  # data-parallel: rank 0 alone writes
-                    atomic_save({"model": exp.model.state_dict(), "epoch": epoch,
+                    atomic_save({"model": trainable_state(L.inference_model(exp).state_dict(),
+                                                          self.frozen),
+                                 "base": self.base, "components": L.component_state(exp),
+                                 "epoch": epoch,
                                  "val_accuracy": acc, "manifest": exp.manifest.data,
                                  "plugins": dict(exp.manifest.plugins)},
                                 self.ckpt_dir / "best.pt")
@@ -332,15 +368,17 @@ class Trainer:
                         st["step"])
 
     def _drop_incomplete(self, batch: dict[str, Any], expected: np.ndarray) -> dict[str, Any]:
-        """Quadruplet batches: drop every quadruplet that lost an item to a bad file."""
-        if getattr(self.exp.sampler, "structure", "items") != "quadruplet" or "image" not in batch:
+        """Tuple batches (the sampler's ``roles``): drop every tuple that lost an item to a
+        bad file, so the batch stays whole tuples in role order."""
+        k = self.unit
+        if k == 1 or "image" not in batch:
             return batch
         bad = {s for s, _ in batch["skipped"]}
         sources = self.exp.data.train.sources
         good_pos = np.array([sources[i] not in bad for i in expected])
         rows = np.cumsum(good_pos) - 1
-        keep = [rows[g * 4 + j] for g in range(len(expected) // 4)
-                if good_pos[g * 4:g * 4 + 4].all() for j in range(4)]
+        keep = [rows[g * k + j] for g in range(len(expected) // k)
+                if good_pos[g * k:g * k + k].all() for j in range(k)]
         if not keep:
             return {"skipped": batch["skipped"]}
         idx = torch.as_tensor(keep)

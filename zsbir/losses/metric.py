@@ -9,27 +9,35 @@ import torch
 import torch.nn.functional as F
 
 from zsbir.constraints import Range
-from zsbir.losses.base import Batch, Loss, Outputs, Teacher
+from zsbir.losses.base import Batch, Loss, Outputs, Teacher, tuple_rows
 from zsbir.registry import losses
 
-__all__ = ["DomainQuadrupletLoss", "quadruplet_distances"]
+__all__ = ["QUADRUPLET", "DomainQuadrupletLoss", "quadruplet_distances"]
+
+
+#: the roles of a quadruplet, in the ``quadruplet`` sampler's order
+QUADRUPLET = ("anchor", "positive", "negative", "negative_sketch")
 
 
 def quadruplet_distances(embedding: torch.Tensor, normalize: bool = False,
-                         squared: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(d+, d_p-, d_s-)``, each (N,), for a (4N, d) embedding batch ordered
-    ``[anchor sketch, positive photo, negative photo, negative sketch] * N``."""
+                         squared: bool = True, batch: dict | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(d+, d_p-, d_s-)``, each (N,), for the N quadruplets (anchor sketch, positive
+    photo, negative photo, negative sketch) of ``batch["tuples"]`` (by role), or, for a
+    batch without tuples, of a (4N, d) embedding laid out in that order."""
     b = embedding.shape[0]
-    if embedding.ndim != 2 or b == 0 or b % 4:
-        raise ValueError(
-            f"domain_quadruplet: expected a (4N, d) embedding batch of quadruplets "
-            f"[anchor sketch, positive photo, negative photo, negative sketch] * N, got shape "
-            f"{tuple(embedding.shape)} (use the 'quadruplet' sampler, batch_size a multiple of 4)"
-        )
+    if embedding.ndim != 2:
+        raise ValueError(f"domain_quadruplet: expected (B, d) embeddings, got shape "
+                         f"{tuple(embedding.shape)}")
+    try:
+        rows = tuple_rows(batch or {}, QUADRUPLET, b, "domain_quadruplet")
+    except ValueError as exc:
+        raise ValueError(f"{exc} (use the 'quadruplet' sampler, batch_size a multiple "
+                         "of 4)") from None
     e = embedding.float()
     if normalize:
         e = F.normalize(e, dim=1)
-    anchor, pos, neg_photo, neg_sketch = e.view(b // 4, 4, -1).unbind(dim=1)
+    anchor, pos, neg_photo, neg_sketch = (e[r.to(e.device)] for r in rows)
 
     def dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         d2 = (x - y).pow(2).sum(dim=1)
@@ -55,11 +63,11 @@ class DomainQuadrupletLoss(Loss):
     does not say; False, distances on the raw embedding as written). ``squared``: squared
     Euclidean distances as in Eq. 1-2; False uses plain Euclidean distances.
 
-    The batch must come from the ``quadruplet`` sampler: ``[anchor sketch, positive photo,
-    negative photo, negative sketch] * N``.
+    The batch must come from the ``quadruplet`` sampler; the quadruplets are read from
+    ``batch["tuples"]`` by role.
     """
 
-    requires: ClassVar[frozenset[str]] = frozenset({"quadruplet"})
+    roles: ClassVar[frozenset[str]] = frozenset(QUADRUPLET)
 
     def __init__(self, margin: Annotated[float, Range(ge=0)] = 0.2, normalize: bool = False,
                  squared: bool = True):
@@ -73,7 +81,7 @@ class DomainQuadrupletLoss(Loss):
 
     def forward(self, out: Outputs, batch: Batch, teacher: Teacher | None) -> torch.Tensor:
         d_pos, d_neg_photo, d_neg_sketch = quadruplet_distances(
-            out["embedding"], normalize=self.normalize, squared=self.squared)
+            out["embedding"], normalize=self.normalize, squared=self.squared, batch=batch)
         hinges = torch.stack([F.relu(d_pos - d_neg_photo + self.margin),
                               F.relu(d_pos - d_neg_sketch + self.margin)])
         return hinges.mean()  # = sum / (2N)

@@ -371,7 +371,7 @@ def components(manifest: Manifest) -> list[Node]:
 def _cross_checks(core: dict[str, Any], comps: dict[str, Any], r: _Resolver) -> None:
     """Checks that span sections: can the head, sampler and teacher feed every loss; the
     components' own ``check_manifest`` hooks; metric names."""
-    from zsbir.registry import declared
+    from zsbir.wiring import check_wiring
 
     by_path = {n.path: n for n in r.nodes}
     plain = {**{k: dataclasses.asdict(v) for k, v in core.items()},
@@ -379,40 +379,7 @@ def _cross_checks(core: dict[str, Any], comps: dict[str, Any], r: _Resolver) -> 
     # hooks written against the shorthand read the student's backbone as "backbone"
     plain["backbone"] = student_backbone(comps.get("model"))
     head = by_path.get("model.head")
-    outputs = {"features"} | (set(declared(head.component.obj, "provides", head.params))
-                              if head else {"embedding", "logits"})
-    teacher = by_path.get("teacher")
-    t_provides = (declared(teacher.component.obj, "provides", teacher.params)
-                  if teacher else None)
-    sampler = by_path.get("sampler")
-    structure = getattr(sampler.component.obj, "structure", "items") if sampler else "items"
-    for node in r.nodes:
-        if node.kind != "losses":
-            continue
-        name, params = node.params["name"], node.params
-        needs = declared(node.component.obj, "requires", params)
-        keys = declared(node.component.obj, "teacher_keys", params)
-        out_keys = set(declared(node.component.obj, "output_keys", params))
-        if "imagenet_head" in needs:  # older spelling of output_keys = {"imagenet_logits"}
-            out_keys.add("imagenet_logits")
-        if "teacher" in needs and teacher is None:
-            r.problem(node.path, f"loss {name!r} needs a teacher signal: add a [teacher] "
-                      "table (e.g. name = \"online\")")
-        if "teacher" in needs and t_provides is not None and not keys <= t_provides:
-            r.problem(node.path, f"loss {name!r} reads the teacher signal's "
-                      f"{', '.join(sorted(keys - t_provides))}, which teacher "
-                      f"{teacher.params['name']!r} does not provide "
-                      f"(it provides {', '.join(sorted(t_provides))})")
-        missing = out_keys - outputs
-        if head is not None and missing:
-            r.problem(node.path, f"loss {name!r} reads the model output(s) "
-                      f"{', '.join(sorted(missing))}, which head {head.params['name']!r} "
-                      f"does not produce with these parameters (it produces "
-                      f"{', '.join(sorted(outputs))}); see `zsbir describe heads "
-                      f"{head.params['name']}`")
-        if "quadruplet" in needs and structure != "quadruplet":
-            r.problem(node.path, f"loss {name!r} needs quadruplet batches: set [sampler] "
-                      "name = \"quadruplet\"")
+    check_wiring(core, r.nodes, r.problem)  # losses' needs, roles, optimizer groups
     for node in r.nodes:  # the components' own cross-key checks
         hook = getattr(node.component.obj, "check_manifest", None)
         if callable(hook):
@@ -425,9 +392,6 @@ def _cross_checks(core: dict[str, Any], comps: dict[str, Any], r: _Resolver) -> 
             r.problem(f"{node.path}.bits", f"{bits} bits exceed the head's embed_dim "
                       f"({embed_dim}): a hasher cannot make more bits than the embedding "
                       "has dimensions")
-    if structure == "quadruplet" and core["train"].batch_size % 4:
-        r.problem("train.batch_size", "the quadruplet sampler needs a multiple of 4 images, "
-                  f"got {core['train'].batch_size}")
     dev = core["run"].device
     if isinstance(dev, str) and dev.startswith("cuda") and not _cuda_available():
         r.problem("run.device", f"{dev!r} but CUDA is not available on this machine "

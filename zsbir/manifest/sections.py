@@ -138,7 +138,7 @@ COMPONENT_SECTIONS: dict[str, tuple[str, bool, bool, Any, dict[str, Any]]] = {
     "teacher": ("teachers", False, False, None, {}),
     "losses": ("losses", True, True, None, {"weight": 1.0}),
     "sampler": ("samplers", False, False, {"name": "random"}, {}),
-    "optimizer": ("optimizers", False, False, {"name": "adam"}, {}),
+    "optimizer": ("optimizers", False, False, {"name": "adam"}, {"groups": None}),
     "schedule": ("schedulers", False, False, {"name": "constant"}, {}),
     "hashers": ("hashers", True, False, [{"name": "none"}], {}),
     "rerankers": ("rerankers", True, False, [], {}),
@@ -146,7 +146,8 @@ COMPONENT_SECTIONS: dict[str, tuple[str, bool, bool, Any, dict[str, Any]]] = {
 #: top-level section -> its registry kind
 COMPONENT_KEYS: dict[str, str] = {k: v[0] for k, v in COMPONENT_SECTIONS.items()}
 #: keys the toolkit reads from a component table besides the component's own parameters,
-#: per kind: ``weight`` is the losses' (the weighted sum), and only theirs
+#: per kind: ``weight`` is the losses' (the weighted sum), and only theirs; ``groups`` the
+#: optimizer's (``[[optimizer.groups]]``: parameter groups, zsbir.engine.param_groups)
 RESERVED: dict[str, dict[str, Any]] = {v[0]: v[4] for v in COMPONENT_SECTIONS.values() if v[4]}
 #: the teacher's network when ``[teacher.network]`` is not given: an ImageNet classifier
 #: on (a fresh copy of) the student's backbone

@@ -78,6 +78,62 @@ class OnlineTeacher(Teacher):
         return {k: v.float() for k, v in signal.items()}
 
 
+#: bump when the cached class means or their computation change (old files are not reused)
+CLASS_MEANS_FORMAT = 2
+
+
+def class_means(*, network: Any, data: Any, embed: Embedder, domains: str,
+                num_classes: int, cache_path: Path | None, who: str
+                ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Per seen class, the mean teacher logits (C, L) and pooled features (C, F) over the
+    training photos (``domains = "photo"``) or all training images (``"all"``), eval
+    transform, no augmentation; and whether they came from ``cache_path``.
+
+    The one offline class-mean pass of SBTKNet's ``class_mean`` teacher (Tursun et al.,
+    Sec. 3.3) and of teachers that need class centers (e.g. RPKD, Tian et al., ACM MM
+    2021). ``cache_path`` (None: no cache) is read when it holds a usable table for
+    ``num_classes`` classes, and written (atomically) after computing. ``who`` names the
+    caller in errors and logs."""
+    if cache_path is not None and cache_path.is_file():
+        state = torch.load(cache_path, map_location="cpu", weights_only=True)
+        logits, features = state.get("logits"), state.get("features")
+        if (isinstance(logits, torch.Tensor) and isinstance(features, torch.Tensor)
+                and logits.shape[0] == features.shape[0] == num_classes):
+            log.info("%s: class means from cache %s", who, cache_path)
+            return logits.float(), features.float(), True
+        log.warning("%s: ignoring unusable cache file %s", who, cache_path)
+    from zsbir.data.base import PHOTO
+
+    split = data.train.of_domain(PHOTO) if domains == "photo" else data.train
+    if network is None:
+        raise RuntimeError(f"{who}: no teacher network left to compute the class means")
+    logits, features, labels = embed(network, split)
+    labels = labels.long()
+    counts = torch.zeros(num_classes).index_add_(0, labels, torch.ones(len(labels)))
+    missing = (counts == 0).nonzero().flatten().tolist()
+    if missing:
+        raise ValueError(f"{who}: seen classes {missing} have no training "
+                         f"{'photos' if domains == 'photo' else 'images'}")
+    mean_logits = torch.zeros(num_classes, logits.shape[1]).index_add_(
+        0, labels, logits.float()) / counts[:, None]
+    mean_features = torch.zeros(num_classes, features.shape[1]).index_add_(
+        0, labels, features.float()) / counts[:, None]
+    if cache_path is not None:
+        from zsbir.engine.checkpoint import atomic_save
+
+        atomic_save({"logits": mean_logits, "features": mean_features, "counts": counts,
+                     "format": CLASS_MEANS_FORMAT}, cache_path)
+    return mean_logits, mean_features, False
+
+
+def class_means_key(fingerprint: dict[str, Any], **extra: Any) -> str:
+    """The cache key of a class-mean table: the run's fingerprint (teacher weights,
+    protocol, training files, transform), the format and the caller's ``extra``."""
+    blob = json.dumps({**fingerprint, **extra, "format": CLASS_MEANS_FORMAT},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
 @teachers.register("class_mean")
 class ClassMeanTeacher(Teacher):
     """Per-class mean teacher logits over the training photos, computed once offline
@@ -107,38 +163,14 @@ class ClassMeanTeacher(Teacher):
         self.cache_hit: bool | None = None
 
     def _key(self, fingerprint: dict[str, Any]) -> str:
-        blob = json.dumps({**fingerprint, "domains": self.domains}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:24]
+        return class_means_key(fingerprint, domains=self.domains)
 
     def prepare(self, *, data: Any, embed: Embedder, fingerprint: dict[str, Any]) -> None:
         path = self.cache_dir / f"class_mean-{self._key(fingerprint)}.pt"
-        if self.cache and path.is_file():
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            self.table, self.features, self.cache_hit = state["table"], state["features"], True
-            log.info("class_mean teacher: cache hit %s", path)
-        else:
-            from zsbir.data.base import PHOTO
-
-            split = data.train.of_domain(PHOTO) if self.domains == "photo" else data.train
-            assert self.network is not None
-            logits, features, labels = embed(self.network, split)
-            table = torch.zeros(self.num_classes, logits.shape[1])
-            feats = torch.zeros(self.num_classes, features.shape[1])
-            counts = torch.zeros(self.num_classes)
-            table.index_add_(0, labels, logits.float())
-            feats.index_add_(0, labels, features.float())
-            counts.index_add_(0, labels, torch.ones(len(labels)))
-            missing = (counts == 0).nonzero().flatten().tolist()
-            if missing:
-                raise ValueError(f"class_mean teacher: seen classes {missing} have no "
-                                 f"{'photos' if self.domains == 'photo' else 'images'}")
-            self.table, self.cache_hit = table / counts[:, None], False
-            self.features = feats / counts[:, None]
-            if self.cache:
-                from zsbir.engine.checkpoint import atomic_save
-
-                atomic_save({"table": self.table, "features": self.features,
-                             "key": self._key(fingerprint)}, path)
+        self.table, self.features, self.cache_hit = class_means(
+            network=self.network, data=data, embed=embed, domains=self.domains,
+            num_classes=self.num_classes, cache_path=path if self.cache else None,
+            who="class_mean teacher")
         self.network = None  # never needed again: no forward pass during training
 
     def to(self, device: torch.device) -> ClassMeanTeacher:

@@ -30,8 +30,6 @@ COMPONENTS = {
     ("networks", "clip_text"): "zsbir_clip.towers:clip_text",
     ("heads", "clip_text_classifier"): "zsbir_clip.head:ClipTextClassifier",
     ("losses", "clip_triplet"): "zsbir_clip.losses:ClipTripletLoss",
-    ("steps", "clip_triplet"): "zsbir_clip.step:ClipTripletStep",
-    ("optimizers", "clip_adam"): "zsbir_clip.optim:clip_adam",
 }
 
 
@@ -80,9 +78,10 @@ def test_example_manifests_validate(path, tmp_path):
     assert m.head["template"] == "a photo of a {}"
     assert [t["name"] for t in m.losses] == ["clip_triplet", "ce"]
     assert m.losses[0]["margin"] == 0.2
-    assert m.optimizer == {**m.optimizer, "name": "clip_adam", "lr": 1e-4, "prompt_lr": 1e-3}
-    assert m.train.step["name"] == "clip_triplet" and m.sampler["name"] == "quadruplet"
-    assert m.train.batch_size == 128  # 32 quadruplets -> the paper's 32 triplets
+    assert m.optimizer == {**m.optimizer, "name": "adam", "lr": 1e-4, "weight_decay": 0.0,
+                           "groups": [{"match": "model.backbone.prompts", "lr": 1e-3}]}
+    assert m.train.step["name"] == "default" and m.sampler["name"] == "triplet"
+    assert m.train.batch_size == 96  # the paper's 32 triplets
     assert "Paper reports" in path.read_text()
 
 
@@ -117,11 +116,14 @@ def test_validation_checks_the_method_wiring(tmp_path):
     weights.write_bytes(b"")
     raw = with_weights(load(PLUGIN / "examples" / "clip_sketchy_ye.toml"), str(weights),
                        str(tmp_path))
-    raw["train"]["step"] = {"name": "default"}
+    raw["sampler"] = {"name": "random"}
     raw["data"]["image_size"] = 64
+    raw["optimizer"]["groups"] = [{"match": "model.backbone.prompts", "lr": 0, "beta": 1}]
     msgs = problems_of(raw)
-    assert any("clip_triplet step" in m for m in msgs), msgs
+    assert any("clip_triplet" in m and "triplet batches" in m for m in msgs), msgs
     assert any("data.image_size = 64" in m for m in msgs), msgs
+    assert any(m.startswith("optimizer.groups[0].lr") for m in msgs), msgs
+    assert any(m.startswith("optimizer.groups[0].beta") and "unknown" in m for m in msgs), msgs
 
 
 # ---------------------------------------------------------------------------- real runs
@@ -138,7 +140,7 @@ def tiny_manifest(tmp_path: Path, tiny: str, weights: str, name: str, epochs: in
         f"run.output_dir={json.dumps(str(tmp_path))}", f"run.name={name}",
         f"run.cache_dir={json.dumps(str(tmp_path / 'cache'))}", "run.device=cpu",
         "data.image_size=32", "data.workers=0", "data.eval_batch_size=32",
-        f"train.epochs={epochs}", "train.batch_size=8", "train.max_steps_per_epoch=3",
+        f"train.epochs={epochs}", "train.batch_size=6", "train.max_steps_per_epoch=3",
         "train.checkpoint_every=0", "train.log_every=1", "evaluation.grid_queries=0",
         'evaluation.metrics=["map@all", "p@100"]',
     ])
@@ -185,6 +187,8 @@ def test_zsbir_run_with_a_saved_random_clip(tmp_path, tiny):
     assert not any(k.startswith("head.network") for k in sd)  # the text tower is not kept
     last = torch.load(tmp_path / "clip" / "checkpoints" / "last.pt", weights_only=True)
     assert sorted(g["lr"] for g in last["optimizer"]["param_groups"]) == [1e-4, 1e-3]
+    prompts = [g for g in last["optimizer"]["param_groups"] if g["lr"] == 1e-3]
+    assert prompts[0]["names"] == ["model.backbone.prompts"]
 
 
 def test_trained_model_embeds_without_reading_the_weights_file(tmp_path, tiny):
@@ -238,32 +242,38 @@ def test_the_cli_runs_it_and_reports_errors_in_one_line(tmp_path, tiny):
     assert "Traceback" not in result.output
 
 
-def test_the_step_hands_triplets_to_the_losses():
-    """The clip_triplet step keeps rows 0, 1, 2 of each quadruplet, then does the default
-    step's work: the losses see [sketch, photo+, photo-] * N and the parameters move."""
-    from zsbir_clip.step import ClipTripletStep
+def test_last_pt_holds_what_trains_and_checks_its_base(tmp_path, tiny):
+    """last.pt / best.pt keep the prompts and LayerNorms, not the frozen tower, plus a
+    reference to the weights file (path, size, sha256) checked before resuming: a changed
+    file is refused in one line naming it. final.pt stays self-contained."""
+    from safetensors.torch import save_file
 
-    from zsbir.engine.step import StepContext
+    from zsbir.engine.checkpoint import CheckpointError, load_checkpoint
+    from zsbir.engine.run import load_resumable, run_experiment
 
-    seen: list[torch.Tensor] = []
+    def save_clip(seed: int, path: Path) -> None:
+        torch.manual_seed(seed)
+        clip = open_clip.CLIP(**json.loads(Path(tiny).read_text()), quick_gelu=True)
+        save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(path))
 
-    class Probe(torch.nn.Module):
-        def forward(self, out, batch, teacher):
-            seen.append(batch["domain"].clone())
-            return out["embedding"].pow(2).mean()
-
-    model = torch.nn.Linear(3, 2)
-
-    def forward(image, domain):
-        return {"embedding": model(image)}
-
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    s = StepContext(model=model, forward=forward, teacher=None, losses=[("probe", 1.0, Probe())],
-                    optimizer=opt, params=list(model.parameters()), device=torch.device("cpu"))
-    batch = {"image": torch.randn(8, 3), "domain": torch.tensor([1, 0, 0, 1] * 2),
-             "label": torch.tensor([0, 0, 1, 2, 1, 1, 0, 2]), "skipped": []}
-    before = model.weight.detach().clone()
-    terms = ClipTripletStep()(s, batch)
-    assert seen[0].tolist() == [1, 0, 0, 1, 0, 0]
-    assert set(terms) == {"probe", "total"}
-    assert not torch.equal(model.weight, before)
+    weights = tmp_path / "tiny_clip.safetensors"
+    save_clip(1, weights)
+    raw = apply_overrides(tiny_manifest(tmp_path, tiny, str(weights), "part"),
+                          ["train.checkpoint_every=2"])
+    assert run_experiment(resolve(raw), stop_after_steps=2)["interrupted"]
+    last = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")
+    assert "backbone.prompts" in last["model"] and "backbone.visual.ln_pre.weight" in last["model"]
+    assert "backbone.visual.conv1.weight" not in last["model"]
+    assert "backbone.visual.conv1.weight" in last["base"]["frozen"]
+    files = {f["key"]: f for f in last["base"]["files"]}
+    assert files["backbone.weights"]["path"] == str(weights)
+    assert files["backbone.weights"]["size"] == weights.stat().st_size
+    assert len(files["backbone.weights"]["sha256"]) == 64
+    # the base changed: refused before anything is trained, naming the file
+    save_clip(2, weights)
+    with pytest.raises(CheckpointError, match="tiny_clip.safetensors.*changed"):
+        run_experiment(load_resumable(tmp_path / "part"), resume=True)
+    save_clip(1, weights)  # restored: the run resumes and finishes
+    run_experiment(load_resumable(tmp_path / "part"), resume=True)
+    final = load_checkpoint(tmp_path / "part" / "checkpoints" / "final.pt")
+    assert "backbone.visual.conv1.weight" in final["model"]  # self-contained

@@ -1,5 +1,5 @@
 """The CLIP towers: prompts, freezing, weights from a local file and its errors, the text
-classifier head, the two-rate optimizer and the triplet step's row selection."""
+classifier head, the two learning rates as a parameter group and the triplet loss's tuples."""
 
 from __future__ import annotations
 
@@ -7,14 +7,11 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("zsbir_clip", reason="install the plugin: pip install -e plugins/zsbir-clip")
 
 import open_clip  # noqa: E402
 from zsbir_clip.head import ClipTextClassifier, class_prompt  # noqa: E402
-from zsbir_clip.optim import clip_adam  # noqa: E402
-from zsbir_clip.step import triplet_rows  # noqa: E402
 from zsbir_clip.towers import CLIP_MEAN, CLIP_STD, clip_text, clip_vit  # noqa: E402
 
 from zsbir.models.backbone import WeightsNotFoundError  # noqa: E402
@@ -210,17 +207,37 @@ def test_text_classifier_head_against_a_naive_reference(tiny):
 
 
 def test_two_learning_rates(tiny):
+    """The paper's two rates are a parameter group, not a plugin optimizer."""
+    from zsbir.engine.optim import adam
+    from zsbir.engine.param_groups import param_groups
+
     bb = clip_vit(config=tiny, pretrained=False)
-    opt = clip_adam([p for p in bb.parameters() if p.requires_grad])
+    groups = param_groups({"model.backbone": bb},
+                          [{"match": "model.backbone.prompts", "lr": 1e-3}])
+    opt = adam(groups, lr=1e-4, weight_decay=0.0)
     lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     assert lrs[id(bb.prompts)] == 1e-3
     assert lrs[id(bb.visual.ln_pre.weight)] == 1e-4
+    assert len(lrs) == sum(p.requires_grad for p in bb.parameters())
     assert all(g["weight_decay"] == 0.0 for g in opt.param_groups)
 
 
-def test_triplet_rows():
-    assert triplet_rows(8).tolist() == [0, 1, 2, 4, 5, 6]
-    with pytest.raises(ValueError, match="quadruplet"):
-        triplet_rows(6)
-    e = F.normalize(torch.randn(8, 4), dim=-1)
-    assert e[triplet_rows(8)].shape == (6, 4)
+def test_triplet_loss_reads_the_tuples():
+    """clip_triplet reads (anchor, positive, negative) by role from batch["tuples"], in any
+    row order and column order, and equals the naive per-triplet formula."""
+    from zsbir_clip.losses import ClipTripletLoss
+
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(9, 4, generator=g)
+    tuples = torch.randperm(9, generator=g).view(3, 3)  # rows scattered over the batch
+    batch = {"tuples": tuples, "roles": ("negative", "anchor", "positive")}
+    got = ClipTripletLoss(margin=0.2)({"embedding": e}, batch, None)
+
+    def d(x, y):
+        return 1 - float(x @ y) / float(x.norm() * y.norm())
+
+    want = sum(max(0.0, d(e[a], e[p]) - d(e[a], e[n]) + 0.2)
+               for n, a, p in tuples.tolist()) / 3
+    assert abs(float(got) - want) < 1e-5
+    with pytest.raises(ValueError, match="anchor"):
+        ClipTripletLoss()({"embedding": e}, {"tuples": tuples, "roles": ("a", "b", "c")}, None)

@@ -7,9 +7,11 @@ zsbir plugin.
   weights only from a local open_clip file;
 - :mod:`zsbir_clip.head`: head ``clip_text_classifier`` (normalized image embedding,
   logits against the text embeddings of "a photo of a {class}");
-- :mod:`zsbir_clip.losses`: loss ``clip_triplet`` (cosine triplet, margin 0.2);
-- :mod:`zsbir_clip.step`: step ``clip_triplet`` (the triplets of quadruplet batches);
-- :mod:`zsbir_clip.optim`: optimizer ``clip_adam`` (LayerNorms 1e-4, prompts 1e-3).
+- :mod:`zsbir_clip.losses`: loss ``clip_triplet`` (cosine triplet, margin 0.2, on the
+  core ``triplet`` sampler's tuples).
+
+The paper's two learning rates (LayerNorms 1e-4, prompts 1e-3) are the core ``adam`` with
+an ``[[optimizer.groups]]`` entry for ``model.backbone.prompts`` (see the examples).
 
 They are registered only through the entry points in this distribution's
 ``pyproject.toml``; importing this package registers nothing, and zsbir itself never

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 
 from zsbir.constraints import Range
-from zsbir.losses.base import Batch, Loss, Outputs, Teacher
+from zsbir.losses.base import Batch, Loss, Outputs, Teacher, tuple_rows
+
+#: the roles of a triplet, in the ``triplet`` sampler's order
+TRIPLET = ("anchor", "positive", "negative")
 
 __all__ = ["ClipTripletLoss", "cosine_triplet"]
 
@@ -32,15 +35,14 @@ class ClipTripletLoss(Loss):
     ``clip_text_classifier`` head's embedding is CLIP's image embedding normalized, which
     leaves the cosine unchanged); mu = ``margin`` (paper: 0.2).
 
-    Triplets: the batch must be laid out ``[sketch anchor, photo positive, photo
-    negative] * N``, which the ``clip_triplet`` step makes from the core ``quadruplet``
-    sampler's ``[anchor sketch, positive photo, negative photo, negative sketch]`` by
-    dropping the negative sketch. The sampler draws the positive uniformly among the
-    anchor class's photos and the negative among the other classes' photos, as the
-    paper's data loader does; no mining.
+    Triplets: read by role from ``batch["tuples"]``, which the core ``triplet`` sampler
+    gives (sketch anchor, photo positive, photo negative; only those three images are
+    decoded). The sampler draws the positive uniformly among the anchor class's photos and
+    the negative among the other classes' photos, as the paper's data loader does; no
+    mining.
     """
 
-    requires: ClassVar[frozenset[str]] = frozenset({"quadruplet"})
+    roles: ClassVar[frozenset[str]] = frozenset(TRIPLET)
 
     def __init__(self, margin: Annotated[float, Range(ge=0)] = 0.2,
                  key: Literal["embedding", "features"] = "embedding"):
@@ -50,18 +52,8 @@ class ClipTripletLoss(Loss):
 
     def forward(self, out: Outputs, batch: Batch, teacher: Teacher | None) -> torch.Tensor:
         e = out[self.key]
-        if e.ndim != 2 or e.shape[0] == 0 or e.shape[0] % 3:
-            raise ValueError(f"clip_triplet: expected a (3N, d) batch of triplets [sketch, "
-                             f"photo+, photo-] * N from the clip_triplet step, got "
-                             f"{tuple(e.shape)}")
-        a, p, n = e.view(e.shape[0] // 3, 3, -1).unbind(dim=1)
+        if e.ndim != 2:
+            raise ValueError(f"clip_triplet: expected (B, d) embeddings, got {tuple(e.shape)}")
+        a, p, n = (e[r.to(e.device)] for r in tuple_rows(batch, TRIPLET, e.shape[0],
+                                                          "clip_triplet"))
         return cosine_triplet(a, p, n, self.margin)
-
-    @staticmethod
-    def check_manifest(params: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
-        step = ((manifest.get("train") or {}).get("step") or {}).get("name", "default")
-        if step != "clip_triplet":
-            return [f"loss 'clip_triplet' reads triplets [sketch, photo+, photo-] that the "
-                    f"clip_triplet step makes: set [train.step] name = \"clip_triplet\" "
-                    f"(got {step!r})"]
-        return []

@@ -186,7 +186,6 @@ class ClipVisionBackbone(Backbone):
         width = int(visual.conv1.out_channels)
         #: learnable prompt tokens: [photo, sketch] x prompts x width
         self.prompts = nn.Parameter(torch.randn(2, prompts, width))
-        self.prompts.zsbir_clip_group = "prompts"  # type: ignore[attr-defined]  # clip_adam
         self.num_features = int(visual.output_dim)
         self.pretrained = pretrained
         self.num_prompts = prompts

@@ -10,8 +10,6 @@ adds the centers, computed once before training and cached on disk.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +20,7 @@ import torch
 from zsbir.context import BuildContext
 from zsbir.models.net import TeacherNet
 from zsbir.registry import Nested
-from zsbir.teachers.strategies import OnlineTeacher
+from zsbir.teachers.strategies import OnlineTeacher, class_means, class_means_key
 
 __all__ = ["RpkdTeacher"]
 
@@ -32,8 +30,8 @@ Embedder = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 log = logging.getLogger(__name__)
 
-#: bump when the cached content or its computation changes, so old files are not reused
-CACHE_FORMAT = 1
+#: bump when the centers' computation changes here (the core's class_means has its own)
+CACHE_FORMAT = 2
 
 
 class RpkdTeacher(OnlineTeacher):
@@ -52,7 +50,9 @@ class RpkdTeacher(OnlineTeacher):
     the "class embedding centers from the teacher" and this strategy takes them to be these
     per-class means.)
 
-    The centers are cached in ``<cache_dir>/teacher/rpkd_centers-<key>.pt``, the key
+    The centers come from the core's one cached class-mean pass
+    (:func:`zsbir.teachers.strategies.class_means`, shared with ``class_mean``), cached in
+    ``<cache_dir>/teacher/rpkd_centers-<key>.pt``, the key
     hashing the teacher backbone, the protocol, the training files, the transform and
     ``center_domains``; a later run (or a resumed one) with the same key reads them.
 
@@ -79,40 +79,15 @@ class RpkdTeacher(OnlineTeacher):
         self.cache_hit: bool | None = None
 
     def cache_key(self, fingerprint: dict[str, Any]) -> str:
-        blob = json.dumps({**fingerprint, "strategy": "rpkd", "format": CACHE_FORMAT,
-                           "center_domains": self.center_domains},
-                          sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:24]
+        return class_means_key(fingerprint, strategy="rpkd", plugin_format=CACHE_FORMAT,
+                               center_domains=self.center_domains)
 
     def prepare(self, *, data: Any, embed: Embedder, fingerprint: dict[str, Any]) -> None:
-        key = self.cache_key(fingerprint)
-        path = self.cache_dir / f"rpkd_centers-{key}.pt"
-        if self.cache and path.is_file():
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            centers = state.get("centers")
-            if isinstance(centers, torch.Tensor) and centers.shape[0] == self.num_classes:
-                self.centers, self.cache_hit = centers.float(), True
-                log.info("rpkd teacher: class centers from cache %s", path)
-                return
-            log.warning("rpkd teacher: ignoring unusable cache file %s", path)
-        from zsbir.data.base import PHOTO
-
-        split = data.train.of_domain(PHOTO) if self.center_domains == "photo" else data.train
-        _, features, labels = embed(self.network, split)
-        sums = torch.zeros(self.num_classes, features.shape[1])
-        counts = torch.zeros(self.num_classes)
-        sums.index_add_(0, labels.long(), features.float())
-        counts.index_add_(0, labels.long(), torch.ones(len(labels)))
-        missing = (counts == 0).nonzero().flatten().tolist()
-        if missing:
-            what = "photos" if self.center_domains == "photo" else "images"
-            raise ValueError(f"rpkd teacher: seen classes {missing} have no training {what} "
-                             "to compute their centers from")
-        self.centers, self.cache_hit = sums / counts[:, None], False
-        if self.cache:
-            from zsbir.engine.checkpoint import atomic_save
-
-            atomic_save({"centers": self.centers, "counts": counts, "key": key}, path)
+        path = self.cache_dir / f"rpkd_centers-{self.cache_key(fingerprint)}.pt"
+        _, self.centers, self.cache_hit = class_means(
+            network=self.network, data=data, embed=embed, domains=self.center_domains,
+            num_classes=self.num_classes, cache_path=path if self.cache else None,
+            who="rpkd teacher")
 
     def to(self, device: torch.device) -> RpkdTeacher:
         super().to(device)
