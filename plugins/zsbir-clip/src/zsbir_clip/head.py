@@ -60,6 +60,8 @@ class ClipTextClassifier(nn.Module):
 
     provides: ClassVar[frozenset[str]] = frozenset({"embedding", "logits"})
     check_manifest = staticmethod(_same_clip)
+    #: zsbir.testing's contract suite: a text tower with random weights
+    example: ClassVar[dict[str, Any]] = {"network": {"name": "clip_text", "pretrained": False}}
 
     def __init__(self, in_features: int, num_classes: int,
                  network: Annotated[nn.Module, Nested("networks")],
