@@ -89,7 +89,8 @@ def clip_manifest(size: int, batch: int, cache: Path, device: str, tiny: bool) -
     raw["protocol"] = {"name": "synthetic", "num_classes": 24, "num_unseen": 4,
                        "photos_per_class": 12, "sketches_per_class": 12, "image_size": 32,
                        "seed": 0}
-    for table in (raw["backbone"], raw["model"]["head"]["network"]):
+    student = raw["backbone"] if "backbone" in raw else raw["model"]["backbone"]
+    for table in (student, raw["model"]["head"]["network"]):
         table.update(weights="", pretrained=False)
         if tiny:  # a 2-layer width-64 CLIP, the plugin tests' configuration
             table.pop("arch")
@@ -205,7 +206,7 @@ def plan(args: argparse.Namespace, work: Path) -> list[tuple[str, Any]]:
     rows.append(("eval", lambda: eval_row(dev, *((300, 400) if dry else (15229, 17101)))))
     rows.append(("clip", lambda: bench_row(
         "clip", "ViT-B/32 random, bf16" if not dry else "tiny CLIP", clip_manifest(
-            32 if dry else 224, 8 if dry else 192, cache, dev, dry), steps, warmup, True)))
+            32 if dry else 224, 9 if dry else 192, cache, dev, dry), steps, warmup, True)))
     return rows
 
 

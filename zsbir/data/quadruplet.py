@@ -131,13 +131,14 @@ class QuadrupletSampler(Sampler):
 
 @samplers.register("triplet")
 class TripletSampler(QuadrupletSampler):
-    """Batches of triplets ``[anchor sketch (class c), positive photo (c), negative photo
-    (c' != c)]``: the first three positions of the ``quadruplet`` sampler's tuples, drawn
-    the same way (every sketch of a class with photos is the anchor of one triplet per
-    epoch; positive uniform among the class's photos, negative uniform among the other
-    classes' photos), without the negative sketch, which is therefore never decoded. As
-    the data loader of Sain et al. (CVPR 2023, "CLIP for All Things Zero-Shot SBIR")
-    builds its triplets. ``batch_size`` counts images (a multiple of 3).
+    """Batches of triplets: an anchor sketch of class c, a positive photo of c and a
+    negative photo of another class c'. They are the first three positions of the
+    ``quadruplet`` sampler's tuples, drawn the same way (every sketch of a class with photos
+    is the anchor of one triplet per epoch; positive uniform among the class's photos,
+    negative uniform among the other classes' photos), without the negative sketch, which is
+    therefore never decoded. As the data loader of Sain et al. (CVPR 2023, "CLIP for All
+    Things Zero-Shot SBIR") builds its triplets. ``batch_size`` counts images (a multiple
+    of 3).
 
     ``same_negative_class`` has no effect here (there is no negative sketch).
     """

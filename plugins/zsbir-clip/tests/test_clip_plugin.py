@@ -266,9 +266,9 @@ def test_last_pt_holds_what_trains_and_checks_its_base(tmp_path, tiny):
     assert "backbone.visual.conv1.weight" not in last["model"]
     assert "backbone.visual.conv1.weight" in last["base"]["frozen"]
     files = {f["key"]: f for f in last["base"]["files"]}
-    assert files["backbone.weights"]["path"] == str(weights)
-    assert files["backbone.weights"]["size"] == weights.stat().st_size
-    assert len(files["backbone.weights"]["sha256"]) == 64
+    assert files["model.backbone.weights"]["path"] == str(weights)
+    assert files["model.backbone.weights"]["size"] == weights.stat().st_size
+    assert len(files["model.backbone.weights"]["sha256"]) == 64
     # the base changed: refused before anything is trained, naming the file
     save_clip(2, weights)
     with pytest.raises(CheckpointError, match="tiny_clip.safetensors.*changed"):
