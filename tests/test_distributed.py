@@ -207,7 +207,8 @@ def test_parameters_outside_the_model_train_alike_on_every_rank_and_like_one_pro
         out.mkdir()
         done = launch(["extra_params", str(out)], world=world, timeout=240)
         for r, p in enumerate(done):
-            assert p.returncode == 0, f"{world} process(es), rank {r} failed:\n{p.stderr[-3000:]}"
+            assert p.returncode == 0, (f"{world} process(es), rank {r} failed:\n"
+                                       f"{p.stderr[-3000:]}")
     ref = torch.load(one / "rank0.pt", weights_only=True)
     ranks = [torch.load(two / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert ref["step.scale"] != 1.0 and ref["losses.log_t"] != 0.0  # they trained
