@@ -198,11 +198,11 @@ class ResumeSafe:
     base: bool = False
 
     def __str__(self) -> str:
-        return f"may change on resume ({self.why})"
+        return f"may change on resume: {self.why}"
 
 
 #: a student's weights file: another path is fine on resume, its content is checked
-BASE_WEIGHTS = ResumeSafe("the checkpoint's base reference checks the file's sha256",
+BASE_WEIGHTS = ResumeSafe("in [model], whose checkpoint base reference checks its sha256",
                           base=True)
 
 

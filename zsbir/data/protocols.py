@@ -263,7 +263,7 @@ def _benchmark(
 
 # --------------------------------------------------------------------------- protocols
 #: why these parameters may change on ``--resume``: the same files, found elsewhere
-_MOVED = ResumeSafe("where the data and the file index live (a moved run)")
+_MOVED = ResumeSafe("where the data and its file index live, for a moved run")
 _INDEX = ResumeSafe("rebuilds the file index of the same files")
 
 

@@ -24,7 +24,7 @@ _PLAIN_NAME = Pattern(r"[A-Za-z0-9][A-Za-z0-9_.\-]*",
                       "a plain name (letters, digits, '_', '-', '.'; no '/' and not empty)")
 _DEVICE = Pattern(r"auto|cpu|mps|cuda(:\d+)?", "\"auto\", \"cpu\", \"mps\" or \"cuda[:N]\"")
 #: why a key may change on ``--resume`` (:class:`~zsbir.constraints.ResumeSafe`)
-_WHERE = ResumeSafe("where the run, its caches and its data live (a moved run)")
+_WHERE = ResumeSafe("where the run and its caches live, for a moved run")
 _HOW = ResumeSafe("how the run executes, not what it computes")
 _LOG = ResumeSafe("logging and checkpoint frequency")
 _AFTER = ResumeSafe("used only after training")
