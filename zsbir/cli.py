@@ -26,6 +26,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from zsbir import __version__
+from zsbir.export.command import export as export_command
 from zsbir.manifest import ManifestError
 
 console = Console()
@@ -611,6 +612,7 @@ def _add_search_commands() -> None:
 
 
 _add_search_commands()
+main.add_command(export_command)
 
 
 @main.group()

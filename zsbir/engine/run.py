@@ -11,6 +11,8 @@ evaluation :mod:`zsbir.engine.evaluate`, both re-exported here).
 - ``metrics.json``: results keyed by protocol, hasher and metric, with each formula;
 - ``features.npz``: query/gallery embeddings and labels (``zsbir evaluate --features``);
 - ``retrievals.png``: top-ranked photos for a few queries;
+- ``MODEL_CARD.md``: method, data and split, training, metrics, versions, intended use
+  (:mod:`zsbir.export.card`);
 - ``log.txt`` (every line the console showed, timestamped), ``scalars.csv`` and
   ``tensorboard/`` (per-step and per-epoch scalars: :mod:`zsbir.engine.tracking`).
 """
@@ -63,6 +65,7 @@ from zsbir.engine.rundir import (  # noqa: F401  (re-exported: zsbir.engine.run.
     run_dir_of,
 )
 from zsbir.engine.trainer import Trainer
+from zsbir.export.card import write_model_card
 from zsbir.manifest import Manifest
 
 log = logging.getLogger("zsbir")
@@ -254,6 +257,7 @@ def _run_locked(manifest: Manifest, run_dir: Path, resume: bool,
                      "classes": {"seen": exp.data.seen_classes,
                                  "unseen": exp.data.unseen_classes}},
                     run_dir / "checkpoints" / "final.pt")
+        write_model_card(run_dir, transforms=exp.eval_transform)  # MODEL_CARD.md
         return results
     except Exception as exc:
         # why the run ended goes to log.txt too (only there: the console shows the error)

@@ -170,7 +170,8 @@ def _note_resume_changes(ckpt: dict[str, Any], manifest: Manifest, run_dir: Path
 
 
 #: what a run writes in its directory besides checkpoints/ (removed by run.overwrite)
-_OUTPUTS = ("metrics.json", "features.npz", "retrievals.png", "log.txt", "scalars.csv")
+_OUTPUTS = ("metrics.json", "features.npz", "retrievals.png", "log.txt", "scalars.csv",
+            "MODEL_CARD.md")
 
 
 def _prepare_dir(run_dir: Path, manifest: Manifest, resume: bool) -> RunLock:
