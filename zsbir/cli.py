@@ -611,6 +611,9 @@ def _add_search_commands() -> None:
 
 
 _add_search_commands()
+from zsbir.data.check import data_group  # noqa: E402 - `zsbir data check`
+
+main.add_command(data_group)
 
 
 @main.group()
