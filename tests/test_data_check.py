@@ -288,3 +288,14 @@ def test_real_sketchy_mini_seen(shared_dir, tmp_path):
     assert r.counts["by_role"]["sketch"]["files"] == 2600
     assert any("2,600 images where the published dataset has 75,471" in w
                for w in r.warnings)
+
+
+def test_long_lists_are_cut_in_the_text_report_only():
+    from zsbir.data.check import CheckReport
+
+    r = CheckReport("/d", "folder", {}, layout={"name": "folder", "base": "/d", "dirs": {}},
+                    bad_files=[{"path": f"/d/{i}.png", "reason": "zero-byte file",
+                                "kind": "zero-byte"} for i in range(60)])
+    assert "  ... and 10 more (all listed by --json)" in r.text()
+    assert "/d/49.png" in r.text() and "/d/50.png" not in r.text()
+    assert len(r.to_dict()["bad_files"]) == 60

@@ -141,15 +141,17 @@ class CheckReport:
             out.append(f"images in {role} ({c['domain']} domain): {c['files']:,}{pub}")
         if self.bad_files:
             out.append(f"files left out ({len(self.bad_files)}):")
-            out += [f"  {b['path']}: {b['reason']}" for b in self.bad_files]
+            out += [f"  {b['path']}: {b['reason']}" for b in self.bad_files[:_SHOWN]]
+            out += _more(len(self.bad_files))
         elif self.layout:
             out.append("files left out: none" + ("" if self.decoded else
                                                  " (images not decoded)"))
         if self.duplicates["checked"]:
             groups = self.duplicates["groups"]
             out.append(f"files duplicated across classes: {len(groups)} group(s)")
-            for g in groups:
+            for g in groups[:_SHOWN]:
                 out.append("  " + " = ".join(f"{f['path']} ({f['class']})" for f in g["files"]))
+            out += _more(len(groups))
         if self.split is not None:
             s = self.split
             out.append(f"split: {s['seen_classes']} seen / {s['unseen_classes']} unseen "
@@ -162,6 +164,14 @@ class CheckReport:
         out.append("result: " + ("ok: the data can serve the protocol" if self.ok else
                                  f"the data cannot serve {self.protocol}"))
         return "\n".join(out)
+
+
+#: files and duplicate groups listed in the text report (all of them in the JSON one)
+_SHOWN = 50
+
+
+def _more(n: int) -> list[str]:
+    return [f"  ... and {n - _SHOWN} more (all listed by --json)"] if n > _SHOWN else []
 
 
 # --------------------------------------------------------------------------- classes
@@ -447,7 +457,7 @@ def build_protocol(table: dict[str, Any], ctx: Any) -> Any:
 # ------------------------------------------------------------------------------- CLI
 @click.group("data")
 def data_group() -> None:
-    """Check datasets on disk (``zsbir data check``)."""
+    """Check datasets on disk before training."""
 
 
 @data_group.command("check")
