@@ -311,6 +311,7 @@ def check_table(table: dict[str, Any], ctx: Any = None, decode: bool | None = No
     from zsbir.data.classnames import class_split, normalize
     from zsbir.data.layouts import ProtocolError, detect_layout, load_index
     from zsbir.data.protocols import _index_dir
+    from zsbir.injection import supply
 
     name = table["name"]
     params = {k: v for k, v in table.items() if k != "name"}
@@ -394,7 +395,7 @@ def check_table(table: dict[str, Any], ctx: Any = None, decode: bool | None = No
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # unmatched folders: reported above
-            data = build_component("protocols", table, ctx)
+            data = build_component("protocols", table, ctx, **supply("protocols"))
     except ProtocolError as exc:
         report.protocol_error = str(exc)
         if report.ok:  # not explained by the checks above (e.g. the folder unseen list)
@@ -442,9 +443,10 @@ def build_protocol(table: dict[str, Any], ctx: Any) -> Any:
 
     from zsbir.build import build_component
     from zsbir.data.layouts import ProtocolError
+    from zsbir.injection import supply
 
     if table["name"] not in _DATASETS:
-        return build_component("protocols", table, ctx)
+        return build_component("protocols", table, ctx, **supply("protocols"))
     report, data = check_table(table, ctx, duplicates=False)
     if not report.ok or data is None:
         head = report.protocol_error or f"{table['name']}: the data cannot serve the protocol"
