@@ -209,7 +209,7 @@ def build(manifest: Manifest, purpose: Purpose = "train", run_dir: Path | None =
         ctx.unseen_classes = list(checkpoint["classes"]["unseen"])
     else:
         with phase("indexing the protocol's files"):  # checked first (zsbir data check)
-            data = build_protocol(manifest.protocol, ctx)
+            data = build_protocol(manifest.protocol, ctx, **supply("protocols"))
         ctx.seen_classes, ctx.unseen_classes = list(data.seen_classes), list(data.unseen_classes)
 
     # 2. the student ([model]: backbone + head by default); the transforms follow its

@@ -299,11 +299,13 @@ def _classify(reason: str) -> str:
 
 
 def check_table(table: dict[str, Any], ctx: Any = None, decode: bool | None = None,
-                duplicates: bool = True) -> tuple[CheckReport, Any]:
+                duplicates: bool = True, supplied: dict[str, Any] | None = None
+                ) -> tuple[CheckReport, Any]:
     """Check the data a resolved protocol table (``[protocol]``) names.
 
     ``decode``: decode every image (``None``: as the table's ``verify_images``);
-    ``duplicates``: look for files duplicated across classes. Returns the report and the
+    ``duplicates``: look for files duplicated across classes; ``supplied``: what the call
+    site passes the protocol (``zsbir.injection.supply("protocols")``). Returns the report and the
     protocol's data (``None`` when the protocol refused the tree).
     """
     from zsbir.build import build_component
@@ -395,7 +397,8 @@ def check_table(table: dict[str, Any], ctx: Any = None, decode: bool | None = No
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # unmatched folders: reported above
-            data = build_component("protocols", table, ctx, **supply("protocols"))
+            data = build_component("protocols", table, ctx, **(
+                supply("protocols") if supplied is None else supplied))
     except ProtocolError as exc:
         report.protocol_error = str(exc)
         if report.ok:  # not explained by the checks above (e.g. the folder unseen list)
@@ -434,20 +437,20 @@ def check_dataset(root: str, protocol: str, params: dict[str, Any] | None = None
     return check_table(table, decode=decode, duplicates=duplicates)[0]
 
 
-def build_protocol(table: dict[str, Any], ctx: Any) -> Any:
+def build_protocol(table: dict[str, Any], ctx: Any, **supplied: Any) -> Any:
     """The protocol's data, for :func:`zsbir.build.build`: the run-time check first (no
     hashing; decoding only when the protocol verifies images), stopping with the report
     (:class:`~zsbir.data.layouts.ProtocolError`) when the data cannot serve the protocol.
-    Protocols without a dataset layout (``synthetic``, plugins) are built directly."""
+    Protocols without a dataset layout (``synthetic``, plugins) are built directly.
+    ``supplied``: what :func:`zsbir.build.build` passes (``supply("protocols")``)."""
     import logging
 
     from zsbir.build import build_component
     from zsbir.data.layouts import ProtocolError
-    from zsbir.injection import supply
 
     if table["name"] not in _DATASETS:
-        return build_component("protocols", table, ctx, **supply("protocols"))
-    report, data = check_table(table, ctx, duplicates=False)
+        return build_component("protocols", table, ctx, **supplied)
+    report, data = check_table(table, ctx, duplicates=False, supplied=supplied)
     if not report.ok or data is None:
         head = report.protocol_error or f"{table['name']}: the data cannot serve the protocol"
         raise ProtocolError(f"{head}\n{report.text()}")
