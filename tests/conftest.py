@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+#: ../shared beside the repository root; ZSBIR_SHARED names it from a worktree elsewhere
+SHARED = Path(os.environ.get("ZSBIR_SHARED")
+              or Path(__file__).resolve().parents[1].parent / "shared")
 
 
 @pytest.fixture(autouse=True)

@@ -148,6 +148,14 @@ def test_data_that_does_not_fit_the_protocol_exits_1(tmp_path, monkeypatch):
         and str(tmp_path / "empty") in first, err
 
 
+def test_data_check_of_data_that_cannot_serve_the_protocol_exits_1(tmp_path):
+    """``zsbir data check``: the report on stdout, one error line on stderr."""
+    (tmp_path / "empty").mkdir()
+    code, err = invoke("data", "check", tmp_path / "empty", "--protocol", "tuberlin_ext")
+    assert code == 1
+    one_error_line(err, "cannot serve tuberlin_ext", str(tmp_path / "empty"))
+
+
 def test_damaged_checkpoint_exits_1(tiny_run, tmp_path):
     import importlib.util
 
@@ -228,5 +236,5 @@ def test_the_documented_table_lists_every_class_tested_here():
     for phrase in ("invalid TOML", "unknown component", "--set", "protocol.root",
                    "weights", "nested", "usage", "no known layout", "is damaged",
                    "already holds a run", "has no checkpoints/last.pt", "plugin",
-                   "is not a zsbir index", "Traceback"):
+                   "is not a zsbir index", "zsbir data check", "Traceback"):
         assert phrase in table, phrase

@@ -30,7 +30,8 @@ from zsbir.data.protocols import (
     tuberlin_ext,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED = Path(os.environ.get("ZSBIR_SHARED")  # as tests/conftest.py finds ../shared
+              or Path(__file__).resolve().parents[1].parent / "shared")
 PACKAGED = Path(layouts.__file__).parent / "splits"
 
 

@@ -36,6 +36,7 @@ import torch
 
 from zsbir.context import BuildContext, default_cache_dir
 from zsbir.data.base import ProtocolData
+from zsbir.data.check import build_protocol
 from zsbir.data.loading import DomainTransforms, Transform
 from zsbir.engine.checkpoint import load_model_checkpoint
 from zsbir.engine.param_groups import param_groups, trainable_owners
@@ -207,8 +208,8 @@ def build(manifest: Manifest, purpose: Purpose = "train", run_dir: Path | None =
         ctx.seen_classes = list(checkpoint["classes"]["seen"])
         ctx.unseen_classes = list(checkpoint["classes"]["unseen"])
     else:
-        with phase("indexing the protocol's files"):
-            data = build_component("protocols", manifest.protocol, ctx, **supply("protocols"))
+        with phase("indexing the protocol's files"):  # checked first (zsbir data check)
+            data = build_protocol(manifest.protocol, ctx, **supply("protocols"))
         ctx.seen_classes, ctx.unseen_classes = list(data.seen_classes), list(data.unseen_classes)
 
     # 2. the student ([model]: backbone + head by default); the transforms follow its

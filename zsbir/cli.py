@@ -613,6 +613,9 @@ def _add_search_commands() -> None:
 
 _add_search_commands()
 main.add_command(export_command)
+from zsbir.data.check import data_group  # noqa: E402 - `zsbir data check`
+
+main.add_command(data_group)
 
 
 @main.group()

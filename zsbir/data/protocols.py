@@ -59,6 +59,7 @@ __all__ = [
     "folder",
     "quickdraw_ext",
     "sketchy_ext",
+    "sketchy_roles",
     "tuberlin_ext",
 ]
 
@@ -261,6 +262,12 @@ def _benchmark(
                      val_fraction, seed)
 
 
+def sketchy_roles(photos: str) -> tuple[str, ...]:
+    """The layout directories ``sketchy_ext`` reads for its ``photos`` parameter."""
+    return ("sketch", "photo", "photo_extended") if photos == "original+extended" else \
+        ("sketch", "photo_extended")
+
+
 # --------------------------------------------------------------------------- protocols
 #: why these parameters may change on ``--resume``: the same files, found elsewhere
 _MOVED = ResumeSafe("where the data and its file index live, for a moved run")
@@ -313,9 +320,8 @@ def sketchy_ext(
             default ``ctx.cache_dir`` or ``zsbir.context.default_cache_dir()``.
         rebuild_index: ignore a cached file index (after editing files in place).
     """
-    roles = ("sketch", "photo", "photo_extended") if photos == "original+extended" else \
-        ("sketch", "photo_extended")
-    return _benchmark("sketchy_ext", "sketchy", split, root, SKETCHY_LAYOUTS, layout, roles,
+    return _benchmark("sketchy_ext", "sketchy", split, root, SKETCHY_LAYOUTS, layout,
+                      sketchy_roles(photos),
                       generalized, val_fraction, seed, verify_images, cache_dir, rebuild_index,
                       ctx)
 
