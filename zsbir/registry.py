@@ -81,6 +81,7 @@ KINDS: tuple[str, ...] = (
     "schedulers",
     "hashers",
     "rerankers",
+    "importers",
 )
 
 class _Injected(dict):  # type: ignore[type-arg]
@@ -116,6 +117,7 @@ INJECTED: dict[str, frozenset[str]] = _Injected({
     "networks": frozenset({"ctx"}),
     "steps": frozenset({"ctx", "model"}),
     "rerankers": frozenset({"ctx"}),
+    "importers": frozenset({"ctx"}),
 })
 
 
@@ -662,6 +664,7 @@ models = _REGISTRIES["models"]
 networks = _REGISTRIES["networks"]
 steps = _REGISTRIES["steps"]
 rerankers = _REGISTRIES["rerankers"]
+importers = _REGISTRIES["importers"]
 
 
 def get_registry(kind: str) -> Registry:
