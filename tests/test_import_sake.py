@@ -214,3 +214,20 @@ def test_imported_run_serves_index_build_and_search(imported, tmp_path):
     assert res.exit_code == 0, res.output
     json.loads(res.output)
     assert "cat" in res.output or "dog" in res.output
+
+
+def test_imported_run_is_scored_by_evaluate_on_any_protocol(imported):
+    """Cross-dataset: the Sketchy-trained import scored on a synthetic class split."""
+    res = CliRunner().invoke(main, [
+        "evaluate", str(imported), "--protocol", "synthetic", "--set", "run.device=\"cpu\"",
+        "--set", "protocol.num_classes=6", "--set", "protocol.num_unseen=2",
+        "--set", "protocol.photos_per_class=2", "--set", "protocol.sketches_per_class=2",
+        "--set", "protocol.image_size=32", "--set", "data.workers=0",
+        "--set", "evaluation.grid_queries=1"])
+    assert res.exit_code == 0, res.output
+    ev = json.loads((imported / "eval" / "synthetic" / "metrics.json").read_text())
+    assert ev["evaluated"]["cross_protocol"] is True
+    assert ev["evaluated"]["imported"]["importer"] == "sake"
+    assert ev["classes"]["model_trained_on"] == {"seen": 100, "unseen": 25}
+    assert 0 <= ev["results"]["synthetic"]["real"]["map@all"]["value"] <= 1
+    assert (imported / "eval" / "synthetic" / "retrievals.png").is_file()
