@@ -481,7 +481,8 @@ def plugins() -> None:
               help="With RUN_DIR: the dataset folder (protocol.root).")
 @set_option
 @click.option("--metric", "metrics", multiple=True,
-              help="Metric name (repeatable); default map@all and p@100.")
+              help="Metric name (repeatable); default map@all and p@100 (with RUN_DIR: "
+                   "the run's [evaluation] metrics).")
 @click.option("--hasher", "hasher_names", multiple=True,
               help="none (cosine), sign, or itq[:BITS] fitted on the gallery; "
                    "default: none, plus codes if the file has them.")
@@ -500,7 +501,7 @@ def evaluate(features: str | None, metrics: tuple[str, ...], hasher_names: tuple
     `zsbir evaluate RUN_DIR [--protocol NAME] [--root DATA] [--set KEY=VALUE]` scores a
     finished or imported run's model (no training; any protocol, cross-dataset too) and
     writes RUN_DIR/eval/<protocol>/ (metrics.json, retrievals.png); `--metric` and
-    `--reranker` add to its [evaluation] metrics and [[rerankers]].
+    `--reranker` replace the run's [evaluation] metrics and [[rerankers]].
     `zsbir evaluate --features FILE.npz` scores saved embeddings (no model needed)."""
     if run_dir is not None:
         from zsbir.engine.evaluate_cli import evaluate_run_command

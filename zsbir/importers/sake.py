@@ -49,7 +49,7 @@ from zsbir.data.classnames import class_split, read_class_list
 from zsbir.importers import Imported, ImportFormatError
 from zsbir.registry import importers
 
-__all__ = ["SakeImporter"]
+__all__ = ["SakeImporter", "authors_state_dict"]
 
 #: protocol -> (dataset, split, the authors' seen-class list in their class-id order,
 #: the manifest values of the authors' training script)
@@ -219,6 +219,39 @@ class SakeImporter:
             "hashers": [{"name": "none"}],
             "evaluation": {"metrics": ["map@all", "p@100", "map@200", "p@200"]},
         }
+
+
+def authors_state_dict(state: dict[str, torch.Tensor], seen: list[str],
+                       protocol: str = "sketchy_ext") -> dict[str, torch.Tensor]:
+    """The inverse of :meth:`SakeImporter.convert`: a zsbir ``BackboneHead(cse_resnet50,
+    stacked)`` state dict (with an ImageNet head; ``seen``: its classifier's class order)
+    in the authors' layout, ``module.`` keys included; for the docs and tests, which
+    write checkpoints in their format without their code."""
+    authors = read_class_list(_PROTOCOLS[protocol]["seen_file"])
+    out: dict[str, torch.Tensor] = {}
+    for key, t in state.items():
+        if key.endswith(".fc2_domain"):
+            continue
+        if ".se_module.fc" in key:
+            block, rest = key.removeprefix("backbone.").split(".se_module.")
+            name = f"module.original_model.{block}.se_module.{rest}"
+            if rest == "fc1.weight":
+                t = t.flatten(1)
+            elif rest.startswith("fc2."):
+                col = -state[f"backbone.{block}.se_module.fc2_domain"]
+                t = torch.cat([t.flatten(1), col[:, None]], 1) if rest == "fc2.weight" \
+                    else t - col
+            out[name] = t
+        elif key.startswith("backbone."):
+            out["module.original_model." + key.removeprefix("backbone.")] = t
+        elif key.startswith("head.embed."):
+            out["module.original_model.second_last_linear." + key.rsplit(".", 1)[1]] = t
+        elif key.startswith("head.imagenet_head."):
+            out["module.original_model.last_linear." + key.rsplit(".", 1)[1]] = t
+        elif key.startswith("head.classifier."):
+            rows = [seen.index(_spelled(c, seen)) for c in authors]
+            out["module.linear." + key.rsplit(".", 1)[1]] = t[rows]
+    return out
 
 
 def _spelled(name: str, names: list[str]) -> str:
