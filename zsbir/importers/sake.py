@@ -51,15 +51,15 @@ from zsbir.registry import importers
 
 __all__ = ["SakeImporter", "authors_state_dict"]
 
-#: protocol -> (dataset, split, the authors' seen-class list in their class-id order,
-#: the manifest values of the authors' training script)
+#: protocol -> dataset, split, the authors' seen-class list in their class-id order, and
+#: the values of examples/sake_<dataset>.toml that differ (the authors' training scripts)
 _PROTOCOLS: dict[str, dict[str, Any]] = {
     "sketchy_ext": {"dataset": "sketchy", "split": "sk-sh",
                     "seen_file": "sketchy_sk-sh_sake_train.txt",
                     "lambda2": 0.3, "sketches_per_batch": 13},
     "tuberlin_ext": {"dataset": "tuberlin", "split": "tub-sh",
                      "seen_file": "tuberlin_tub-sh_train.txt",
-                     "lambda2": 0.3, "sketches_per_batch": 13},
+                     "lambda2": 0.3, "sketches_per_batch": 4},
 }
 
 _BLOCK = re.compile(r"^original_model\.(layer[1-4]\.\d+)\.se_module\.(fc[12])\.(weight|bias)$")
@@ -215,7 +215,7 @@ class SakeImporter:
             "sampler": {"name": "mixed", "sketches_per_batch": cfg["sketches_per_batch"]},
             "optimizer": {"name": "adam", "lr": 1e-4, "weight_decay": 5e-4},
             "schedule": {"name": "exponential", "final_factor": 1e-3},
-            "train": {"epochs": 20, "batch_size": 40},
+            "train": {"epochs": 20, "batch_size": 40, "select": "best_val"},
             "hashers": [{"name": "none"}],
             "evaluation": {"metrics": ["map@all", "p@100", "map@200", "p@200"]},
         }
