@@ -15,7 +15,9 @@ Purposes:
 
 - ``"train"``: everything (``zsbir run``, ``zsbir bench``);
 - ``"evaluate"``: protocol data, model, hashers and rerankers; no teacher, losses or
-  optimizer (scoring a model, trained or not);
+  optimizer (scoring a model, trained or not: ``zsbir evaluate RUN_DIR``); with a
+  self-contained checkpoint (``final.pt``) pretrained weights are not read, and the model
+  is built for the checkpoint's classes (its classifier), whatever protocol scores it;
 - ``"embed"``: model, transform and hashers from a checkpoint, no data
   (``zsbir index``, ``zsbir search``, ``zsbir serve``): pretrained weights are not read,
   the checkpoint's replace them.
