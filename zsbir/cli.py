@@ -639,7 +639,7 @@ def _add_search_commands() -> None:
 
 
 _add_search_commands()
-from zsbir.importers.commands import import_  # noqa: E402  (zsbir import: its own module)
+from zsbir.import_command import import_  # noqa: E402  (zsbir import: its own module)
 
 main.add_command(import_)
 
