@@ -217,7 +217,10 @@ def test_imported_run_serves_index_build_and_search(imported, tmp_path):
 
 
 def test_imported_run_is_scored_by_evaluate_on_any_protocol(imported):
-    """Cross-dataset: the Sketchy-trained import scored on a synthetic class split."""
+    """Cross-dataset: the Sketchy-trained import scored on a synthetic class split; its
+    own protocol needs the dataset root it was imported without."""
+    res = CliRunner().invoke(main, ["evaluate", str(imported)])
+    assert res.exit_code == 2 and "give --root DATA" in res.output
     res = CliRunner().invoke(main, [
         "evaluate", str(imported), "--protocol", "synthetic", "--set", "run.device=\"cpu\"",
         "--set", "protocol.num_classes=6", "--set", "protocol.num_unseen=2",

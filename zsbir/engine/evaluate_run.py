@@ -40,7 +40,7 @@ def _manifest_for(ckpt: dict[str, Any], protocol: str | None, root: str | None,
                   overrides: Sequence[str], source: str) -> Any:
     import copy
 
-    from zsbir.manifest import apply_overrides, resolve
+    from zsbir.manifest import ManifestError, Problem, apply_overrides, resolve
 
     raw = copy.deepcopy(ckpt["manifest"])
     if protocol and protocol != raw.get("protocol", {}).get("name"):
@@ -48,6 +48,9 @@ def _manifest_for(ckpt: dict[str, Any], protocol: str | None, root: str | None,
     if root is not None:
         raw.setdefault("protocol", {})["root"] = str(root)
     raw = apply_overrides(raw, list(overrides), source)
+    if "root" in raw.get("protocol", {}) and raw["protocol"]["root"] in ("", None):
+        raise ManifestError([Problem("protocol.root", "not set (the run was imported "
+                                     "without --root): give --root DATA")], source)
     return resolve(raw, source)
 
 
