@@ -3,6 +3,10 @@
 ``python tests/ddp_worker.py primitives OUT_DIR`` under RANK/WORLD_SIZE/MASTER_* checks
 the collective helpers of zsbir.engine.distributed against single-process references and
 exits non-zero (with the assertion) on any mismatch.
+
+``python tests/ddp_worker.py extra_params OUT_DIR`` trains a few steps of a tiny run whose
+step and loss each hold a trainable parameter (registered here, as a plugin would) and
+writes this rank's values of them to ``OUT_DIR/rank{R}.pt``.
 """
 
 from __future__ import annotations
@@ -111,10 +115,75 @@ def primitives(out: Path) -> None:
     D.shutdown()
 
 
+def extra_params(out: Path) -> None:
+    """A few training steps with a trainable scale held by the step and a temperature held
+    by a loss, both initialized differently on each rank (as a component seeding itself
+    per process might); each rank saves their final values."""
+    from zsbir.build import build
+    from zsbir.engine import distributed as D
+    from zsbir.engine.step import DefaultStep, StepContext
+    from zsbir.engine.trainer import Trainer
+    from zsbir.losses.classification import CrossEntropy
+    from zsbir.manifest import apply_overrides, load, resolve
+    from zsbir.registry import get_registry
+
+    env = D.init_distributed("cpu")
+
+    class ScaledStep(nn.Module):
+        """The default step on logits times a trainable scale (``step.scale``)."""
+
+        provides = DefaultStep.provides
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.tensor(1.0 + env.rank))
+
+        def forward(self, s: StepContext, batch: dict) -> dict:
+            forward = s.forward
+
+            def scaled(image: torch.Tensor, domain: torch.Tensor) -> dict:
+                o = forward(image, domain)
+                return {**o, "logits": o["logits"] * self.scale}
+
+            return DefaultStep()(StepContext(**{**vars(s), "forward": scaled}), batch)
+
+    class TemperedCE(CrossEntropy):
+        """Cross-entropy of logits times exp(a trainable ``log_t``)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.log_t = nn.Parameter(torch.tensor(0.5 * env.rank))
+
+        def forward(self, out: dict, batch: dict, teacher: dict | None) -> torch.Tensor:
+            return super().forward({**out, "logits": out["logits"] * self.log_t.exp()},
+                                   batch, teacher)
+
+    get_registry("steps").add("test_scaled", ScaledStep, package="zsbir-tests")
+    get_registry("losses").add("test_tempered_ce", TemperedCE, package="zsbir-tests")
+    root = Path(__file__).resolve().parents[1]
+    raw = apply_overrides(load(root / "examples" / "quickstart.toml"), [
+        "protocol.num_classes=6", "protocol.num_unseen=2", "protocol.photos_per_class=6",
+        "protocol.sketches_per_class=6", "protocol.image_size=32", "data.image_size=32",
+        "data.workers=0", "model.head.embed_dim=16", "sampler.sketches_per_batch=4",
+        "train.batch_size=8", "train.epochs=1", "train.max_steps_per_epoch=3",
+        "train.val_every=0", "train.checkpoint_every=0", "train.step.name=\"test_scaled\"",
+        "hashers=[{name=\"none\"}]",
+        "losses=[{name=\"test_tempered_ce\"}]", "optimizer={name=\"sgd\", lr=0.05}",
+        f"run.output_dir={json.dumps(str(out))}", "run.name=run", "run.device=\"cpu\""])
+    exp = build(resolve(raw), "train", out / "run")
+    Trainer(exp, out / "run").fit()
+    torch.save({"step.scale": exp.step.scale.detach().clone(),
+                "losses.log_t": exp.losses[0][2].log_t.detach().clone()},
+               out / f"rank{env.rank}.pt")
+    D.shutdown()
+
+
 if __name__ == "__main__":
     mode, out_dir = sys.argv[1], Path(sys.argv[2])
     torch.set_num_threads(1)
     if mode == "primitives":
         primitives(out_dir)
+    elif mode == "extra_params":
+        extra_params(out_dir)
     else:
         raise SystemExit(f"unknown mode {mode!r} (rank {os.environ.get('RANK')})")

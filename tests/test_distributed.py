@@ -195,6 +195,28 @@ def test_collectives_sync_batchnorm_and_weighted_ddp_on_two_processes(tmp_path):
     assert sorted(f.name for f in tmp_path.iterdir()) == ["rank0.json", "rank1.json"]
 
 
+def test_parameters_outside_the_model_train_alike_on_every_rank_and_like_one_process(
+        tmp_path):
+    """A step's and a loss's trainable parameters, initialized differently per rank, end
+    equal on both ranks after a few steps of 2 gloo processes (per-process batch 4), and
+    equal to one process's (batch 8): taken from rank 0 and averaged like the model's."""
+    import torch
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, world in ((one, 1), (two, 2)):
+        out.mkdir()
+        done = launch(["extra_params", str(out)], world=world, timeout=240)
+        for r, p in enumerate(done):
+            assert p.returncode == 0, (f"{world} process(es), rank {r} failed:\n"
+                                       f"{p.stderr[-3000:]}")
+    ref = torch.load(one / "rank0.pt", weights_only=True)
+    ranks = [torch.load(two / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ref["step.scale"] != 1.0 and ref["losses.log_t"] != 0.0  # they trained
+    for name, value in ref.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), (name, ranks)
+        torch.testing.assert_close(ranks[0][name], value, rtol=0, atol=WEIGHT_ATOL)
+
+
 # ---------------------------------------------------------------- training: 2 vs 1 process
 #: A few steps of the quickstart, tiny: 6 classes, 32 px, batch 8 (4 per process), 2 epochs
 #: of 4 steps, a checkpoint every 2 steps. SGD, not the quickstart's Adam: Adam divides

@@ -174,6 +174,44 @@ def test_resume_accepts_the_declared_safe_keys():
     assert {"train.epochs", "losses[0].weight"} <= paths
 
 
+def test_resume_safe_keys_follow_the_parameters_markers(tmp_path):
+    """Resume-safety is read from ``ResumeSafe`` markers: a student backbone's ``weights``
+    may point elsewhere (the base reference checks its content), in any of the model's
+    tables; the same parameter of the teacher's backbone may not, nor an unmarked one."""
+    from zsbir.constraints import paths_unchecked
+    from zsbir.engine.run import resume_safe_keys
+
+    teacher = ["teacher.name=\"online\"", "teacher.network.name=\"imagenet_classifier\"",
+               "teacher.network.backbone.name=\"resnet18\"",
+               "teacher.network.backbone.weights=\"/teacher/r18.pt\""]
+
+    def manifest(*extra: str, towers: bool = False):
+        raw = load(EXAMPLES / "quickstart.toml")
+        if towers:  # a backbone per domain: [model.sketch], [model.photo]
+            tower = raw.pop("backbone")
+            raw["model"] = {**raw["model"], "name": "towers", "sketch": dict(tower),
+                            "photo": dict(tower)}
+        raw = apply_overrides(raw, E2E.TINY + [*teacher, *extra])
+        with paths_unchecked():  # the weights files named here need not exist
+            return resolve(raw)
+
+    saved = manifest()
+    ckpt = {"model": {}, "optimizer": {}, "train_state": {}, "manifest": saved.data}
+    moved = manifest("backbone.weights=\"/elsewhere/r18.pt\"")
+    assert "model.backbone.weights" in resume_safe_keys(moved)
+    check_resumable(ckpt, moved, tmp_path)  # no error
+    keys = resume_safe_keys(manifest(towers=True))
+    assert {"model.sketch.weights", "model.photo.weights"} <= set(keys)
+    assert "teacher.network.backbone.weights" not in keys
+    assert {"run.name", "data.workers", "evaluation", "hashers"} <= set(RESUME_SAFE_KEYS)
+    changed = manifest("teacher.network.backbone.weights=\"/elsewhere/r18.pt\"",
+                       "backbone.pretrained=true")
+    with pytest.raises(ManifestError) as err:
+        check_resumable(ckpt, changed, tmp_path)
+    assert {p.path for p in err.value.problems if p.path} == {
+        "teacher.network.backbone.weights", "model.backbone.pretrained"}
+
+
 def test_manifest_changes_reference():
     a = {"run": {"name": "x"}, "losses": [{"name": "ce", "weight": 1.0}],
          "optimizer": {"name": "adam", "lr": 1e-3, "betas": [0.9, 0.999]}}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from zsbir.manifest import (
     ManifestError,
     Marker,
     TrainConfig,
+    apply_overrides,
     load,
     markers,
     resolve,
@@ -154,6 +156,64 @@ def test_a_table_under_an_injected_key_is_an_error():
 def test_build_component_refuses_values_the_injected_table_does_not_list():
     with pytest.raises(TypeError, match=r"INJECTED\['protocols'\] does not list"):
         build_component("protocols", {"name": "synthetic"}, BuildContext(), labels=[1])
+
+
+class _WatchingTeacher:
+    """A test teacher that only asks for the student (no signal, nothing to download)."""
+
+    provides: frozenset[str] = frozenset()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {}
+
+
+def test_supply_refuses_a_call_site_that_passes_other_names_than_declared():
+    from zsbir.injection import supply
+
+    with pytest.raises(TypeError, match=r"supply\('samplers'\) was given \['labels'\], but "
+                       r"zsbir.injection.SUPPLIED\['samplers'\] declares \['batch_size', "
+                       r"'domains', 'labels', 'seed'\]"):
+        supply("samplers", labels=[1])
+    with pytest.raises(TypeError, match=r"given \['model', 'x'\]"):
+        supply("steps", model=None, x=1)
+    with pytest.raises(TypeError, match="not a built-in kind"):
+        supply("augmenters")
+    assert supply("steps", model=1) == {"model": 1}
+
+
+def test_a_training_build_passes_each_kind_exactly_what_injection_declares(
+        monkeypatch, tmp_path):
+    """Every built-in kind built at a call site (heads by their model) goes through
+    ``supply`` with the declared names; the registry's INJECTED is the same table."""
+    import zsbir.build as build_mod
+    import zsbir.models.net as net
+    from zsbir import injection
+    from zsbir.registry import INJECTED
+
+    seen: dict[str, set[str]] = {}
+
+    def spy(kind: str, **values: Any) -> dict[str, Any]:
+        seen.setdefault(kind, set()).update(values)
+        return injection.supply(kind, **values)
+
+    monkeypatch.setattr(build_mod, "supply", spy)
+    monkeypatch.setattr(net, "supply", spy)
+    raw = apply_overrides(quick(), [
+        "protocol.num_classes=4", "protocol.num_unseen=2", "protocol.photos_per_class=2",
+        "protocol.sketches_per_class=2", "protocol.image_size=32", "data.image_size=32",
+        "model.head.embed_dim=8", "hashers[1].bits=8", "train.batch_size=8",
+        "sampler.sketches_per_batch=4", "teacher.name=\"test_watching\"",
+        "rerankers=[{name=\"aqe\"}]", f"run.output_dir={json.dumps(str(tmp_path))}"])
+    with registered("teachers", "test_watching", _WatchingTeacher):
+        build_mod.build(resolve(raw), "train", tmp_path)
+    nested_only = {"backbones", "networks"}  # built inside another: ctx alone
+    assert seen == {k: set(v - {"ctx"}) for k, v in injection.SUPPLIED.items()
+                    if k not in nested_only}
+    assert all(injection.SUPPLIED[k] == {"ctx"} for k in nested_only)
+    assert dict(INJECTED) == dict(injection.SUPPLIED)
 
 
 class Weighted:

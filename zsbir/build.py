@@ -7,9 +7,10 @@ by :func:`build_component`: the nested component tables its signature marks
 (``Nested(kind)``: ``[model.backbone]``, ``[teacher.network]``,
 ``[teacher.network.backbone]``, ...) first, bottom-up, passed built; those marked
 ``Factory(kind)`` (``[model.head]``) passed as builders the parent calls with what it
-provides; plus whatever it asks for among the injected values (``ctx``, ...), which every
-call below names and :data:`zsbir.registry.INJECTED` lists, one table for building and
-validation (:func:`build_component` refuses a value the table does not list).
+provides; plus whatever it asks for among the injected values (``ctx``, ...). Each call
+below passes them through :func:`zsbir.injection.supply`, which checks that they are
+exactly what :data:`zsbir.injection.SUPPLIED` declares for the kind: the table validation
+reads (:data:`zsbir.registry.INJECTED`) follows from these call sites.
 
 Purposes:
 
@@ -42,6 +43,7 @@ from zsbir.data.loading import DomainTransforms, Transform
 from zsbir.engine.checkpoint import load_model_checkpoint
 from zsbir.engine.param_groups import param_groups, trainable_owners
 from zsbir.engine.step import loss_labels
+from zsbir.injection import supply
 from zsbir.manifest import RESERVED, Manifest, Marker, markers
 from zsbir.models.inputs import InputConfig, from_pretrained_cfg
 from zsbir.progress import phase
@@ -138,7 +140,9 @@ def build_component(kind: str, table: dict[str, Any], ctx: BuildContext,
 
 
 def _build_marked(mark: Marker, value: Any, ctx: BuildContext) -> Any:
-    """A marked parameter's table (or array of tables): built, or a builder."""
+    """A marked parameter's table (or array of tables): built (with ``ctx`` alone: a
+    nested component gets nothing else), or a builder its parent calls with what it
+    provides (a model: ``head(**supply("heads", ...))``)."""
     def one(t: dict[str, Any]) -> Any:
         if mark.factory:
             return functools.partial(build_component, mark.kind, t, ctx)
@@ -208,7 +212,7 @@ def build(manifest: Manifest, purpose: Purpose = "train", run_dir: Path | None =
         ctx.unseen_classes = list(checkpoint["classes"]["unseen"])
     else:
         with phase("indexing the protocol's files"):
-            data = build_component("protocols", manifest.protocol, ctx)
+            data = build_component("protocols", manifest.protocol, ctx, **supply("protocols"))
         ctx.seen_classes, ctx.unseen_classes = list(data.seen_classes), list(data.unseen_classes)
 
     # 2. the student ([model]: backbone + head by default); the transforms follow its
@@ -220,7 +224,7 @@ def build(manifest: Manifest, purpose: Purpose = "train", run_dir: Path | None =
         ctx, seen_classes=list(trained["seen"]), unseen_classes=list(trained["unseen"]))
     with phase("building the model"):
         model = build_component("models", manifest.model, model_ctx,
-                                num_classes=len(model_ctx.seen_classes))
+                                **supply("models", num_classes=len(model_ctx.seen_classes)))
     if checkpoint is not None:  # over the verified base weights when it holds only those
         load_model_checkpoint(model, checkpoint, manifest.data)
     model.to(ctx.device)
@@ -230,7 +234,8 @@ def build(manifest: Manifest, purpose: Purpose = "train", run_dir: Path | None =
     teacher = None
     if training and manifest.teacher is not None:
         with phase("building the teacher"):
-            teacher = build_component("teachers", manifest.teacher, ctx, model=model)
+            teacher = build_component("teachers", manifest.teacher, ctx,
+                                      **supply("teachers", model=model))
             if callable(getattr(teacher, "to", None)):
                 teacher.to(ctx.device)
 
@@ -241,33 +246,34 @@ def build(manifest: Manifest, purpose: Purpose = "train", run_dir: Path | None =
         labels = loss_labels([t["name"] for t in manifest.losses])
         with phase("building the losses"):  # SAKE's WordNet matrix is computed here
             losses = [(label, float(t["weight"]),
-                       build_component("losses", t, ctx).to(ctx.device))
+                       build_component("losses", t, ctx, **supply("losses")).to(ctx.device))
                       for label, t in zip(labels, manifest.losses)]
-        step = build_component("steps", train.step, ctx, model=model)
+        step = build_component("steps", train.step, ctx, **supply("steps", model=model))
         if isinstance(step, torch.nn.Module):
             step.to(ctx.device)
 
         # 5. batches, optimizer, schedule
-        sampler = build_component("samplers", manifest.sampler, ctx, labels=data.train.labels,
-                                  domains=data.train.domains, batch_size=train.batch_size,
-                                  seed=run.seed)
+        sampler = build_component("samplers", manifest.sampler, ctx, **supply(
+            "samplers", labels=data.train.labels, domains=data.train.domains,
+            batch_size=train.batch_size, seed=run.seed))
         # every trainable parameter, wherever it lives, named by its owner and grouped by
         # [[optimizer.groups]] and the modules' hooks (zsbir.engine.param_groups)
         groups = param_groups(trainable_owners(model, losses, step, teacher),
                               manifest.optimizer.get("groups") or ())
         optimizer = build_component("optimizers", manifest.optimizer, ctx, skip=("groups",),
-                                    params=groups)
+                                    **supply("optimizers", params=groups))
         steps = len(sampler) if not train.max_steps_per_epoch else min(
             len(sampler), train.max_steps_per_epoch)
-        scheduler = build_component("schedulers", manifest.schedule, ctx, optimizer=optimizer,
-                                    epochs=train.epochs, steps_per_epoch=steps)
+        scheduler = build_component("schedulers", manifest.schedule, ctx, **supply(
+            "schedulers", optimizer=optimizer, epochs=train.epochs, steps_per_epoch=steps))
 
     # 6. how embeddings are indexed and re-ranked for retrieval
-    hashers = [build_component("hashers", t, ctx) for t in manifest.hashers]
+    hashers = [build_component("hashers", t, ctx, **supply("hashers")) for t in manifest.hashers]
     if checkpoint is not None and checkpoint.get("hashers"):
         for h, saved in zip(hashers, checkpoint["hashers"]):
             h.load_state_dict(saved["state"])
-    rerankers = [build_component("rerankers", t, ctx) for t in manifest.rerankers]
+    rerankers = [build_component("rerankers", t, ctx, **supply("rerankers"))
+                 for t in manifest.rerankers]
 
     fingerprint: dict[str, Any] = {}
     if data is not None:

@@ -181,7 +181,7 @@ def run(manifest: str | None, overrides: tuple[str, ...], resume_dir: str | None
         if manifest:
             raise click.UsageError("give either MANIFEST or --resume RUN_DIR, not both")
         # the run continues in RUN_DIR itself, wherever it was moved; --set may change only
-        # the keys zsbir.engine.run.RESUME_SAFE_KEYS lists (others are refused, exit 2)
+        # the keys zsbir.engine.run.resume_safe_keys finds (others are refused, exit 2)
         run_dir = Path(resume_dir)
         m = load_resumable(run_dir, overrides)
     elif manifest:

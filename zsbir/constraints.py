@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Constraint", "ExistingPath", "Length", "Ordered", "Pattern", "Range", "WeightsFile",
-           "paths_unchecked"]
+__all__ = ["BASE_WEIGHTS", "Constraint", "ExistingPath", "Length", "Ordered", "Pattern", "Range",
+           "ResumeSafe", "WeightsFile", "paths_unchecked", "resume_safe_of"]
 
 
 class Constraint:
@@ -185,6 +185,27 @@ class Ordered(Constraint):
         return "strictly increasing" if self.strict else "increasing"
 
 
+@dataclass(frozen=True)
+class ResumeSafe:
+    """Not a check but a fact about a parameter (or a section): changing it does not touch
+    the trained state, so ``zsbir run --resume`` accepts a changed value (``why`` says
+    why; a table-valued field covers everything under it). ``base``: safe only where the
+    checkpoint's base reference checks the file's content by sha256 (the student's
+    tables, :data:`zsbir.engine.checkpoint.BASE_SECTIONS`), e.g. a backbone's ``weights``
+    path; a teacher's weights stay fixed."""
+
+    why: str
+    base: bool = False
+
+    def __str__(self) -> str:
+        return f"may change on resume: {self.why}"
+
+
+#: a student's weights file: another path is fine on resume, its content is checked
+BASE_WEIGHTS = ResumeSafe("in [model], whose checkpoint base reference checks its sha256",
+                          base=True)
+
+
 def _num(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else str(v)
 
@@ -192,3 +213,8 @@ def _num(v: float) -> str:
 def constraints_of(metadata: tuple[Any, ...]) -> list[Constraint]:
     """The constraints among an ``Annotated`` type's metadata."""
     return [m for m in metadata if isinstance(m, Constraint)]
+
+
+def resume_safe_of(metadata: tuple[Any, ...]) -> ResumeSafe | None:
+    """The :class:`ResumeSafe` marker among an ``Annotated`` type's metadata, if any."""
+    return next((m for m in metadata if isinstance(m, ResumeSafe)), None)

@@ -36,10 +36,12 @@ import fnmatch
 import importlib.metadata as md
 import inspect
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+from zsbir.injection import SUPPLIED
 
 __all__ = [
     "KINDS",
@@ -84,41 +86,34 @@ KINDS: tuple[str, ...] = (
     "importers",
 )
 
-class _Injected(dict):  # type: ignore[type-arg]
-    """The built-in kinds' injected parameters; a plugin kind's come from its
-    :class:`KindSpec` (imported on first use)."""
+class _Injected(Mapping[str, frozenset[str]]):
+    """Read-only: the built-in kinds' injected parameters (``zsbir.injection.SUPPLIED``);
+    a plugin kind's come from its :class:`KindSpec` (imported on first use)."""
 
-    def get(self, kind: str, default: Any = None) -> Any:  # type: ignore[override]
-        if kind in self:
-            return self[kind]
-        spec = _plugin_kind_spec(kind)
-        return spec.injected if spec is not None else default
+    def __init__(self, built_in: Mapping[str, frozenset[str]]):
+        self._built_in = built_in
 
-    def __missing__(self, kind: str) -> frozenset[str]:
+    def __getitem__(self, kind: str) -> frozenset[str]:
+        if kind in self._built_in:
+            return self._built_in[kind]
         spec = _plugin_kind_spec(kind)
         if spec is None:
             raise KeyError(kind)
         return spec.injected
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._built_in)
 
-#: Parameters the toolkit supplies itself (never written in a manifest), per kind.
-#: ``ctx`` is the :class:`zsbir.context.BuildContext` for any kind that asks for it.
-INJECTED: dict[str, frozenset[str]] = _Injected({
-    "protocols": frozenset({"ctx"}),
-    "backbones": frozenset({"ctx"}),
-    "losses": frozenset({"ctx"}),
-    "teachers": frozenset({"ctx", "model"}),
-    "samplers": frozenset({"ctx", "labels", "domains", "batch_size", "seed"}),
-    "optimizers": frozenset({"ctx", "params"}),
-    "schedulers": frozenset({"ctx", "optimizer", "epochs", "steps_per_epoch"}),
-    "hashers": frozenset({"ctx"}),
-    "heads": frozenset({"ctx", "in_features", "num_classes", "classifier"}),
-    "models": frozenset({"ctx", "num_classes"}),
-    "networks": frozenset({"ctx"}),
-    "steps": frozenset({"ctx", "model"}),
-    "rerankers": frozenset({"ctx"}),
-    "importers": frozenset({"ctx"}),
-})
+    def __len__(self) -> int:
+        return len(self._built_in)
+
+
+#: Parameters the toolkit supplies itself (never written in a manifest), per kind: a
+#: read-only view of the built-in kinds' call sites (:data:`zsbir.injection.SUPPLIED`,
+#: which those call sites check themselves against) and a plugin kind's
+#: ``KindSpec.injected``. ``ctx`` is the :class:`zsbir.context.BuildContext` for any kind
+#: that asks for it.
+INJECTED: Mapping[str, frozenset[str]] = _Injected(SUPPLIED)
 
 
 @dataclass(frozen=True)

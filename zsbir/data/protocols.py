@@ -35,7 +35,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 
-from zsbir.constraints import ExistingPath, Range
+from zsbir.constraints import ExistingPath, Range, ResumeSafe
 from zsbir.context import BuildContext, default_cache_dir
 from zsbir.data.base import PHOTO, SKETCH, ProtocolData, Split
 from zsbir.data.classnames import class_split, normalize
@@ -262,9 +262,14 @@ def _benchmark(
 
 
 # --------------------------------------------------------------------------- protocols
+#: why these parameters may change on ``--resume``: the same files, found elsewhere
+_MOVED = ResumeSafe("where the data and its file index live, for a moved run")
+_INDEX = ResumeSafe("rebuilds the file index of the same files")
+
+
 @protocols.register("sketchy_ext")
 def sketchy_ext(
-    root: Annotated[str, ExistingPath("dir")],
+    root: Annotated[str, ExistingPath("dir"), _MOVED],
     split: Literal["sk-sh", "sk-sh-sempcyc", "sk-ye"] = "sk-sh",
     layout: Literal["auto", "sake", "zse", "sempcyc"] = "auto",
     photos: Literal["original+extended", "extended"] = "original+extended",
@@ -272,8 +277,8 @@ def sketchy_ext(
     val_fraction: ValFraction = 0.1,
     seed: Seed = 0,
     verify_images: bool = False,
-    cache_dir: str | None = None,
-    rebuild_index: bool = False,
+    cache_dir: Annotated[str | None, _MOVED] = None,
+    rebuild_index: Annotated[bool, _INDEX] = False,
     ctx: BuildContext | None = None,
 ) -> ProtocolData:
     """Sketchy Extended (Sangkloy et al., SIGGRAPH 2016 + the extension of Liu et al., 2017).
@@ -317,15 +322,15 @@ def sketchy_ext(
 
 @protocols.register("tuberlin_ext")
 def tuberlin_ext(
-    root: Annotated[str, ExistingPath("dir")],
+    root: Annotated[str, ExistingPath("dir"), _MOVED],
     split: Literal["tub-sh"] = "tub-sh",
     layout: Literal["auto", "sake", "zse", "sempcyc"] = "auto",
     generalized: bool = False,
     val_fraction: ValFraction = 0.1,
     seed: Seed = 0,
     verify_images: bool = False,
-    cache_dir: str | None = None,
-    rebuild_index: bool = False,
+    cache_dir: Annotated[str | None, _MOVED] = None,
+    rebuild_index: Annotated[bool, _INDEX] = False,
     ctx: BuildContext | None = None,
 ) -> ProtocolData:
     """TU-Berlin Extended (Eitz et al., SIGGRAPH 2012 + the photos of Liu et al., 2017).
@@ -354,15 +359,15 @@ def tuberlin_ext(
 
 @protocols.register("quickdraw_ext")
 def quickdraw_ext(
-    root: Annotated[str, ExistingPath("dir")],
+    root: Annotated[str, ExistingPath("dir"), _MOVED],
     split: Literal["qd-de"] = "qd-de",
     layout: Literal["auto", "zse", "doodle2search"] = "auto",
     generalized: bool = False,
     val_fraction: ValFraction = 0.1,
     seed: Seed = 0,
     verify_images: bool = False,
-    cache_dir: str | None = None,
-    rebuild_index: bool = False,
+    cache_dir: Annotated[str | None, _MOVED] = None,
+    rebuild_index: Annotated[bool, _INDEX] = False,
     ctx: BuildContext | None = None,
 ) -> ProtocolData:
     """QuickDraw Extended (Dey et al., CVPR 2019, Doodle2Search).
@@ -398,7 +403,7 @@ def _read_names(path: str, what: str) -> list[str]:
 
 @protocols.register("folder")
 def folder(
-    root: Annotated[str, ExistingPath("dir")],
+    root: Annotated[str, ExistingPath("dir"), _MOVED],
     unseen: list[str] | None = None,
     unseen_file: Annotated[str | None, ExistingPath("file")] = None,
     num_unseen: Annotated[int | None, Range(ge=1)] = None,
@@ -406,8 +411,8 @@ def folder(
     val_fraction: ValFraction = 0.1,
     seed: Seed = 0,
     verify_images: bool = False,
-    cache_dir: str | None = None,
-    rebuild_index: bool = False,
+    cache_dir: Annotated[str | None, _MOVED] = None,
+    rebuild_index: Annotated[bool, _INDEX] = False,
     ctx: BuildContext | None = None,
 ) -> ProtocolData:
     """Any ``ROOT/sketch/<class>/*`` + ``ROOT/photo/<class>/*`` tree as a zero-shot split.

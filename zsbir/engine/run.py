@@ -59,6 +59,7 @@ from zsbir.engine.rundir import (  # noqa: F401  (re-exported: zsbir.engine.run.
     check_resumable,
     load_resumable,
     manifest_changes,
+    resume_safe_keys,
     run_dir_of,
 )
 from zsbir.engine.trainer import Trainer
@@ -67,8 +68,8 @@ from zsbir.manifest import Manifest
 log = logging.getLogger("zsbir")
 
 __all__ = ["RESOLVED", "RESUME_SAFE_KEYS", "RunDirError", "check_resumable",
-           "evaluate_experiment", "load_resumable", "manifest_changes", "run_dir_of",
-           "run_experiment", "skipped_report"]
+           "evaluate_experiment", "load_resumable", "manifest_changes", "resume_safe_keys",
+           "run_dir_of", "run_experiment", "skipped_report"]
 
 def _file_only(handler: logging.Handler, level: int, msg: str, *args: Any) -> None:
     """A record for ``log.txt`` alone (not the console): per-file detail, and the error

@@ -4,25 +4,35 @@ note what changed for a resumed one (``zsbir run --resume DIR``).
 ``RUN_DIR`` (``run.output_dir/run.name``) holds ``manifest.resolved.toml`` (the manifest with
 every default filled in), ``checkpoints/`` and the results :mod:`zsbir.engine.run` writes;
 a resumed run continues in DIR wherever it was moved, from ``checkpoints/last.pt``, and
-may change only :data:`RESUME_SAFE_KEYS`.
+may change only the keys marked :class:`~zsbir.constraints.ResumeSafe`
+(:func:`resume_safe_keys`).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from zsbir.engine.checkpoint import CheckpointError, clean_stale_temporaries
+from zsbir.engine.checkpoint import BASE_SECTIONS, CheckpointError, clean_stale_temporaries
 from zsbir.engine.lock import RunLock
-from zsbir.manifest import Manifest, ManifestError, Problem, resolve
+from zsbir.manifest import (
+    CORE_SECTIONS,
+    Manifest,
+    ManifestError,
+    Problem,
+    components,
+    resolve,
+    resume_safe,
+)
 
 log = logging.getLogger("zsbir")
 
 __all__ = ["RESOLVED", "RESUME_SAFE_KEYS", "RunDirError", "check_resumable",
-           "load_resumable", "manifest_changes", "run_dir_of"]
+           "load_resumable", "manifest_changes", "resume_safe_keys", "run_dir_of"]
 
 RESOLVED = "manifest.resolved.toml"
 
@@ -31,23 +41,38 @@ class RunDirError(RuntimeError):
     """The run directory cannot be used as asked (exists, or has nothing to resume)."""
 
 
-#: Keys of the resolved manifest a resumed run may change, because they do not touch the
-#: trained state: where the run and its data live (a run moved to another machine), the
-#: device and data-loader workers, memory layout, logging and checkpoint frequency, the
-#: student's weights file's path (its content is checked against the checkpoint's
-#: ``base``: :func:`zsbir.engine.checkpoint.check_base`), and everything
-#: used only after training (evaluation, hashers, rerankers, which weights are
-#: evaluated). Any other difference between the resolved manifest and the one stored in
-#: ``last.pt`` makes ``--resume`` refuse (exit 2). A key covers everything under it
-#: (``evaluation`` covers ``evaluation.metrics``).
-RESUME_SAFE_KEYS: tuple[str, ...] = (
-    "run.name", "run.output_dir", "run.device", "run.cache_dir", "run.overwrite", "run.threads",
-    "protocol.root", "protocol.cache_dir", "protocol.rebuild_index", "backbone.weights",
-    "model.backbone.weights", "model.sketch.weights", "model.photo.weights",
-    "data.workers", "data.eval_batch_size", "train.log_every", "train.checkpoint_every",
-    "train.compile", "train.channels_last", "train.select", "evaluation", "hashers",
-    "rerankers",
-)
+def _static_safe_keys() -> tuple[str, ...]:
+    """The core sections' resume-safe keys, read from their ``ResumeSafe`` markers."""
+    keys = [{"data_cfg": "data"}.get(name, name) for name in resume_safe(Manifest)]
+    keys += [f"{section}.{name}" for section, cls in CORE_SECTIONS.items()
+             for name in resume_safe(cls) if section not in keys]
+    return tuple(keys)
+
+
+#: The keys every resolved manifest's resumed run may change: the core sections' fields
+#: (and whole sections) marked :class:`~zsbir.constraints.ResumeSafe` in
+#: :mod:`zsbir.manifest.sections` (where the run lives, the device and loader workers,
+#: memory layout, logging and checkpoint frequency, what is used only after training).
+#: Derived, read-only; components add their own marked parameters:
+#: :func:`resume_safe_keys`.
+RESUME_SAFE_KEYS: tuple[str, ...] = _static_safe_keys()
+
+
+def resume_safe_keys(manifest: Manifest) -> tuple[str, ...]:
+    """Every key of ``manifest`` a resumed run may change, because it does not touch the
+    trained state: :data:`RESUME_SAFE_KEYS` plus, at any depth, each component parameter
+    annotated :class:`~zsbir.constraints.ResumeSafe` (a protocol's ``root``, every
+    backbone's ``weights`` in the student: its content is checked against the
+    checkpoint's ``base``, :func:`zsbir.engine.checkpoint.check_base`). Any other
+    difference between the resolved manifest and the one stored in ``last.pt`` makes
+    ``--resume`` refuse (exit 2). A key covers everything under it (``evaluation`` covers
+    ``evaluation.metrics``)."""
+    keys = list(RESUME_SAFE_KEYS)
+    for node in components(manifest):
+        section = re.split(r"[.\[]", node.path)[0]
+        keys += [f"{node.path}.{name}" for name, mark in resume_safe(node.component.obj).items()
+                 if not mark.base or section in BASE_SECTIONS]
+    return tuple(dict.fromkeys(keys))
 
 
 def run_dir_of(manifest: Manifest) -> Path:
@@ -58,7 +83,7 @@ def run_dir_of(manifest: Manifest) -> Path:
 
 def load_resumable(run_dir: str | Path, overrides: Sequence[str] = ()) -> Manifest:
     """The resolved manifest saved in a run directory, for ``--resume`` (``overrides``:
-    ``--set`` items; only :data:`RESUME_SAFE_KEYS` may change, checked when resuming).
+    ``--set`` items; only :func:`resume_safe_keys` may change, checked when resuming).
 
     Resume it with ``run_experiment(m, resume=True, run_dir=run_dir)``: the run continues
     in ``run_dir`` wherever it was moved, whatever its stored output_dir/name say."""
@@ -102,21 +127,22 @@ def manifest_changes(saved: Any, current: Any, prefix: str = "") -> list[tuple[s
     return [] if saved == current else [(prefix, saved, current)]
 
 
-def _resume_safe(path: str) -> bool:
-    return any(path == k or path.startswith((k + ".", k + "[")) for k in RESUME_SAFE_KEYS)
+def _resume_safe(path: str, safe: Sequence[str]) -> bool:
+    return any(path == k or path.startswith((k + ".", k + "[")) for k in safe)
 
 
 def check_resumable(ckpt: dict[str, Any], manifest: Manifest, run_dir: Path) -> None:
     """Refuse a checkpoint that cannot continue ``manifest``: not a resumable checkpoint
     (:class:`CheckpointError`), or a manifest changed since it was written in a key not in
-    :data:`RESUME_SAFE_KEYS` (:class:`ManifestError` listing every such key)."""
+    :func:`resume_safe_keys` (:class:`ManifestError` listing every such key path)."""
     last = run_dir / "checkpoints" / "last.pt"
     missing = [k for k in ("model", "optimizer", "train_state", "manifest") if k not in ckpt]
     if missing:
         raise CheckpointError(f"{str(last)!r} is not a resumable zsbir checkpoint (it lacks "
                               f"{', '.join(missing)})")
+    safe = resume_safe_keys(manifest)
     changes = [c for c in manifest_changes(ckpt["manifest"], manifest.data)
-               if not _resume_safe(c[0])]
+               if not _resume_safe(c[0], safe)]
     if changes:
         def show(v: Any) -> str:
             return "(absent)" if v is None else repr(v)
@@ -125,7 +151,7 @@ def check_resumable(ckpt: dict[str, Any], manifest: Manifest, run_dir: Path) -> 
                            " a resumed run cannot change it")
              for path, a, b in changes]
             + [Problem("", f"restore these keys in {RESOLVED} or start a new run; only "
-                           f"{', '.join(RESUME_SAFE_KEYS)} may change on resume")],
+                           f"{', '.join(safe)} may change on resume")],
             str(run_dir / RESOLVED))
 
 

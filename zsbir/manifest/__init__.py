@@ -53,6 +53,7 @@ from zsbir.manifest.resolver import (
     plugins_used,
     resolve,
     resolve_component,
+    resume_safe,
 )
 from zsbir.manifest.sections import (
     COMPONENT_KEYS,
@@ -78,5 +79,5 @@ __all__ = [
     "TrainConfig", "_Resolver", "_cross_checks", "_cuda_available", "_hints", "_suggest",
     "_type_name", "_value_repr", "apply_overrides", "check_type", "components",
     "constraint_text", "dump_toml", "load", "markers", "nesting_problem", "plugins_used",
-    "resolve", "resolve_component", "student_backbone", "validate_params",
+    "resolve", "resolve_component", "resume_safe", "student_backbone", "validate_params",
 ]

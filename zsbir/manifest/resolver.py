@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from zsbir.constraints import Range
+from zsbir.constraints import Range, ResumeSafe, resume_safe_of
 from zsbir.manifest.checking import _hints, _suggest, _value_repr, check_type, validate_params
 from zsbir.manifest.errors import ManifestError, Problem
 from zsbir.manifest.sections import (
@@ -49,7 +49,7 @@ from zsbir.manifest.sections import (
 from zsbir.registry import INJECTED, Component, Factory, Nested, RegistryError, get_registry
 
 __all__ = ["Marker", "Node", "components", "markers", "plugins_used", "resolve",
-           "resolve_component"]
+           "resolve_component", "resume_safe"]
 
 
 @dataclass
@@ -108,6 +108,32 @@ def markers(obj: Any) -> dict[str, Marker]:
         return dict(_markers_cached(obj))
     except TypeError:  # an unhashable callable
         return dict(_markers_cached.__wrapped__(obj))
+
+
+def _resume_safe_of(tp: Any) -> ResumeSafe | None:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # Optional[Annotated[..., ResumeSafe()]]
+        return next((m for m in map(_resume_safe_of, typing.get_args(tp)) if m), None)
+    if origin is not Annotated:
+        return None
+    return resume_safe_of(tuple(typing.get_args(tp)[1:]))
+
+
+@functools.cache
+def _resume_safe_cached(obj: Any) -> dict[str, ResumeSafe]:
+    return {name: m for name, tp in _hints(obj).items()
+            if (m := _resume_safe_of(tp)) is not None}
+
+
+def resume_safe(obj: Any) -> dict[str, ResumeSafe]:
+    """``{parameter: ResumeSafe}`` for every parameter of a component (or field of a
+    section dataclass, or of :class:`~zsbir.manifest.sections.Manifest`) whose annotation
+    carries :class:`~zsbir.constraints.ResumeSafe`: changing it does not touch the trained
+    state."""
+    try:
+        return dict(_resume_safe_cached(obj))
+    except TypeError:  # an unhashable callable
+        return dict(_resume_safe_cached.__wrapped__(obj))
 
 
 def _default_of(obj: Any, name: str) -> Any:

@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from zsbir.constraints import Length, Ordered, Pattern, Range
+from zsbir.constraints import Length, Ordered, Pattern, Range, ResumeSafe
 from zsbir.registry import Nested
 
 __all__ = [
@@ -23,25 +23,30 @@ __all__ = [
 _PLAIN_NAME = Pattern(r"[A-Za-z0-9][A-Za-z0-9_.\-]*",
                       "a plain name (letters, digits, '_', '-', '.'; no '/' and not empty)")
 _DEVICE = Pattern(r"auto|cpu|mps|cuda(:\d+)?", "\"auto\", \"cpu\", \"mps\" or \"cuda[:N]\"")
+#: why a key may change on ``--resume`` (:class:`~zsbir.constraints.ResumeSafe`)
+_WHERE = ResumeSafe("where the run and its caches live, for a moved run")
+_HOW = ResumeSafe("how the run executes, not what it computes")
+_LOG = ResumeSafe("logging and checkpoint frequency")
+_AFTER = ResumeSafe("used only after training")
 
 
 @dataclass
 class RunConfig:
     """``[run]``: where results go and how the run is seeded."""
 
-    name: Annotated[str, _PLAIN_NAME] = "run"
+    name: Annotated[str, _PLAIN_NAME, _WHERE] = "run"
     #: results land in ``output_dir/name`` (relative paths: to the working directory)
-    output_dir: str = "runs"
+    output_dir: Annotated[str, _WHERE] = "runs"
     seed: Annotated[int, Range(ge=0, lt=2**63)] = 0
     #: "auto" picks CUDA when available, else CPU; or "cpu", "cuda", "cuda:1", "mps"
-    device: Annotated[str, _DEVICE] = "auto"
+    device: Annotated[str, _DEVICE, _HOW] = "auto"
     #: where caches (file indexes, teacher targets, WordNet) go; default ~/.cache/zsbir
-    cache_dir: str = ""
+    cache_dir: Annotated[str, _WHERE] = ""
     #: refuse to reuse a run directory that already holds results
-    overwrite: bool = False
+    overwrite: Annotated[bool, _WHERE] = False
     #: torch intra-op threads; 0: chosen from the CPUs the process may use (OMP_NUM_THREADS,
     #: MKL_NUM_THREADS and ZSBIR_THREADS win over it; see zsbir.engine.threads)
-    threads: Annotated[int, Range(ge=0, le=1024)] = 0
+    threads: Annotated[int, Range(ge=0, le=1024), _HOW] = 0
 
 
 @dataclass
@@ -55,7 +60,7 @@ class DataConfig:
     image_size: Annotated[int, Range(ge=16, le=4096)] = 224
     #: data-loader worker processes; -1 = automatic (CUDA: one per core, at most 8;
     #: CPU: one, so that decoding overlaps compute without starving it)
-    workers: Annotated[int, Range(ge=-1, le=256)] = -1
+    workers: Annotated[int, Range(ge=-1, le=256), _HOW] = -1
     #: SAKE's recipe: with this probability, a random affine transform + flip
     augment_prob: Annotated[float, Range(ge=0, le=1)] = 0.7
     flip: bool = True
@@ -70,7 +75,7 @@ class DataConfig:
     #: an unreadable image: "skip" it (reported and counted) or "fail" the run
     on_corrupt: Literal["skip", "fail"] = "skip"
     #: images per batch when embedding for evaluation
-    eval_batch_size: Annotated[int, Range(ge=1, le=65536)] = 64
+    eval_batch_size: Annotated[int, Range(ge=1, le=65536), _AFTER] = 64
 
 
 @dataclass
@@ -83,24 +88,25 @@ class TrainConfig:
     #: stop an epoch after this many steps (0 = the sampler's full epoch)
     max_steps_per_epoch: Annotated[int, Range(ge=0)] = 0
     #: save a resumable checkpoint every N steps (0 = only at epoch ends)
-    checkpoint_every: Annotated[int, Range(ge=0)] = 200
+    checkpoint_every: Annotated[int, Range(ge=0), _LOG] = 200
     #: evaluate seen-class validation accuracy every N epochs (0 = never)
     val_every: Annotated[int, Range(ge=0)] = 1
     #: stop when validation accuracy has not improved for N epochs (0 = never)
     early_stopping: Annotated[int, Range(ge=0)] = 0
     #: which weights are evaluated at the end: the best validation epoch or the last
-    select: Literal["best_val", "last"] = "best_val"
+    select: Annotated[Literal["best_val", "last"], _AFTER] = "best_val"
     #: clip the gradient norm of every trained parameter, losses' included (0 = off)
     grad_clip: Annotated[float, Range(ge=0)] = 0.0
-    log_every: Annotated[int, Range(ge=1)] = 10
+    log_every: Annotated[int, Range(ge=1), _LOG] = 10
     #: mixed precision: "auto" = bf16 autocast on CUDA, off on CPU (fp32 master weights,
     #: losses computed in fp32)
     amp: Literal["auto", "bf16", "off"] = "auto"
     #: channels-last memory format: "auto" = on for CUDA
-    channels_last: Literal["auto", "on", "off"] = "auto"
+    channels_last: Annotated[Literal["auto", "on", "off"], _HOW] = "auto"
     #: torch.compile the student and the teacher network ("reduce-overhead" adds CUDA
     #: graphs, for small batches such as SAKE's 40)
-    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+    compile: Annotated[Literal["off", "default", "reduce-overhead", "max-autotune"],
+                       _HOW] = "off"
     step: Annotated[dict[str, Any], Nested("steps")] = field(
         default_factory=lambda: {"name": "default"})
 
@@ -187,15 +193,15 @@ class Manifest:
     data_cfg: DataConfig
     model: dict[str, Any]
     train: TrainConfig
-    evaluation: EvalConfig
+    evaluation: Annotated[EvalConfig, _AFTER]
     protocol: dict[str, Any]
     teacher: dict[str, Any] | None
     losses: list[dict[str, Any]]
     sampler: dict[str, Any]
     optimizer: dict[str, Any]
     schedule: dict[str, Any]
-    hashers: list[dict[str, Any]]
-    rerankers: list[dict[str, Any]] = field(default_factory=list)
+    hashers: Annotated[list[dict[str, Any]], _AFTER]
+    rerankers: Annotated[list[dict[str, Any]], _AFTER] = field(default_factory=list)
     plugins: dict[str, str] = field(default_factory=dict)
     source: str = "<manifest>"
 

@@ -35,7 +35,7 @@ from typing import Annotated, Any
 import torch
 from torch import nn
 
-from zsbir.constraints import WeightsFile
+from zsbir.constraints import BASE_WEIGHTS, WeightsFile
 
 __all__ = ["IMAGENET_CFG", "Backbone", "PretrainedCfg", "TimmBackbone", "WeightsFileError",
            "WeightsNotFoundError", "WeightsPath", "find_cached_weights",
@@ -81,8 +81,9 @@ class WeightsFileError(ValueError):
 
 
 #: the annotation of a backbone's ``weights`` parameter: a local file, checked by
-#: ``zsbir validate`` (:class:`~zsbir.constraints.WeightsFile`)
-WeightsPath = Annotated[str | None, WeightsFile()]
+#: ``zsbir validate`` (:class:`~zsbir.constraints.WeightsFile`); in the student another
+#: path may be given on resume (its content is checked against the checkpoint's base)
+WeightsPath = Annotated[str | None, WeightsFile(), BASE_WEIGHTS]
 
 
 class Backbone(nn.Module):

@@ -31,6 +31,7 @@ from torch import nn
 
 from zsbir.context import BuildContext
 from zsbir.data.base import SKETCH
+from zsbir.injection import supply
 from zsbir.models.backbone import Backbone
 from zsbir.models.heads import svd_init
 from zsbir.models.inputs import InputConfig, domain_index, from_pretrained_cfg
@@ -50,8 +51,9 @@ def _make_head(head: HeadFactory | nn.Module, backbone: Backbone, num_classes: i
         return head
     if not callable(head):
         raise TypeError(f"a model's head is a heads factory or a module, got {head!r}")
-    return head(in_features=int(backbone.num_features), num_classes=int(num_classes),
-                classifier=backbone.imagenet_classifier())
+    return head(**supply("heads", in_features=int(backbone.num_features),
+                         num_classes=int(num_classes),
+                         classifier=backbone.imagenet_classifier()))
 
 
 @models.register("backbone_head")

@@ -150,6 +150,29 @@ def test_validation_requires_the_teacher_for_the_distillation_loss():
         resolve(raw)
 
 
+@needs_model_section
+def test_resume_accepts_the_wrapped_backbones_weights_path_and_refuses_its_rank(tmp_path):
+    """``[model.backbone.backbone].weights`` is resume-safe through the wrapped backbone's
+    own marker (nothing names the path); the LoRA rank is not."""
+    from zsbir.engine.run import check_resumable, resume_safe_keys
+    from zsbir.manifest import ManifestError
+
+    def manifest(**inner: Any) -> Any:
+        raw = load(TINY)
+        raw["model"]["backbone"]["backbone"].update(inner.pop("wrapped", {}))
+        raw["model"]["backbone"].update(inner)
+        with paths_unchecked():  # the weights file need not exist here
+            return resolve(raw, str(TINY))
+
+    ckpt = {"model": {}, "optimizer": {}, "train_state": {}, "manifest": manifest().data}
+    moved = manifest(wrapped={"weights": "/elsewhere/vit.pt"})
+    assert "model.backbone.backbone.weights" in resume_safe_keys(moved)
+    check_resumable(ckpt, moved, tmp_path)  # no error
+    with pytest.raises(ManifestError) as err:
+        check_resumable(ckpt, manifest(rank=8), tmp_path)
+    assert [p.path for p in err.value.problems if p.path] == ["model.backbone.rank"]
+
+
 # -- real runs: killed with SIGKILL after the first checkpoint, then resumed -------------
 
 def _env(cache: Path) -> dict[str, str]:

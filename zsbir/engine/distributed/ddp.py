@@ -42,10 +42,11 @@ _weighted_allreduce.__annotations__ = {"state": _WeightState, "bucket": dist.Gra
 
 
 def sync_extra_params(params: Sequence[nn.Parameter], state: _WeightState) -> None:
-    """Average, like DDP does for the model, the gradients of trained parameters outside
-    the DDP-wrapped model (a loss's learnable parameters): a hook all-reduces each one as
-    soon as its gradient is accumulated, weighted by ``state.weight``. Every rank runs the
-    same backward graph, so the hooks fire in the same order on every rank."""
+    """Keep trained parameters outside the DDP-wrapped model (a loss's, the step's, the
+    teacher's) equal on every rank, as DDP does for the model: their values are broadcast
+    from rank 0 now, and a hook all-reduces each one's gradient as soon as it is
+    accumulated, weighted by ``state.weight``. Every rank runs the same backward graph, so
+    the hooks fire in the same order on every rank."""
     def hook(p: torch.Tensor) -> None:
         if p.grad is None:
             return
@@ -55,6 +56,8 @@ def sync_extra_params(params: Sequence[nn.Parameter], state: _WeightState) -> No
         p.grad.div_(world_size())
 
     for p in params:
+        with torch.no_grad():
+            dist.broadcast(p.data, src=0)  # a component may initialize per process
         p.register_post_accumulate_grad_hook(hook)
 
 

@@ -25,7 +25,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from zsbir.constraints import ExistingPath, Range
+from zsbir.constraints import BASE_WEIGHTS, ExistingPath, Range
 from zsbir.models.backbone import Backbone, PretrainedCfg, WeightsNotFoundError
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "ClipTextTower", "ClipVisionBackbone", "build_clip",
@@ -214,7 +214,7 @@ class ClipVisionBackbone(Backbone):
 
 def clip_vit(
     arch: Arch = "ViT-B-32",
-    weights: Annotated[str, ExistingPath("file")] = "",
+    weights: Annotated[str, ExistingPath("file"), BASE_WEIGHTS] = "",
     pretrained: bool = True,
     prompts: Annotated[int, Range(ge=0, le=64)] = 3,
     freeze: Freeze = "all_but_layernorm",
@@ -322,7 +322,7 @@ class ClipTextTower(nn.Module):
 
 def clip_text(
     arch: Arch = "ViT-B-32",
-    weights: Annotated[str, ExistingPath("file")] = "",
+    weights: Annotated[str, ExistingPath("file"), BASE_WEIGHTS] = "",
     pretrained: bool = True,
     quick_gelu: bool = True,
     config: Annotated[str, ExistingPath("file")] = "",
