@@ -34,6 +34,7 @@ def import_(importer: str, checkpoint: str, protocol: str, root: str | None,
     from zsbir.build import build_component
     from zsbir.context import BuildContext
     from zsbir.importers import write_run
+    from zsbir.injection import supply
     from zsbir.manifest import resolve_component
     from zsbir.registry import importers
 
@@ -45,7 +46,7 @@ def import_(importer: str, checkpoint: str, protocol: str, root: str | None,
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file {str(path)!r}")
-    imported = build_component("importers", table, BuildContext())(path)
+    imported = build_component("importers", table, BuildContext(), **supply("importers"))(path)
     run_dir = Path(out) if out else Path("runs") / f"{importer}_{protocol}"
     write_run(imported, path, run_dir, importer)
     Console().print(f"imported {path} ({importer}) -> {run_dir}/ (manifest.resolved.toml, "
