@@ -16,7 +16,9 @@ Purposes:
 
 - ``"train"``: everything (``zsbir run``, ``zsbir bench``);
 - ``"evaluate"``: protocol data, model, hashers and rerankers; no teacher, losses or
-  optimizer (scoring a model, trained or not);
+  optimizer (scoring a model, trained or not: ``zsbir evaluate RUN_DIR``); with a
+  self-contained checkpoint (``final.pt``) pretrained weights are not read, and the model
+  is built for the checkpoint's classes (its classifier), whatever protocol scores it;
 - ``"embed"``: model, transform and hashers from a checkpoint, no data
   (``zsbir index``, ``zsbir search``, ``zsbir serve``): pretrained weights are not read,
   the checkpoint's replace them.
@@ -24,6 +26,7 @@ Purposes:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import inspect
@@ -196,7 +199,8 @@ def build(manifest: Manifest, purpose: Purpose = "train", run_dir: Path | None =
         device=resolve_device(run.device), seed=run.seed, run_dir=run_dir,
         cache_dir=Path(run.cache_dir).expanduser() if run.cache_dir else default_cache_dir(),
         image_size=manifest.data_cfg.image_size, purpose=purpose,
-        load_pretrained=purpose != "embed" or bool((checkpoint or {}).get("base")),
+        # a self-contained checkpoint (final.pt) replaces the pretrained weights: not read
+        load_pretrained=checkpoint is None or bool(checkpoint.get("base")),
     )
     torch.manual_seed(run.seed)  # model initialization is part of the seeded run
     training = purpose == "train"
@@ -214,9 +218,14 @@ def build(manifest: Manifest, purpose: Purpose = "train", run_dir: Path | None =
 
     # 2. the student ([model]: backbone + head by default); the transforms follow its
     # input configuration per domain
+    # the model as it was trained: with a checkpoint, its classifier (and any part built
+    # from class names) follows the checkpoint's classes, whatever protocol scores it
+    trained = (checkpoint or {}).get("classes")
+    model_ctx = ctx if not trained else dataclasses.replace(
+        ctx, seen_classes=list(trained["seen"]), unseen_classes=list(trained["unseen"]))
     with phase("building the model"):
-        model = build_component("models", manifest.model, ctx,
-                                **supply("models", num_classes=len(ctx.seen_classes)))
+        model = build_component("models", manifest.model, model_ctx,
+                                **supply("models", num_classes=len(model_ctx.seen_classes)))
     if checkpoint is not None:  # over the verified base weights when it holds only those
         load_model_checkpoint(model, checkpoint, manifest.data)
     model.to(ctx.device)

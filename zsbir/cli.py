@@ -473,11 +473,17 @@ def plugins() -> None:
 
 
 @main.command()
-@click.option("--features", "features", required=True, type=click.Path(dir_okay=False),
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--features", "features", type=click.Path(dir_okay=False),
               help=".npz with query_features, query_labels, gallery_features, gallery_labels "
                    "(optionally query_codes/gallery_codes: packed uint8 binary codes).")
+@click.option("--protocol", help="With RUN_DIR: the protocol to score on (default the run's).")
+@click.option("--root", type=click.Path(file_okay=False),
+              help="With RUN_DIR: the dataset folder (protocol.root).")
+@set_option
 @click.option("--metric", "metrics", multiple=True,
-              help="Metric name (repeatable); default map@all and p@100.")
+              help="Metric name (repeatable); default map@all and p@100 (with RUN_DIR: "
+                   "the run's [evaluation] metrics).")
 @click.option("--hasher", "hasher_names", multiple=True,
               help="none (cosine), sign, or itq[:BITS] fitted on the gallery; "
                    "default: none, plus codes if the file has them.")
@@ -485,10 +491,32 @@ def plugins() -> None:
               help="Also score each real-valued ranking re-ranked (repeatable), e.g. "
                    "alpha_qe:k=10,alpha=3 or k_reciprocal; see `zsbir list rerankers`.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--device", default="cpu", show_default=True)
-def evaluate(features: str, metrics: tuple[str, ...], hasher_names: tuple[str, ...],
-             as_json: bool, device: str, reranker_specs: tuple[str, ...] = ()) -> None:
-    """Score saved embeddings with any metric (no model needed)."""
+@click.option("--device", help="cpu (the default with --features), cuda, auto; with RUN_DIR "
+                                "the default is the run's run.device.")
+def evaluate(features: str | None, metrics: tuple[str, ...], hasher_names: tuple[str, ...],
+             as_json: bool, device: str, reranker_specs: tuple[str, ...] = (),
+             run_dir: str | None = None, protocol: str | None = None, root: str | None = None,
+             overrides: tuple[str, ...] = ()) -> None:
+    """Score a model on a protocol's test split, or saved embeddings.
+
+    `zsbir evaluate RUN_DIR [--protocol NAME] [--root DATA] [--set KEY=VALUE]` scores a
+    finished or imported run's model (no training; any protocol, cross-dataset too) and
+    writes RUN_DIR/eval/<protocol>/ (metrics.json, retrievals.png); `--metric` and
+    `--reranker` replace the run's [evaluation] metrics and [[rerankers]].
+    `zsbir evaluate --features FILE.npz` scores saved embeddings (no model needed)."""
+    if run_dir is not None:
+        from zsbir.engine.evaluate_cli import evaluate_run_command
+
+        if features:
+            raise click.UsageError("give either RUN_DIR or --features FILE, not both")
+        evaluate_run_command(run_dir, protocol, root, overrides, metrics, reranker_specs,
+                             hasher_names, as_json, device)
+        return
+    if features is None:
+        raise click.UsageError("missing RUN_DIR (or --features FILE.npz)")
+    if protocol or root or overrides:
+        raise click.UsageError("--protocol, --root and --set go with RUN_DIR, not --features")
+    device = device or "cpu"
     import numpy as np
 
     from zsbir.evaluation import evaluate_retrieval, parse_metric
@@ -612,10 +640,11 @@ def _add_search_commands() -> None:
 
 
 _add_search_commands()
-main.add_command(export_command)
 from zsbir.data.check import data_group  # noqa: E402 - `zsbir data check`
+from zsbir.import_command import import_  # noqa: E402 - `zsbir import`
 
-main.add_command(data_group)
+for _cmd in (export_command, data_group, import_):
+    main.add_command(_cmd)
 
 
 @main.group()

@@ -83,6 +83,7 @@ KINDS: tuple[str, ...] = (
     "schedulers",
     "hashers",
     "rerankers",
+    "importers",
 )
 
 class _Injected(Mapping[str, frozenset[str]]):
@@ -658,6 +659,7 @@ models = _REGISTRIES["models"]
 networks = _REGISTRIES["networks"]
 steps = _REGISTRIES["steps"]
 rerankers = _REGISTRIES["rerankers"]
+importers = _REGISTRIES["importers"]
 
 
 def get_registry(kind: str) -> Registry:

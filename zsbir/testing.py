@@ -29,6 +29,8 @@ promises:
 - ``protocols``: the ``synthetic`` protocol (and any protocol that declares an example) is
   built and its splits checked; a protocol that needs its dataset on disk is skipped
   ``by design``;
+- ``importers``: callable on a file path, declares ``expects`` (the format it reads) and
+  refuses a file of another format with :class:`zsbir.importers.ImportFormatError`;
 - a kind a plugin adds: its :class:`zsbir.registry.KindSpec` ``contract``, if it declares
   one (otherwise the component is only built).
 
@@ -547,13 +549,32 @@ def check_protocol(comp: Component) -> None:
         assert len(getattr(obj, split)) > 0, f"split {split} is empty"
 
 
+def check_importer(comp: Component) -> None:
+    from zsbir.importers import ImportFormatError
+
+    obj, _ = build("importers", comp.name)
+    expects = getattr(obj, "expects", "")
+    assert isinstance(expects, str) and expects, "an importer declares `expects` (its format)"
+    assert callable(obj), "an importer is called with the checkpoint's path"
+    with tempfile.TemporaryDirectory() as tmp:
+        other = Path(tmp) / "other.pt"
+        torch.save({"not": torch.zeros(2)}, other)
+        try:
+            obj(other)
+        except ImportFormatError as exc:
+            assert "\n" not in str(exc), "the refusal is one line"
+        else:
+            raise AssertionError("a file of another format was not refused with "
+                                 "ImportFormatError")
+
+
 #: kind -> its contract check (a component of a kind a plugin adds uses its KindSpec)
 CONTRACTS: dict[str, Callable[[Component], None]] = {
     "losses": check_loss, "rerankers": check_reranker, "backbones": check_backbone,
     "models": check_model, "heads": check_head, "networks": check_network,
     "teachers": check_teacher, "steps": check_step, "samplers": check_sampler,
     "optimizers": check_optimizer, "schedulers": check_scheduler, "hashers": check_hasher,
-    "protocols": check_protocol,
+    "protocols": check_protocol, "importers": check_importer,
 }
 
 

@@ -46,6 +46,7 @@ _SECTION_NOTES = {
     "networks": "Frozen networks that produce a teacher's signal (logits and/or features).",
     "steps": "What one training step does: forward, teacher signal, weighted losses.",
     "rerankers": "Test-time re-ranking of the gallery, scored beside the plain ranking.",
+    "importers": "Published checkpoints read into zsbir run directories (`zsbir import`).",
 }
 
 _TITLES = {
@@ -53,6 +54,7 @@ _TITLES = {
     "teachers": "Teachers", "samplers": "Samplers", "optimizers": "Optimizers",
     "schedulers": "Schedulers", "hashers": "Hashers", "heads": "Heads",
     "networks": "Networks", "steps": "Steps", "rerankers": "Rerankers",
+    "importers": "Importers",
 }
 
 

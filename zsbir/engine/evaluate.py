@@ -20,14 +20,17 @@ __all__ = ["evaluate_experiment", "positive_rate"]
 
 
 def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
-                        progress: Callable[[dict[str, Any]], None] | None = None
-                        ) -> dict[str, Any]:
+                        progress: Callable[[dict[str, Any]], None] | None = None,
+                        fit_hashers: bool = True) -> dict[str, Any]:
     """Embed the unseen queries and gallery, index them with every hasher, score.
 
     Besides the protocol's own task (unseen sketches -> unseen photos), two more can be
     asked for in ``[evaluation]``: ``generalized`` (GZS-SBIR: the gallery also holds the
     seen classes' photos, SBTKNet Table 3) and ``pbir`` (ZS-PBIR, SAKE Table 4: the
     unseen photos of each class are split in two by position; odd ones query even ones).
+
+    ``fit_hashers=False``: the hashers are already fitted (a trained run's, loaded from its
+    ``final.pt`` by ``zsbir evaluate RUN_DIR``) and are used as they are.
     """
     from zsbir.data.base import PHOTO, Split
     from zsbir.progress import phase
@@ -70,15 +73,16 @@ def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
         q_emb, g_emb = q_emb[:, :d], g_emb[:, :d]
 
     fit_on = g_emb
-    if any(t["name"] != "none" for t in m.hashers):
+    if fit_hashers and any(t["name"] != "none" for t in m.hashers):
         fit_on, _, _ = embed_split(  # SAKE: ITQ on training embeddings
             exp, data.train, f"embedding {len(data.train)} training images (to fit the hashers)")
     if not D.is_main():  # data-parallel: the others only helped embed; rank 0 scores
         return {"rank": D.rank(), "_eval_skipped": []}
-    with phase("fitting hashers", total=len(exp.hashers), unit="hashers") as advance:
-        for hasher in exp.hashers:
-            hasher.fit(fit_on, seed=m.run.seed)
-            advance()
+    if fit_hashers:
+        with phase("fitting hashers", total=len(exp.hashers), unit="hashers") as advance:
+            for hasher in exp.hashers:
+                hasher.fit(fit_on, seed=m.run.seed)
+                advance()
 
     results: dict[str, Any] = {"protocol": dict(m.protocol), "results": {}, "chance": {},
                                "sizes": {}}

@@ -28,7 +28,9 @@ The authors instead widen ``fc2.weight`` with a zero column (``senet.py``,
 Domain bit: ``0`` photo, ``1`` sketch, as in the paper (``h(p_i, 0)``, ``h(s_i, 1)``) and
 in ``zsbir.data`` (``PHOTO, SKETCH = 0, 1``). Note that the authors' released training and
 test scripts feed the *opposite* tags (``torch.zeros`` for sketches, ``torch.ones`` for
-the extended photo set); only checkpoints trained with that code are affected.
+the extended photo set); only checkpoints trained with that code are affected, and
+``zsbir import sake`` maps them (:mod:`zsbir.importers.sake` folds their tag into each
+conditional ``fc2``'s bias).
 
 ``se_resnet50`` is the same network with plain SE modules (``conditional = False``): it
 equals timm's ``legacy_seresnet50``; SAKE uses it as the frozen ImageNet teacher.
