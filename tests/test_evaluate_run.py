@@ -58,6 +58,7 @@ def test_own_protocol_gives_the_runs_figures_and_keeps_its_metrics(run_dir):
             assert ev["results"]["synthetic"][tag][metric]["formula"] == v["formula"]
     assert ev["evaluated"]["cross_protocol"] is False
     assert ev["evaluated"]["hashers"] == "as fitted in training"
+    assert "eval/synthetic" in (run_dir / "MODEL_CARD.md").read_text()  # card updated
     assert ev["chance"] == ran["chance"] and ev["classes"]["unseen"] == ran["classes"]["unseen"]
     f_run, f_ev = np.load(run_dir / "features.npz"), np.load(out / "features.npz")
     np.testing.assert_allclose(f_ev["query_features"], f_run["query_features"], atol=1e-5)

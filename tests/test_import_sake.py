@@ -119,6 +119,8 @@ def test_import_writes_an_ordinary_run_directory(imported, sake_file):
     assert note["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert note["importer"] == "sake" and note["epoch"] == 17 and note["embed_dim"] == 64
     assert note["best_acc1"] == pytest.approx(81.5)
+    card = (imported / "MODEL_CARD.md").read_text()  # the run's model card names its source
+    assert note["sha256"] in card and "sake" in card
     text = (imported / "manifest.resolved.toml").read_text()
     for part in ('name = "backbone_head"', 'name = "cse_resnet50"', 'name = "stacked"',
                  "embed_dim = 64", 'name = "sketchy_ext"', 'split = "sk-sh"'):

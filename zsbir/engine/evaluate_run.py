@@ -115,4 +115,7 @@ def evaluate_run(run_dir: str | Path, protocol: str | None = None, root: str | N
     results["device"] = str(exp.ctx.device)
     (out / "manifest.resolved.toml").write_text(m.to_toml())
     (out / "metrics.json").write_text(json.dumps(results, indent=2, default=float))
+    from zsbir.export.card import write_model_card
+
+    write_model_card(run_dir, transforms=exp.eval_transform)  # the card lists eval/<protocol>/
     return results, out

@@ -103,4 +103,7 @@ def write_run(imported: Imported, source: str | Path, run_dir: str | Path,
     (run_dir / RESOLVED).write_text(manifest.to_toml())
     atomic_save(ckpt, run_dir / "checkpoints" / "final.pt")
     (run_dir / IMPORT_NOTE).write_text(json.dumps(note, indent=2, default=str) + "\n")
+    from zsbir.export.card import write_model_card
+
+    write_model_card(run_dir, transforms=exp.eval_transform)  # the run's MODEL_CARD.md
     return run_dir
