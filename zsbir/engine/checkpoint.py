@@ -46,6 +46,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from zsbir.digest import file_sha256
+
 __all__ = ["CheckpointError", "NonFiniteCheckpointError", "atomic_save", "base_reference",
            "capture_rng", "check_base", "clean_stale_temporaries", "first_non_finite",
            "frozen_digest", "frozen_names", "load_checkpoint", "load_model_checkpoint",
@@ -302,16 +304,6 @@ def _weights_files(table: Any, path: str) -> Iterator[tuple[str, str]]:
                 yield from _weights_files(v, f"{path}.{k}")
 
 
-def _sha256_file(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def frozen_digest(model: torch.nn.Module, frozen: set[str]) -> str:
     """sha256 over the names, dtypes, shapes and bytes of the model's frozen tensors."""
     import hashlib
@@ -337,7 +329,7 @@ def base_reference(model: torch.nn.Module, manifest_data: dict[str, Any],
             p = Path(file).expanduser()
             if p.is_file():
                 files.append({"key": key, "path": str(p), "size": p.stat().st_size,
-                              "sha256": _sha256_file(p)})
+                              "sha256": file_sha256(p)})
     return {"files": files, "frozen": sorted(frozen),
             "frozen_digest": frozen_digest(model, frozen)}
 

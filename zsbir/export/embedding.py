@@ -3,7 +3,6 @@ and checked against the torch model before it is kept (:func:`export_run`)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zsbir.data.base import PHOTO, SKETCH
+from zsbir.digest import file_sha256
 from zsbir.export import FORMATS, ExportError
 from zsbir.export.card import input_spec, write_model_card
 
@@ -178,14 +178,6 @@ def _trace_torchscript(module: EmbeddingModule, example: tuple[torch.Tensor, ...
     return run, traced
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def export_model(model: nn.Module, transforms: Any, fmt: str, path: str | Path,
                  normalize: bool = False, extra: dict[str, Any] | None = None
                  ) -> dict[str, Any]:
@@ -304,7 +296,7 @@ def export_run(run_dir: str | Path, fmt: str, output: str | Path | None = None,
                           f"{exc.strerror or exc}") from None
     trained = load_trained(run_dir, "cpu")
     extra = {"run": {"dir": str(run_dir.resolve()), "name": trained.manifest.run.name,
-                     "checkpoint": "checkpoints/final.pt", "sha256": _sha256(final)}}
+                     "checkpoint": "checkpoints/final.pt", "sha256": file_sha256(final)}}
     info = export_model(trained.model, trained.transform, fmt, out / FORMATS[fmt],
                         normalize=normalize, extra=extra)
     info_file = out / "model.json"

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from zsbir.digest import file_sha256
 from zsbir.engine.checkpoint import CheckpointError
 
 __all__ = ["ImportFormatError", "Imported", "write_run"]
@@ -52,16 +53,6 @@ class Imported:
     model: dict[str, torch.Tensor]
     classes: dict[str, list[str]]
     source: dict[str, Any] = field(default_factory=dict)
-
-
-def sha256_file(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_run(imported: Imported, source: str | Path, run_dir: str | Path,
@@ -96,7 +87,7 @@ def write_run(imported: Imported, source: str | Path, run_dir: str | Path,
     ckpt["hashers"] = [{"name": t["name"], "state": h.state_dict()}
                        for t, h in zip(manifest.hashers, exp.hashers)]
     note = {"importer": importer, "source": str(source.resolve()),
-            "size": source.stat().st_size, "sha256": sha256_file(source),
+            "size": source.stat().st_size, "sha256": file_sha256(source),
             **imported.source, "versions": package_versions()}
     ckpt["imported"] = {k: v for k, v in note.items() if k != "versions"}
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from zsbir.digest import file_sha256  # noqa: F401 - re-exported (store, api)
 from zsbir.search.errors import IndexDamagedError, SearchError
 from zsbir.search.lock import LOCK_NAME
 
@@ -277,14 +278,6 @@ def transaction(con: sqlite3.Connection) -> Iterator[None]:
 
 
 # -------------------------------------------------------------------------- other files
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_atomic(path: Path, chunks: Iterable[bytes | memoryview]) -> str:
     """Write ``chunks`` to ``PATH.tmp``, fsync, rename to ``path``; the SHA-256 written.
     The temporary file is removed if anything fails."""
