@@ -27,6 +27,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,17 +92,23 @@ class LoRALinear(nn.Linear):
         mode, up to rounding); its ``weight`` keeps ``W``'s requires_grad."""
         layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                           device=self.weight.device, dtype=self.weight.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(self.weight + self.delta_weight().to(self.weight.dtype))
-            if self.bias is not None:
-                layer.bias.copy_(self.bias)
-        layer.weight.requires_grad_(self.weight.requires_grad)
-        if self.bias is not None:
-            layer.bias.requires_grad_(self.bias.requires_grad)
-        return layer
+        return _fill_merged(layer, self)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}"
+
+
+def _fill_merged(layer: nn.Module, lora: Any) -> nn.Module:
+    """Give the plain ``layer`` the weight ``W + (alpha / r) B A`` and the bias of ``lora``
+    (a LoRA layer), each keeping its requires_grad; returns ``layer``."""
+    with torch.no_grad():
+        layer.weight.copy_(lora.weight + lora.delta_weight().to(lora.weight.dtype))
+        if lora.bias is not None:
+            layer.bias.copy_(lora.bias)
+    layer.weight.requires_grad_(lora.weight.requires_grad)
+    if lora.bias is not None:
+        layer.bias.requires_grad_(lora.bias.requires_grad)
+    return layer
 
 
 _CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
@@ -162,14 +169,7 @@ class LoRAConv2d(nn.Conv2d):
                           stride=self.stride, padding=self.padding, dilation=self.dilation,
                           bias=self.bias is not None, padding_mode=self.padding_mode,
                           device=self.weight.device, dtype=self.weight.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(self.weight + self.delta_weight().to(self.weight.dtype))
-            if self.bias is not None:
-                layer.bias.copy_(self.bias)
-        layer.weight.requires_grad_(self.weight.requires_grad)
-        if self.bias is not None:
-            layer.bias.requires_grad_(self.bias.requires_grad)
-        return layer
+        return _fill_merged(layer, self)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}"
