@@ -118,7 +118,7 @@ def test_map_at_k_divides_by_min_k_positives():
         assert d["map@4"] == pytest.approx((1 + 2 / 3) / 2)
         assert d["map@2"] == pytest.approx(1 / 2)  # top-2 holds one positive; / min(2, 2)
         assert d["p@4"] == pytest.approx(2 / 4)
-        assert d["p@4-zse"] == pytest.approx(2 / 2)  # ZSE: / min(K, #pos)
+        assert d["p@4-zse"] == pytest.approx(1 / 2)  # ZSE: top min(K, #pos) = 2 hold 1
         assert d["map@4-yelamarthi"] == pytest.approx((1 + 2 / 3) / 4)
 
 
@@ -130,7 +130,7 @@ def test_k_larger_than_gallery():
         assert d["map@100-yelamarthi"] == pytest.approx((1 / 2 + 2 / 3) / 3)
         assert d["map@100"] == pytest.approx(2 / 3)
         assert d["map@100-sempcyc"] == pytest.approx((1 / 2 + 2 / 3) / 2)
-        assert d["p@100-zse"] == pytest.approx(1.0)
+        assert d["p@100-zse"] == pytest.approx(1 / 2)  # top min(100, 2) = 2 hold 1
 
 
 def test_ties_index_rule_and_sklearn_groups():

@@ -26,7 +26,9 @@ name                   per-query formula (mean over all queries is reported)
                        0 when the top K holds none.
 ``map@K-yelamarthi``   Yelamarthi et al. (ECCV 2018): (1/K) * sum_{k<=K} rel_k * P@k.
 ``p@K``                SAKE ``eval_precision``: hits in top K / min(K, gallery size).
-``p@K-zse``            ZSE-SBIR ``utils/ap.py``: hits in top K / min(K, #positives).
+``p@K-zse``            ZSE-SBIR ``utils/ap.py`` ``precision_eval``: hits in the top
+                       min(K, #positives) / min(K, #positives) (R-precision when a
+                       query has fewer than K positives).
 =====================  =====================================================================
 
 K is any positive integer (``map@200``, ``p@100``). Names are case-insensitive
@@ -112,7 +114,7 @@ _FORMULAS: dict[str, str] = {
         "SAKE (Liu et al. ICCV'19) eval_precision"
     ),
     "p@K-zse": (
-        "hits in top {K} / min({K}, #positives), ties by gallery index; "
+        "hits in top min({K}, #positives) / min({K}, #positives), ties by gallery index; "
         "ZSE-SBIR (Lin et al. CVPR'23) utils/ap.py"
     ),
 }
@@ -264,9 +266,12 @@ def yelamarthi_map(ranks: np.ndarray, num_gallery: int, k: int) -> np.ndarray:
 
 
 def precision_at(ranks: np.ndarray, num_gallery: int, k: int, zse: bool) -> np.ndarray:
-    """Hits in top K / min(K, G) (SAKE), or / min(K, #positives) (ZSE-SBIR)."""
-    hits = (ranks <= k).sum(1).astype(np.float64)
-    return hits / (min(k, ranks.shape[1]) if zse else min(k, num_gallery))
+    """Hits in top K / min(K, G) (SAKE), or hits in top m / m with m = min(K, #positives)
+    (ZSE-SBIR's ``precision_eval``: the mean relevance of the first m items)."""
+    if zse:
+        m = min(k, ranks.shape[1])
+        return (ranks <= m).sum(1).astype(np.float64) / m
+    return (ranks <= k).sum(1).astype(np.float64) / min(k, num_gallery)
 
 
 def compute_metric(spec: MetricSpec, ranks: np.ndarray, num_gallery: int,

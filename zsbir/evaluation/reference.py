@@ -8,7 +8,7 @@ vectorization tricks:
   (Liu et al., ICCV 2019; the same code is ZSE-SBIR's ``utils/ap.py``, Lin et al.,
   CVPR 2023), including the backwards Python loop of the PASCAL VOC devkit envelope.
 * :func:`precision_sake` is SAKE's ``eval_precision``; :func:`precision_zse` is ZSE-SBIR's
-  variant dividing by min(K, #positives).
+  variant: the first min(K, #positives) items' mean relevance.
 * :func:`ap_sklearn` re-derives ``sklearn.metrics.average_precision_score``
   (``_binary_clf_curve`` + ``precision_recall_curve``, ties grouped at one threshold) so the
   tests need no sklearn; SEM-PCYC (Dutta & Akata, CVPR 2019) and Doodle2Search (Dey et al.,
@@ -88,11 +88,13 @@ def precision_sake(scores: np.ndarray, relevant: np.ndarray, top: int = 100) -> 
 
 
 def precision_zse(scores: np.ndarray, relevant: np.ndarray, top: int = 100) -> float:
-    """ZSE-SBIR P@K: hits in the top K / min(K, #positives); 0 with no positive."""
+    """ZSE-SBIR ``precision_eval``: ``top = min(top, tot_pos); mean(sorted[:top])``, the
+    hits in the top min(K, #positives) / min(K, #positives); 0 with no positive."""
     tot_pos = int(np.sum(relevant))
     if tot_pos == 0:
         return 0.0
-    return float(np.sum(relevant[ranking(scores)][:top]) / min(top, tot_pos))
+    top = min(top, tot_pos)
+    return float(np.sum(relevant[ranking(scores)][:top]) / top)
 
 
 def ap_sklearn(scores: np.ndarray, relevant: np.ndarray) -> float:
