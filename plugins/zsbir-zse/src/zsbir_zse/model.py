@@ -22,7 +22,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from torch import nn
-from zsbir.constraints import Range
+from zsbir.constraints import Range, WeightsFile
 from zsbir.context import BuildContext
 from zsbir.data.base import SKETCH
 from zsbir.models.inputs import InputConfig, domain_index
@@ -82,7 +82,8 @@ class ZseModel(nn.Module):
                  ca_heads: Pos = 8, ca_ff: Pos = 1024, ca_layers: Pos = 1,
                  conv_dim: Pos = 512, anchors: Pos = 49,
                  dropout: Annotated[float, Range(ge=0, lt=1)] = 0.1,
-                 vit_weights: str | None = None, checkpoint: str | None = None,
+                 vit_weights: Annotated[str | None, WeightsFile()] = None,
+                 checkpoint: Annotated[str | None, WeightsFile()] = None,
                  num_classes: int = 0, ctx: BuildContext | None = None):
         super().__init__()
         grid = image_size // patch_size

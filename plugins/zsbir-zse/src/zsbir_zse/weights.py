@@ -23,11 +23,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from zsbir.models.backbone import WeightsFileError
 
 __all__ = ["KEY_MAP", "WeightsError", "from_authors", "load_checkpoint", "load_vit_weights"]
 
 
-class WeightsError(ValueError):
+class WeightsError(WeightsFileError):
     """A weights file that cannot be read or does not fit (the message names file and key)."""
 
 
