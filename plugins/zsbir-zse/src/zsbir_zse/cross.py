@@ -49,8 +49,8 @@ class StdLayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(-1, keepdim=True)
-        return self.a * (x - mean) / (x.std(-1, keepdim=True) + self.eps) + self.b
+        var, mean = torch.var_mean(x, dim=-1, keepdim=True)  # unbiased, one pass
+        return torch.addcmul(self.b, (x - mean) / (var.sqrt() + self.eps), self.a)
 
 
 class CrossLayer(nn.Module):
@@ -85,9 +85,12 @@ class CrossLayer(nn.Module):
                residual: torch.Tensor) -> torch.Tensor:
         """The layer from projected (B, heads, T, head_dim) ``q``, ``k``, ``v`` and the
         (B, T, dim) value tokens ``residual``."""
-        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
-        attn = self.drop_attn(scores.softmax(dim=-1))
-        out = (attn @ v).transpose(1, 2).reshape(residual.shape)
+        if self.training and self.drop_attn.p > 0:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
+            out = self.drop_attn(scores.softmax(dim=-1)) @ v
+        else:  # the same softmax(q k^T / sqrt(d)) v, fused (no (T, T) map kept)
+            out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(1, 2).reshape(residual.shape)
         x = self.norm1(residual + self.drop1(self.o(out)))
         return self.norm2(x + self.drop2(self.w2(self.drop_ff(F.relu(self.w1(x))))))
 
