@@ -116,10 +116,11 @@ def topk_costs(mine, ks: tuple[int, ...], repeat: int) -> dict[int, tuple[float,
         for k in ks:
             gi = torch.arange(k) % len(x)
             qi = torch.zeros(k, dtype=torch.long)
-            plain = timed(lambda: mine.score_pairs(o_s["tokens"][qi], o_p["tokens"][gi]),
-                          repeat)
-            pre = timed(lambda: mine.score_pairs(o_s["tokens"][qi], o_p["tokens"][gi],
-                                                 o_s["zse_ca"][qi], o_p["zse_ca"][gi]), repeat)
+            plain = timed(lambda qi=qi, gi=gi: mine.score_pairs(o_s["tokens"][qi],
+                                                                o_p["tokens"][gi]), repeat)
+            pre = timed(lambda qi=qi, gi=gi: mine.score_pairs(
+                o_s["tokens"][qi], o_p["tokens"][gi], o_s["zse_ca"][qi], o_p["zse_ca"][gi]),
+                repeat)
             out[k] = (plain, pre)
     return out
 

@@ -12,7 +12,6 @@ import torch
 
 pytest.importorskip("zsbir_zse", reason="install the plugin: pip install -e plugins/zsbir-zse")
 
-from zsbir.data.base import PHOTO, SKETCH  # noqa: E402
 from zsbir_zse.training import (  # noqa: E402
     ROLES,
     ZseRelationLoss,
@@ -20,6 +19,8 @@ from zsbir_zse.training import (  # noqa: E402
     ZseTripletLoss,
     pair_outputs,
 )
+
+from zsbir.data.base import PHOTO, SKETCH  # noqa: E402
 
 G = torch.Generator().manual_seed(0)
 

@@ -22,6 +22,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from torch import nn
+
 from zsbir.constraints import Range, WeightsFile
 from zsbir.context import BuildContext
 from zsbir.data.base import SKETCH

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+
 from zsbir.registry import pair_scorers
 
 from .model import is_zse

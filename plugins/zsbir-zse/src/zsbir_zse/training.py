@@ -21,6 +21,7 @@ from typing import Annotated, Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from zsbir.constraints import Range
 from zsbir.data.base import PHOTO, SKETCH
 from zsbir.data.samplers import Sampler, epoch_rng

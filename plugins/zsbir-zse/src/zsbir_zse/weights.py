@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+
 from zsbir.models.backbone import WeightsFileError
 
 __all__ = ["KEY_MAP", "WeightsError", "from_authors", "load_checkpoint", "load_vit_weights"]
