@@ -14,7 +14,8 @@ import torch
 from zsbir.build import Experiment
 from zsbir.engine import distributed as D
 from zsbir.engine import threads as T
-from zsbir.engine.embed import embed_split
+from zsbir.engine.embed import embed_outputs, embed_split
+from zsbir.engine.pair_eval import evaluate_pairs, evaluation_outputs, scorer_for
 
 __all__ = ["evaluate_experiment", "positive_rate"]
 
@@ -38,22 +39,29 @@ def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
     m, data, ev = exp.manifest, exp.data, exp.manifest.evaluation
     t0 = time.perf_counter()
     stacked = _stack_views(exp)  # rerankers that need the model: also embed image views
+    # per-item outputs besides the embedding (the pair scorer's, the rerankers'): one pass
+    names = ("embedding", *evaluation_outputs(exp))
     try:
-        q_emb, q_kept, skipped = embed_split(exp, data.query,
-                                             f"embedding {len(data.query)} queries")
-        g_emb, g_kept, g_skip = embed_split(exp, data.gallery,
-                                            f"embedding {len(data.gallery)} gallery images")
+        q_out, q_kept, skipped = embed_outputs(exp, data.query, names,
+                                               f"embedding {len(data.query)} queries")
+        g_out, g_kept, g_skip = embed_outputs(exp, data.gallery, names,
+                                              f"embedding {len(data.gallery)} gallery images")
+        q_emb, g_emb = q_out.pop("embedding"), g_out.pop("embedding")
         skipped += g_skip
         q_lab, g_lab = data.query.labels[q_kept], data.gallery.labels[g_kept]
         name = m.protocol["name"]
         tasks = {name: (q_emb, q_lab, g_emb, g_lab)}
+        task_outputs = {name: (q_out, g_out)}  # task -> (query, gallery) outputs by name
         if ev.generalized and not data.generalized:
             seen = Split.concat(data.train.of_domain(PHOTO), data.val.of_domain(PHOTO))
-            s_emb, s_kept, s_skip = embed_split(
-                exp, seen, f"embedding {len(seen)} seen-class photos (generalized)")
+            s_out, s_kept, s_skip = embed_outputs(
+                exp, seen, names, f"embedding {len(seen)} seen-class photos (generalized)")
+            s_emb = s_out.pop("embedding")
             skipped += s_skip
             tasks[f"{name}-generalized"] = (q_emb, q_lab, np.concatenate([g_emb, s_emb]),
                                             np.concatenate([g_lab, seen.labels[s_kept]]))
+            task_outputs[f"{name}-generalized"] = (q_out, {n: np.concatenate([g_out[n], v])
+                                                           for n, v in s_out.items()})
         if ev.pbir:
             unseen = np.flatnonzero(g_lab >= len(data.seen_classes))
             rank_in_class = np.zeros(len(unseen), dtype=np.int64)
@@ -62,6 +70,8 @@ def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
                 rank_in_class[members] = np.arange(members.sum())
             qi, gi = unseen[rank_in_class % 2 == 1], unseen[rank_in_class % 2 == 0]
             tasks[f"{name}-pbir"] = (g_emb[qi], g_lab[qi], g_emb[gi], g_lab[gi])
+            task_outputs[f"{name}-pbir"] = ({n: v[qi] for n, v in g_out.items()},
+                                            {n: v[gi] for n, v in g_out.items()})
     except BaseException:
         if stacked:  # never leave the model wrapped for the extra views
             exp.model = exp.model.model
@@ -87,6 +97,8 @@ def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
     results: dict[str, Any] = {"protocol": dict(m.protocol), "results": {}, "chance": {},
                                "sizes": {}}
     rerank_seconds: dict[str, float] = {}
+    pair_seconds: dict[str, float] = {}
+    scorer = scorer_for(exp)  # around the weights evaluated
     for task, (qe, ql, ge, gl) in tasks.items():
         per_hasher = {}
         views, (qe, ge) = (qe, ge), (qe[:, :q_emb.shape[1]], ge[:, :q_emb.shape[1]])
@@ -99,6 +111,8 @@ def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
                                       if k != "per_class"}})
         per_hasher.update(_score_rerankers(exp, task, *views, ql, gl, stacked, progress,
                                            rerank_seconds, results))
+        per_hasher.update(evaluate_pairs(exp, task, qe, ge, ql, gl, *task_outputs[task],
+                                         scorer, progress, pair_seconds))
         results["results"][task] = per_hasher
         results["chance"][task] = positive_rate(ql, gl)
         results["sizes"][task] = {"queries": int(len(ql)), "gallery": int(len(gl))}
@@ -108,6 +122,8 @@ def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
     results["seconds"] = {"embed": embed_time, "evaluate_total": time.perf_counter() - t0}
     if rerank_seconds:
         results["seconds"]["rerankers"] = rerank_seconds
+    if pair_seconds:
+        results["seconds"]["pair_scorer"] = pair_seconds
     results["_eval_skipped"] = [list(s) for s in skipped]
     if run_dir is not None:
         np.savez(run_dir / "features.npz", query_features=q_emb, query_labels=q_lab,
@@ -154,9 +170,10 @@ class _ViewStack(torch.nn.Module):
     def forward(self, image: torch.Tensor, domain: torch.Tensor) -> dict[str, torch.Tensor]:
         from zsbir.rerankers import VIEWS
 
-        out = [self.model(image, domain)["embedding"]]
+        plain = self.model(image, domain)  # its other outputs pass through
+        out = [plain["embedding"]]
         out += [self.model(VIEWS[v](image), domain)["embedding"] for v in self.views]
-        return {"embedding": torch.cat(out, dim=1)}
+        return {**plain, "embedding": torch.cat(out, dim=1)}
 
 
 def _stack_views(exp: Experiment) -> list[str]:
