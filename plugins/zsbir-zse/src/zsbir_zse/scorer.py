@@ -18,7 +18,7 @@ rounding (tests: 1e-5 relative); the price is 3 more (T, 768) arrays stored per 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -40,6 +40,11 @@ class ZseRelationScorer:
     """
 
     tag = "zse_rn"
+    #: the [model] table zsbir's contract suite checks this scorer with (64-px images)
+    example_model: ClassVar[dict[str, Any]] = {
+        "name": "zse", "image_size": 64, "patch_size": 8, "dim": 16, "depth": 1, "heads": 2,
+        "mlp_dim": 32, "scale_channels": [4, 4], "ca_heads": 2, "ca_ff": 16, "conv_dim": 8,
+        "anchors": 16}
 
     def __init__(self, model: Any, precompute: bool = False):
         if not is_zse(model):
