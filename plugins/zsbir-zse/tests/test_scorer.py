@@ -10,8 +10,9 @@ import torch
 
 pytest.importorskip("zsbir_zse", reason="install the plugin: pip install -e plugins/zsbir-zse")
 
-from zsbir.pairs import PairBatcher  # noqa: E402
 from zsbir_zse.scorer import ZseRelationScorer  # noqa: E402
+
+from zsbir.pairs import PairBatcher  # noqa: E402
 
 
 def naive(model, s_tok: torch.Tensor, p_tok: torch.Tensor) -> np.ndarray:
