@@ -4,4 +4,4 @@ TORCH=(torch==2.14.1 torchvision==0.29.1)
 # zsbir with every extra, and the plugin distributions of this repository.
 PROJECT=(-e ".[dev,weights,serve,tensorboard,report,export]"
          -e ./plugins/zsbir-example -e ./plugins/zsbir-rpkd -e ./plugins/zsbir-clip
-         -e ./plugins/zsbir-peft)
+         -e ./plugins/zsbir-peft -e ./plugins/zsbir-zse)
