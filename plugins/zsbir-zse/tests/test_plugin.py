@@ -33,6 +33,7 @@ COMPONENTS = {
     ("losses", "zse_triplet"): "zsbir_zse.training:ZseTripletLoss",
     ("losses", "zse_relation"): "zsbir_zse.training:ZseRelationLoss",
     ("pair_scorers", "zse_rn"): "zsbir_zse.scorer:ZseRelationScorer",
+    ("importers", "zse"): "zsbir_zse.importer:ZseImporter",
 }
 
 

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("zsbir_zse", reason="install the plugin: pip install -e plugins/zsbir-zse")
 
 from zsbir_zse.model import ZseModel  # noqa: E402
-from zsbir_zse.weights import WeightsError, _map_key, from_authors  # noqa: E402
+from zsbir_zse.weights import WeightsError, _map_key, from_authors, to_authors  # noqa: E402
 
 #: the keys of the authors' ``Model.state_dict()`` with one ViT block (their model/
 #: model.py, sa.py, ca.py, rn.py; printed from their code), in their order
@@ -126,3 +126,45 @@ def test_errors_name_the_file_and_the_key(one_block, tiny, tmp_path):
     torch.save({"foo": torch.zeros(2)}, g)
     with pytest.raises(WeightsError, match=r"none of its 1 entries is a ViTPatch parameter"):
         ZseModel(**kw, vit_weights=str(g))
+
+
+def test_to_authors_is_the_inverse(one_block):
+    theirs = to_authors(one_block.state_dict())
+    assert sorted(theirs) == sorted(k for k in AUTHORS_KEYS
+                                    if not k.startswith("ca.encoder.layers."))
+    assert all(torch.equal(v, one_block.state_dict()[_map_key(k)]) for k, v in theirs.items())
+
+
+def test_import_writes_a_run_of_the_released_checkpoint(tmp_path):
+    """``zsbir import zse`` on a checkpoint in their format (real widths, 1 ViT block,
+    fp16): the run's model holds its weights as float32 and scores pairs as it does."""
+    import json
+
+    from click.testing import CliRunner
+
+    from zsbir.cli import main
+
+    torch.manual_seed(0)
+    src = ZseModel(depth=1).eval()
+    f = tmp_path / "sketchy_ext_best.pth"
+    torch.save({"model": {k: v.half() for k, v in to_authors(src.state_dict()).items()},
+                "epoch": 27, "map_all": 0.7, "precision_100": 0.8}, f)
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["import", "zse", str(f), "--protocol", "sk-sh", "--out",
+                                  str(out)])
+    assert r.exit_code == 0, r.output
+    note = json.loads((out / "import.json").read_text())
+    assert note["importer"] == "zse" and note["stored_dtype"] == ["float16"]
+    assert note["reported_by_checkpoint"] == {"epoch": 27, "map_all": 0.7,
+                                              "precision_100": 0.8}
+    ckpt = torch.load(out / "checkpoints" / "final.pt", weights_only=True)
+    assert ckpt["manifest"]["model"]["depth"] == 1
+    assert ckpt["manifest"]["pair_scorer"]["name"] == "zse_rn"
+    for k, v in src.state_dict().items():
+        assert torch.equal(ckpt["model"][k], v.half().float()), k
+    g = tmp_path / "other.pth"
+    torch.save({"state_dict": {}}, g)
+    r = CliRunner().invoke(main, ["import", "zse", str(g), "--protocol", "sk-sh", "--out",
+                                  str(tmp_path / "run2")])
+    assert r.exit_code == 1 and "ZSE-SBIR authors' checkpoint" in r.output
+    assert "Traceback" not in r.output

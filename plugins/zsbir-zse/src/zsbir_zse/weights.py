@@ -26,7 +26,8 @@ from torch import nn
 
 from zsbir.models.backbone import WeightsFileError
 
-__all__ = ["KEY_MAP", "WeightsError", "from_authors", "load_checkpoint", "load_vit_weights"]
+__all__ = ["KEY_MAP", "WeightsError", "from_authors", "load_checkpoint", "load_vit_weights",
+           "to_authors"]
 
 
 class WeightsError(WeightsFileError):
@@ -88,6 +89,34 @@ def from_authors(state: Mapping[str, Any], source: str = "the state dict"
     if unknown:
         raise WeightsError(f"{source}: {len(unknown)} entries are not parameters of the "
                            f"authors' ZSE-SBIR model (first: {', '.join(unknown[:5])})")
+    return out
+
+
+def _reverse(pattern: str, repl: str) -> tuple[str, str]:
+    """A :data:`KEY_MAP` entry run backwards: (regex on this plugin's key, replacement
+    giving the authors' key)."""
+    groups = re.findall(r"\(\\d\+?\)", pattern)  # the capture groups, in order
+    rx = re.escape(repl)
+    theirs = pattern.strip("^$")
+    for i, g in enumerate(groups, 1):
+        rx = rx.replace(re.escape(f"\\{i}"), g)
+        theirs = theirs.replace(g, f"\\{i}", 1)
+    return "^" + rx + ("$" if pattern.endswith("$") else ""), theirs.replace("\\.", ".")
+
+
+REVERSE = [_reverse(p, r) for p, r in KEY_MAP]
+
+
+def to_authors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`from_authors` (without the unused clones): a ``zse`` state
+    dict under the authors' names, e.g. to write a checkpoint in their format (tests,
+    docs) without their code."""
+    out = {}
+    for key, value in state.items():
+        rx, theirs = next(((rx, t) for rx, t in REVERSE if re.match(rx, key)), (None, None))
+        if rx is None:
+            raise KeyError(f"{key!r} has no name in the authors' model")
+        out[re.sub(rx, theirs, key)] = value
     return out
 
 
