@@ -134,8 +134,9 @@ def pair_outputs(model: torch.nn.Module, out: dict[str, torch.Tensor],
         sc.append(score[t:])
     idx = torch.cat(rows)
     b = tokens.shape[0]
-    pair_embedding = tokens.new_zeros((b, tokens.shape[-1])).index_put((idx,), torch.cat(emb))
-    pair_score = tokens.new_zeros((b,)).index_put((idx,), torch.cat(sc))
+    emb_t, sc_t = torch.cat(emb), torch.cat(sc)  # dtypes may differ under autocast
+    pair_embedding = emb_t.new_zeros((b, tokens.shape[-1])).index_put((idx,), emb_t)
+    pair_score = sc_t.new_zeros((b,)).index_put((idx,), sc_t)
     return {"pair_embedding": pair_embedding, "pair_score": pair_score}
 
 
