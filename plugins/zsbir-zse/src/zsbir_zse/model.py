@@ -33,7 +33,7 @@ from .cross import CrossAttention, RelationNetwork, cosine_matrix
 from .vit import SelfAttentionEncoder
 from .weights import WeightsError, load_checkpoint, load_vit_weights
 
-__all__ = ["ZseModel", "ZSE_144_KEEP_RATE"]
+__all__ = ["ZSE_144_KEEP_RATE", "WeightsError", "ZseModel", "is_zse"]
 
 #: the token-selection schedule of the released sa.py's comment (196 -> 177 -> 160 -> 144
 #: patch tokens), used for ``anchors = 144`` when ``keep_rate`` is not given
@@ -88,8 +88,7 @@ class ZseModel(nn.Module):
                  num_classes: int = 0, ctx: BuildContext | None = None):
         super().__init__()
         grid = image_size // patch_size
-        if keep_rate is None and anchors != grid * grid and anchors != (grid // 2) ** 2 \
-                and anchors == 144 and grid == 14 and depth == 12:
+        if keep_rate is None and (anchors, grid, depth) == (144, 14, 12):
             keep_rate = list(ZSE_144_KEEP_RATE)
         self.encoder = SelfAttentionEncoder(image_size, patch_size, dim, depth, heads,
                                             mlp_dim, scale_channels, dropout, keep_rate,
@@ -182,7 +181,5 @@ class ZseModel(nn.Module):
 
 
 def is_zse(model: Any) -> bool:
+    """Whether ``model`` (or the module a wrapper holds) is a :class:`ZseModel`."""
     return isinstance(getattr(model, "module", model), ZseModel)
-
-
-__all__ += ["WeightsError", "is_zse"]

@@ -90,13 +90,10 @@ class ZseSampler(Sampler):
         rng = epoch_rng(self.seed, epoch)
         t = len(self) * self.per_batch
         c = self._anchor_classes[rng.integers(len(self._anchor_classes), size=t)]
-        # c' uniform among the photo classes other than c
+        # c' uniform among the photo classes other than c (c is one of them)
         pc = self._photo_classes
-        pos_in_pc = np.searchsorted(pc, c)
-        has_c = (pos_in_pc < len(pc)) & (pc[np.minimum(pos_in_pc, len(pc) - 1)] == c)
-        r = rng.integers(len(pc) - has_c.astype(np.int64))
-        r = r + ((r >= pos_in_pc) & has_c)
-        neg_c = pc[r]
+        r = rng.integers(len(pc) - 1, size=t)
+        neg_c = pc[r + (r >= np.searchsorted(pc, c))]
         cols = [self._draw(SKETCH, c, rng), self._draw(PHOTO, c, rng),
                 self._draw(PHOTO, neg_c, rng), self._draw(SKETCH, c, rng)]
         tuples = np.stack(cols, axis=1)
