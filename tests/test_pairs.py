@@ -179,6 +179,22 @@ def test_zsbir_validate_reports_the_key_paths(tmp_path):
 
 
 # --------------------------------------------------------------------- per-item outputs
+def test_a_scorer_reading_an_output_the_model_lacks_is_refused_before_training(tmp_path):
+    from zsbir.build import BuildError, build
+
+    m = resolve(_raw(tmp_path, {"name": "maxsim", "output": "nope", "top_k": 3}))
+    with pytest.raises(BuildError, match=r"\[pair_scorer\] reads the model output 'nope', "
+                                         r"which model 'backbone_head' does not give"):
+        build(m, "train")
+    f = tmp_path / "m.toml"
+    from zsbir.manifest import dump_toml
+
+    f.write_text(dump_toml(m.data))
+    res = CliRunner().invoke(main, ["run", str(f)])
+    assert res.exit_code == 1 and "reads the model output 'nope'" in res.output
+    assert "Traceback" not in res.output
+
+
 def test_embed_outputs_gives_every_output_once_and_names_a_missing_one(tmp_path):
     from zsbir.build import build
     from zsbir.engine.embed import embed_outputs, embed_split

@@ -391,9 +391,13 @@ class Index:
             kk = min(k, len(p))
             stored = {name: self._stored(name, self._fx.ids[p[:kk]]) for name in scorer.outputs}
             query = {name: q_out[name][i:i + 1] for name in scorer.outputs}
-            batcher = PairBatcher(scorer, query, stored, table.get("batch_pairs", 256),
-                                  self.model.device)
-            pair = batcher.score(np.zeros(kk, np.int64), np.arange(kk))
+            try:
+                batcher = PairBatcher(scorer, query, stored, table.get("batch_pairs", 256),
+                                      self.model.device)
+                pair = batcher.score(np.zeros(kk, np.int64), np.arange(kk))
+            except ValueError as exc:  # e.g. non-finite scores of float16-stored outputs
+                raise SearchError(f"pair scorer {getattr(scorer, 'tag', '?')!r}: {exc}"
+                                  ) from exc
             order, ordered = rescore_order(p[None, :kk], pair[None])
             value = dict(zip(p.tolist(), np.asarray(v).tolist()))
             final = [*order[0].tolist(), *p[kk:].tolist()][:top]
