@@ -40,8 +40,9 @@ def test_maxsim_equals_the_naive_per_pair_reference(normalize, reduce):
     rng = np.random.default_rng(0)
     q = rng.normal(size=(11, 5, 8)).astype(np.float32)
     d = rng.normal(size=(11, 7, 8)).astype(np.float32)
-    got = MaxSim(normalize=normalize, reduce=reduce).score_pairs(
-        {"tokens": torch.from_numpy(q)}, {"tokens": torch.from_numpy(d)}).numpy()
+    s = MaxSim(normalize=normalize, reduce=reduce)
+    got = s.score_pairs(s.prepare({"tokens": torch.from_numpy(q)}),
+                        s.prepare({"tokens": torch.from_numpy(d)})).numpy()
     want = [maxsim_ref(q[i], d[i], normalize, reduce) for i in range(11)]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -49,7 +50,9 @@ def test_maxsim_equals_the_naive_per_pair_reference(normalize, reduce):
 def test_maxsim_takes_one_vector_as_one_token_and_refuses_other_shapes():
     rng = np.random.default_rng(1)
     q, d = rng.normal(size=(4, 6)), rng.normal(size=(4, 6))
-    got = MaxSim().score_pairs({"tokens": torch.tensor(q)}, {"tokens": torch.tensor(d)})
+    s = MaxSim()
+    got = s.score_pairs(s.prepare({"tokens": torch.tensor(q)}),
+                        s.prepare({"tokens": torch.tensor(d)}))
     cos = (q * d).sum(1) / np.linalg.norm(q, axis=1) / np.linalg.norm(d, axis=1)
     np.testing.assert_allclose(got.numpy(), cos, rtol=1e-5)
     with pytest.raises(ValueError, match="do not pair"):
@@ -68,7 +71,7 @@ def test_batching_is_independent_of_block_size_and_composition():
                       for i in range(5)])
     qi, gi = np.repeat(np.arange(5), 9), np.tile(np.arange(9), 5)
     perm = rng.permutation(len(qi))
-    for bp in (1, 3, 7, 45, 10_000):
+    for bp in (1, 3, 7, 9, 45, 10_000):  # 9: one query's whole row, as views
         b = PairBatcher(MaxSim(), q, g, batch_pairs=bp)
         np.testing.assert_allclose(b.score(qi, gi).reshape(5, 9), naive, rtol=1e-5, atol=1e-5)
         # another order of the same pairs: every pair keeps its score (bit for bit)
@@ -176,6 +179,22 @@ def test_zsbir_validate_reports_the_key_paths(tmp_path):
 
 
 # --------------------------------------------------------------------- per-item outputs
+def test_a_scorer_reading_an_output_the_model_lacks_is_refused_before_training(tmp_path):
+    from zsbir.build import BuildError, build
+
+    m = resolve(_raw(tmp_path, {"name": "maxsim", "output": "nope", "top_k": 3}))
+    with pytest.raises(BuildError, match=r"\[pair_scorer\] reads the model output 'nope', "
+                                         r"which model 'backbone_head' does not give"):
+        build(m, "train")
+    f = tmp_path / "m.toml"
+    from zsbir.manifest import dump_toml
+
+    f.write_text(dump_toml(m.data))
+    res = CliRunner().invoke(main, ["run", str(f)])
+    assert res.exit_code == 1 and "reads the model output 'nope'" in res.output
+    assert "Traceback" not in res.output
+
+
 def test_embed_outputs_gives_every_output_once_and_names_a_missing_one(tmp_path):
     from zsbir.build import build
     from zsbir.engine.embed import embed_outputs, embed_split

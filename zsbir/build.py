@@ -53,7 +53,7 @@ from zsbir.registry import INJECTED, _singular, get_registry
 log = logging.getLogger(__name__)
 
 __all__ = ["BuildError", "Experiment", "Purpose", "build", "build_component",
-           "build_pair_scorer", "resolve_device", "transforms_for"]
+           "build_pair_scorer", "check_outputs", "resolve_device", "transforms_for"]
 
 Purpose = Literal["train", "evaluate", "embed"]
 
@@ -278,8 +278,13 @@ def build(manifest: Manifest, purpose: Purpose = "train", run_dir: Path | None =
             h.load_state_dict(saved["state"])
     rerankers = [build_component("rerankers", t, ctx, **supply("rerankers"))
                  for t in manifest.rerankers]
-    # 7. the pair scorer (zsbir.pairs): given the model, whose submodules it may read
+    # 7. the pair scorer (zsbir.pairs): given the model, whose submodules it may read; the
+    # per-item outputs it and the rerankers read are checked now, not after training
     pair_scorer = build_pair_scorer(manifest, ctx, model)
+    check_outputs(model, [("[pair_scorer]", pair_scorer),
+                          *((f"rerankers[{i}]", r) for i, r in enumerate(rerankers))],
+                  str(manifest.model.get("name", "?")), eval_tf.for_domain("photo").size,
+                  ctx.device)
 
     fingerprint: dict[str, Any] = {}
     if data is not None:
@@ -305,6 +310,34 @@ def build_pair_scorer(manifest: Manifest, ctx: BuildContext, model: torch.nn.Mod
     if isinstance(scorer, torch.nn.Module):
         scorer.to(ctx.device)
     return scorer
+
+
+def check_outputs(model: torch.nn.Module, components: list[tuple[str, Any]],
+                  model_name: str, size: int, device: torch.device) -> None:
+    """:class:`BuildError` when the model does not give an output that a component
+    (``(manifest section, object)``: the pair scorer, a reranker) declares in ``outputs``:
+    one forward pass of a random sketch and photo in eval mode (no state changes; the
+    global RNG is not touched)."""
+    from zsbir.pairs.base import outputs_of
+
+    wanted = [(where, n) for where, c in components if c is not None
+              for n in outputs_of(c) if n != "embedding"]
+    if not wanted:
+        return
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, size, size, generator=g).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            got = model(x, torch.tensor([1, 0], device=device))
+    finally:
+        model.train(was_training)
+    for where, name in wanted:
+        if name not in got:
+            raise BuildError(f"{where} reads the model output {name!r}, which model "
+                             f"{model_name!r} does not give (it gives "
+                             f"{', '.join(map(repr, got))})")
 
 
 def _with_file_stamps(table: Any) -> Any:

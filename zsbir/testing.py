@@ -31,9 +31,10 @@ promises:
   ``by design``;
 - ``pair_scorers``: declares ``tag`` and its ``outputs``; built around a small model
   (its ``example_model`` table, default a ResNet-18 ``backbone_head``) whose outputs on
-  random images feed it; ``score_pairs`` gives (P,) finite scores, each pair's the same in
-  any block of pairs, and equal to its naive reference per pair (the component's own
-  ``reference(query_row, gallery_row, params)`` or zsbir's for ``maxsim``);
+  random images feed it (through its ``prepare`` when it has one); ``score_pairs`` gives
+  (P,) finite scores, each pair's the same in any block of pairs, and equal to its naive
+  reference per pair (the component's own ``reference(query_row, gallery_row, params)``,
+  on raw outputs, or zsbir's for ``maxsim``);
 - ``importers``: callable on a file path, declares ``expects`` (the format it reads) and
   refuses a file of another format with :class:`zsbir.importers.ImportFormatError`;
 - a kind a plugin adds: its :class:`zsbir.registry.KindSpec` ``contract``, if it declares
@@ -582,13 +583,22 @@ def check_pair_scorer(comp: Component) -> None:
     missing = [n for n in names if n not in sk or n not in ph]
     assert not missing, (f"the model ({table or PAIR_SCORER_MODEL}) gives no output "
                          f"{missing}: declare `example_model`, a [model] table that does")
+    prepare = getattr(obj, "prepare", None)
+    if callable(prepare):  # per-item work: the core hands score_pairs prepared outputs
+        with torch.no_grad():
+            sk_p, ph_p = dict(prepare({n: sk[n] for n in names})), dict(
+                prepare({n: ph[n] for n in names}))
+        assert all(len(sk_p[n]) == 3 and len(ph_p[n]) == 3 for n in names), \
+            "prepare() keeps every output's items (same names, same lengths)"
+    else:
+        sk_p, ph_p = sk, ph
     qi = torch.arange(3).repeat_interleave(3)
     gi = torch.arange(3).repeat(3)
 
     def score(rows: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return obj.score_pairs({n: sk[n][qi[rows]] for n in names},
-                                   {n: ph[n][gi[rows]] for n in names})
+            return obj.score_pairs({n: sk_p[n][qi[rows]] for n in names},
+                                   {n: ph_p[n][gi[rows]] for n in names})
 
     s = score(torch.arange(9))
     assert isinstance(s, torch.Tensor) and tuple(s.shape) == (9,), \

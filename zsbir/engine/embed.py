@@ -52,10 +52,10 @@ def _run(exp: Any, split: Split, fn: Callable[[dict[str, Any]], Any],
                 outs.setdefault(name, []).append(t.float().cpu())
             kept.append(batch["index"].numpy())
     if D.is_distributed():  # the ranks' blocks, in rank order
-        names = [n for part in D.gather_objects(sorted(outs)) for n in part]
+        names = list(dict.fromkeys(n for part in D.gather_objects(sorted(outs)) for n in part))
         single = names == [""] if names else single
         stacked = {n: D.gather_rows(torch.cat(outs[n]) if outs.get(n) else None)
-                   for n in dict.fromkeys(names)}
+                   for n in names}
         index = D.gather_concat(np.concatenate(kept) if kept else np.zeros(0, np.int64))
         skipped = [tuple(s) for part in D.gather_objects(skipped) for s in part]
         if not stacked or any(v is None for v in stacked.values()):

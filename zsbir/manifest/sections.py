@@ -151,7 +151,7 @@ COMPONENT_SECTIONS: dict[str, tuple[str, bool, bool, Any, dict[str, Any]]] = {
     "rerankers": ("rerankers", True, False, [], {}),
     # pair scoring (zsbir.pairs): its evaluation settings are the toolkit's keys
     "pair_scorer": ("pair_scorers", False, False, None,
-                    {"top_k": 0, "exhaustive": False, "batch_pairs": 4096}),
+                    {"top_k": 0, "exhaustive": False, "batch_pairs": 256}),
 }
 #: top-level section -> its registry kind
 COMPONENT_KEYS: dict[str, str] = {k: v[0] for k, v in COMPONENT_SECTIONS.items()}

@@ -2,7 +2,9 @@
 
 A model is an ``nn.Module``: ``forward(image, domain)`` returns a dict with at least
 ``embedding`` (B, d), the retrieval feature, plus ``features`` and the head's other named
-outputs (``logits``, ``imagenet_logits``, ...); ``embed_dim`` is d; and
+outputs (``logits``, ``imagenet_logits``, ...) and, when the backbone gives them in the same
+pass (:func:`zsbir.models.backbone.backbone_tokens`), its unpooled ``tokens`` (B, T, D) for
+pair scorers (:mod:`zsbir.pairs`); ``embed_dim`` is d; and
 ``input_config(domain)`` (``"sketch"`` / ``"photo"``) says which
 :class:`~zsbir.models.inputs.InputConfig` its transform uses for that domain.
 

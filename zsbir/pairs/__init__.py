@@ -18,8 +18,8 @@ Evaluation (:mod:`zsbir.engine.pair_eval`), the photo index's stored outputs
 (:mod:`zsbir.search.outputs`) and ``zsbir search --pair-scorer`` use them.
 """
 
-from .base import PairScorer, needed_outputs
+from .base import PairScorer, make_pair_scorer, needed_outputs
 from .batching import PairBatcher, merged_scores, rescore_order, stable_topk
 
-__all__ = ["PairBatcher", "PairScorer", "merged_scores", "needed_outputs", "rescore_order",
-           "stable_topk"]
+__all__ = ["PairBatcher", "PairScorer", "make_pair_scorer", "merged_scores", "needed_outputs",
+           "rescore_order", "stable_topk"]

@@ -15,6 +15,12 @@ A pair scorer is a registered class or function whose object has:
   on the other pairs of the block (eval mode, no batch statistics): the core cuts the
   pairs into blocks of ``batch_pairs`` as it likes.
 
+Optional: ``prepare(outputs) -> outputs`` (a mapping of name -> (N, ...) tensors, returned
+with the same names and lengths): per-item work the core then does once per item instead
+of once per pair (MaxSim's normalization; a projection of the tokens). When a scorer
+defines it, the core hands ``score_pairs`` prepared outputs only, so a caller of
+``score_pairs`` prepares both sides first: ``score_pairs(prepare(q), prepare(g))``.
+
 A scorer whose weights belong to the trained model (a cross-attention + relation network)
 names ``model`` in its constructor signature and is given the model being evaluated (the
 student, or its ``inference_model()``: EMA weights, a checkpoint's), whose submodules it
@@ -32,7 +38,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["PairScorer", "needed_outputs", "outputs_of"]
+__all__ = ["PairScorer", "make_pair_scorer", "needed_outputs", "outputs_of"]
 
 
 @runtime_checkable
@@ -62,3 +68,24 @@ def needed_outputs(components: Sequence[Any], extra: Sequence[str] = ()) -> tupl
         if name != "embedding" and name not in out:
             out.append(name)
     return tuple(out)
+
+
+def make_pair_scorer(name: str, model: torch.nn.Module | None = None,
+                     device: str | torch.device = "cpu", what: str = "--pair-scorer") -> Any:
+    """The registered pair scorer ``name`` with its default parameters, resolved and built
+    as a ``[pair_scorer]`` table is, around ``model`` (for a scorer that reads one).
+    ``ValueError`` (one line, naming ``what``) for an unknown name or a scorer that cannot
+    be built so."""
+    from zsbir.build import build_component
+    from zsbir.context import BuildContext
+    from zsbir.manifest import ManifestError, resolve_component
+    from zsbir.registry import RegistryError
+
+    try:
+        table = resolve_component("pair_scorers", {"name": name}, what)
+        return build_component("pair_scorers", table, BuildContext(device=torch.device(device)),
+                               model=model)
+    except ManifestError as exc:
+        raise ValueError("; ".join(str(p) for p in exc.problems)) from exc
+    except (RegistryError, ValueError, TypeError) as exc:
+        raise ValueError(f"{what} {name}: {exc}") from exc

@@ -46,14 +46,15 @@ def _as_tensor(x: Any, what: str) -> torch.Tensor:
 
 class PairBatcher:
     """Score aligned (query, gallery) index pairs with ``scorer`` in blocks of
-    ``batch_pairs`` (see the module docstring).
+    ``batch_pairs`` (see the module docstring). A scorer's optional ``prepare(outputs)``
+    runs once over every item's outputs first (per-item work: normalization, projections).
 
     ``query`` / ``gallery``: output name -> (N, ...) array of every query / gallery item;
     every name of ``scorer.outputs`` must be on both sides (else a ``ValueError`` naming
     the output)."""
 
     def __init__(self, scorer: Any, query: Mapping[str, Any], gallery: Mapping[str, Any],
-                 batch_pairs: int = 4096, device: str | torch.device = "cpu",
+                 batch_pairs: int = 256, device: str | torch.device = "cpu",
                  resident_bytes: int = RESIDENT_BYTES):
         if batch_pairs < 1:
             raise ValueError(f"batch_pairs must be >= 1, got {batch_pairs}")
@@ -71,6 +72,10 @@ class PairBatcher:
                                  f"lacks (it has {', '.join(map(repr, given)) or 'none'})")
         self.q = {n: _as_tensor(query[n], f"query output {n!r}") for n in names}
         self.g = {n: _as_tensor(gallery[n], f"gallery output {n!r}") for n in names}
+        prepare = getattr(scorer, "prepare", None)
+        if callable(prepare):  # per-item work, once per item (not once per pair)
+            with torch.inference_mode():
+                self.q, self.g = dict(prepare(self.q)), dict(prepare(self.g))
         self.num_query = len(next(iter(self.q.values())))
         self.num_gallery = len(next(iter(self.g.values())))
         for side, d, n in (("query", self.q, self.num_query),
@@ -91,6 +96,12 @@ class PairBatcher:
             scorer.eval()
 
     def _block(self, side: dict[str, torch.Tensor], idx: np.ndarray) -> dict[str, torch.Tensor]:
+        if self.resident and len(idx) and (idx == idx[0]).all():  # one item: a view
+            return {n: t[int(idx[0]):int(idx[0]) + 1].expand(len(idx), *t.shape[1:])
+                    for n, t in side.items()}
+        if self.resident and len(idx) and idx[-1] - idx[0] == len(idx) - 1 and \
+                (np.diff(idx) == 1).all():  # a range of items: a view, no copy
+            return {n: t[int(idx[0]):int(idx[-1]) + 1] for n, t in side.items()}
         index = torch.from_numpy(idx)
         if self.resident:
             index = index.to(self.device)
@@ -125,6 +136,11 @@ class PairBatcher:
         item (exhaustive scoring, for :func:`zsbir.evaluation.evaluate_score_fn`)."""
         rows = np.asarray(rows, dtype=np.int64)
         g = self.num_gallery
+        if self.batch_pairs < g:  # blocks of one query each: both sides are views
+            out = np.empty((len(rows), g), np.float32)
+            for i, r in enumerate(rows):
+                out[i] = self.score(np.full(g, r, np.int64), np.arange(g, dtype=np.int64))
+            return torch.from_numpy(out)
         qi = np.repeat(rows, g)
         gi = np.tile(np.arange(g, dtype=np.int64), len(rows))
         return torch.from_numpy(self.score(qi, gi).reshape(len(rows), g))

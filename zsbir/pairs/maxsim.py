@@ -38,17 +38,21 @@ class MaxSim:
         self.outputs: tuple[str, ...] = (output,)
         self.tag = "maxsim"
 
+    def prepare(self, outputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per item, once: the tokens as (N, T, D) float32, L2-normalized (``normalize``)."""
+        t = _tokens(outputs[self.output])
+        if self.normalize:
+            t = torch.nn.functional.normalize(t, dim=-1)
+        return {**outputs, self.output: t}
+
     def score_pairs(self, query: Mapping[str, torch.Tensor],
                     gallery: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """(P,) MaxSim scores of the aligned pairs (row i of ``query`` with row i of
-        ``gallery``)."""
+        ``gallery``), both sides :meth:`prepare` d."""
         q, g = _tokens(query[self.output]), _tokens(gallery[self.output])
         if q.shape[0] != g.shape[0] or q.shape[2] != g.shape[2]:
             raise ValueError(f"maxsim: query tokens {tuple(q.shape)} and gallery tokens "
                              f"{tuple(g.shape)} do not pair (same count P and width D)")
-        if self.normalize:
-            q = torch.nn.functional.normalize(q, dim=-1)
-            g = torch.nn.functional.normalize(g, dim=-1)
         sim = torch.bmm(q, g.transpose(1, 2))  # (P, Tq, Tg)
         best = sim.amax(dim=2)
         return best.mean(dim=1) if self.reduce == "mean" else best.sum(dim=1)

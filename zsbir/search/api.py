@@ -391,9 +391,13 @@ class Index:
             kk = min(k, len(p))
             stored = {name: self._stored(name, self._fx.ids[p[:kk]]) for name in scorer.outputs}
             query = {name: q_out[name][i:i + 1] for name in scorer.outputs}
-            batcher = PairBatcher(scorer, query, stored, table.get("batch_pairs", 4096),
-                                  self.model.device)
-            pair = batcher.score(np.zeros(kk, np.int64), np.arange(kk))
+            try:
+                batcher = PairBatcher(scorer, query, stored, table.get("batch_pairs", 256),
+                                      self.model.device)
+                pair = batcher.score(np.zeros(kk, np.int64), np.arange(kk))
+            except ValueError as exc:  # e.g. non-finite scores of float16-stored outputs
+                raise SearchError(f"pair scorer {getattr(scorer, 'tag', '?')!r}: {exc}"
+                                  ) from exc
             order, ordered = rescore_order(p[None, :kk], pair[None])
             value = dict(zip(p.tolist(), np.asarray(v).tolist()))
             final = [*order[0].tolist(), *p[kk:].tolist()][:top]
@@ -484,19 +488,12 @@ class Index:
 def _make_pair_scorer(name: str, tm: Any) -> Any:
     """The registered pair scorer ``name`` with default parameters around the trained
     model ``tm`` (resolved and built as a ``[pair_scorer]`` table is)."""
-    from zsbir.build import build_component
-    from zsbir.context import BuildContext
-    from zsbir.manifest import ManifestError, resolve_component
-    from zsbir.registry import RegistryError
+    from zsbir.pairs import make_pair_scorer
 
     try:
-        table = resolve_component("pair_scorers", {"name": name}, "--pair-scorer")
-        return build_component("pair_scorers", table, BuildContext(device=tm.device),
-                               model=tm.model)
-    except ManifestError as exc:
-        raise SearchError("; ".join(str(p) for p in exc.problems)) from exc
-    except (RegistryError, ValueError) as exc:
-        raise SearchError(f"--pair-scorer {name}: {exc}") from exc
+        return make_pair_scorer(name, tm.model, tm.device)
+    except ValueError as exc:
+        raise SearchError(str(exc)) from exc
 
 
 def _flatten(im: Any) -> Any:

@@ -95,6 +95,10 @@ def write_outputs(con: sqlite3.Connection, meta: dict[str, Any], paths: Sequence
             raise SearchError(f"the model gives {name!r} of shape {tuple(shape)}, the index "
                               f"holds {tuple(shapes[name])}")
         data = np.ascontiguousarray(arr, dtype=dtype)
+        if dtype != arr.dtype and not np.isfinite(data).all():
+            raise SearchError(f"output {name!r} exceeds the {dtype} range (values up to "
+                              f"{float(np.abs(arr).max()):.3g}): build the index with "
+                              "--output-dtype float32")
         con.executemany(
             "INSERT INTO outputs(photo_id, name, data) VALUES(?, ?, ?) "
             "ON CONFLICT(photo_id, name) DO UPDATE SET data = excluded.data",
