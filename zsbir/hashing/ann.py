@@ -42,6 +42,7 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 
+from zsbir.engine.threads import faiss_threads
 from zsbir.hashing.search import _as_codes, _as_unit_float, _sorted_rows
 
 __all__ = [
@@ -98,6 +99,7 @@ class AnnIndex:
         if width != self.index.d:
             unit = "bits" if self.binary else "dimensions"
             raise ValueError(f"queries have {width} {unit}, the index {self.index.d}")
+        faiss_threads()  # faiss's own OpenMP: the plan's threads (zsbir.engine.threads)
         values, ids = self.index.search(q, min(k, max(self.ntotal, 1)))
         if self.binary:  # faiss pads with huge distances and id -1
             values = np.where(ids < 0, np.iinfo(np.int32).max, values).astype(np.int32)
