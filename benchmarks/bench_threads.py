@@ -314,9 +314,10 @@ def main(argv: list[str] | None = None) -> int:
           f"load {load():.2f}; new plan alone: {plan_threads('cpu').describe()}"
           + (f"; removed from the children's environment: {env_note}" if env_note else ""),
           flush=True)
-    print("| round | part | policy | mode | wall s (each process) | CPU s (each) "
-          "| ratio to alone | load start / end | ended |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    if set(args.parts) - {"evaluate"}:
+        print("| round | part | policy | mode | wall s (each process) | CPU s (each) "
+              "| ratio to alone | load start / end | ended |")
+        print("|---|---|---|---|---|---|---|---|---|")
     rows: list[dict[str, Any]] = []
     t_all = time.perf_counter()
     if "lite0" in args.parts:
@@ -339,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
             for policy in args.busy_policies:
                 busy_row(out, args, busy, policy, rows, leases, rnd)
         if "evaluate" in args.parts:
+            if rnd == 1:
+                print("\n| round | part | policy | seconds | ratio | load start / end | ended |"
+                      "\n|---|---|---|---|---|---|---|")
             evaluate_rows(args, rows, leases, rnd)
     print(f"# total {time.perf_counter() - t_all:.0f} s, load at the end {load():.2f}")
     if args.json:

@@ -401,3 +401,32 @@ def test_evaluate_run_records_its_plan(tiny_run, torch_threads):
     assert recorded == results["threads"]
     assert recorded["source"] in ("policy", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
                                   "ZSBIR_THREADS") and recorded["changes"] == []
+
+
+def test_serve_request_threads_get_the_plans_count(tmp_path, monkeypatch, torch_threads):
+    """``zsbir serve`` applies the plan in its main thread and answers on worker threads
+    (anyio's), one search at a time under the index's lock: a thread started after the
+    plan computes with the plan's count, and faiss there follows torch's."""
+    import threading
+
+    faiss = pytest.importorskip("faiss")
+    monkeypatch.setenv("ZSBIR_CPU_LEASES", "off")
+    monkeypatch.setattr(T, "usable_cpus", lambda *a: budget(1))  # e.g. a 1-CPU quota
+    for k in ENV_KEYS:
+        monkeypatch.delenv(k, raising=False)
+    before = faiss.omp_get_max_threads()
+    seen: dict[str, int] = {}
+
+    def request() -> None:
+        seen["torch"] = torch.get_num_threads()
+        T.faiss_threads()  # what zsbir.hashing does before a faiss search
+        seen["faiss"] = faiss.omp_get_max_threads()
+
+    try:
+        assert T.use_threads("evaluate", lease=False).eval_threads == 1
+        t = threading.Thread(target=request)
+        t.start()
+        t.join()
+    finally:
+        faiss.omp_set_num_threads(before)
+    assert seen == {"torch": 1, "faiss": 1}
