@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the tests' runs keep their thread counts whatever else runs (bit-identical reruns and
+# resumes); the division among concurrent processes is tested with its own directories
+os.environ.setdefault("ZSBIR_CPU_LEASES", "off")
 #: ../shared beside the repository root; ZSBIR_SHARED names it from a worktree elsewhere
 SHARED = Path(os.environ.get("ZSBIR_SHARED")
               or Path(__file__).resolve().parents[1].parent / "shared")

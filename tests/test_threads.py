@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ from zsbir.engine.threads import CpuBudget, ThreadsError, plan_threads
 
 ENV_KEYS = ("ZSBIR_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "LOCAL_WORLD_SIZE",
             "OMP_WAIT_POLICY", "KMP_BLOCKTIME", "ZSBIR_WAIT_POLICY_SET", "ZSBIR_LAUNCHER_OMP")
+CPU_SET = frozenset(os.sched_getaffinity(0))
 
 
 def budget(cpus: int) -> CpuBudget:
@@ -199,6 +203,7 @@ def test_tiny_run_records_its_plan(tiny_run):
     states it once."""
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     recorded = metrics["threads"]
+    assert recorded.pop("changes") == []  # no other process (the tests' leases are off)
     expected = plan_threads("cpu", workers=0).to_dict()  # TINY: data.workers = 0
     assert recorded == expected
     lines = [ln for ln in (tiny_run / "log.txt").read_text().splitlines() if "threads: " in ln]
@@ -237,3 +242,191 @@ def test_manifest_threads_through_the_cli(tmp_path, monkeypatch, torch_threads):
     assert r.exit_code == 1, r.output
     assert "environment variable OMP_NUM_THREADS='lots' is not a positive integer" in r.output
     assert "Traceback" not in r.output
+
+
+# ------------------------------------------------------------------------------ leases
+def test_lease_directory_from_the_environment(tmp_path):
+    assert T.lease_dir({"ZSBIR_CPU_LEASES": "off"}) is None
+    assert T.lease_dir({"ZSBIR_CPU_LEASES": str(tmp_path)}) == tmp_path
+    default = T.lease_dir({})
+    assert default.name == f"zsbir-cpu-leases-{os.getuid()}"
+
+
+def test_leases_are_counted_on_overlapping_cpus_and_released(tmp_path):
+    d = tmp_path / "leases"
+    assert T.count_peers(d, CPU_SET) == 1  # no directory yet: this process alone
+    mine = T.acquire_lease(d)
+    assert mine is not None and mine.path.parent == d and (d.stat().st_mode & 0o777) == 0o700
+    assert json.loads(mine.path.read_text()) == {"pid": os.getpid(), "cpus": sorted(CPU_SET)}
+    assert T.count_peers(d, CPU_SET, own=mine) == 1
+    other = T.acquire_lease(d)  # another holder (a lock of its own: counted as live)
+    assert T.count_peers(d, CPU_SET, own=mine) == 2
+    assert T.count_peers(d, CPU_SET) == 3  # a process without a lease counts itself too
+    elsewhere = T.acquire_lease(d, frozenset({max(CPU_SET) + 100}))  # taskset elsewhere
+    assert T.count_peers(d, CPU_SET, own=mine) == 2
+    for lease in (other, elsewhere, mine):
+        lease.release()
+        lease.release()  # idempotent
+    assert list(d.iterdir()) == []
+
+
+def test_a_killed_processs_lease_is_removed_by_the_next_count(tmp_path):
+    """A process that took a lease and died by SIGKILL (no clean-up) leaves an unlocked
+    file: the next count does not count it and removes it."""
+    code = ("import sys, time; from pathlib import Path; from zsbir.engine import threads as T;"
+            "lease = T.acquire_lease(Path(sys.argv[1])); print('held', flush=True);"
+            "time.sleep(60)")
+    p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
+                         text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        (held,) = tmp_path.glob("*.lease")
+        assert T.count_peers(tmp_path, CPU_SET) == 2  # alive, locked: counted
+        assert held.exists()
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert held.exists()  # nobody cleaned up after the killed process ...
+    (tmp_path / "unlocked.lease").write_text("{}")  # ... nor after this one
+    assert T.count_peers(tmp_path, CPU_SET) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_another_users_directory_is_left_alone(tmp_path, monkeypatch):
+    d = tmp_path / "theirs"
+    d.mkdir()
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(d).st_uid + 1)
+    assert T.acquire_lease(d) is None and list(d.iterdir()) == []
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path)
+    monkeypatch.undo()
+    assert T.acquire_lease(link) is None
+
+
+@pytest.mark.parametrize(("device", "cpus", "workers", "peers", "share", "train", "evaluate"), [
+    ("cpu", 2, 1, 2, 1, 1, 1),      # two seeds on this VM: one thread each, the worker stays
+    ("cpu", 2, 1, 5, 1, 1, 1),      # never below one
+    ("cpu", 16, 1, 3, 5, 5, 5),
+    ("cuda", 32, 8, 2, 16, 8, 16),  # share - workers, as for --nproc
+])
+def test_with_peers_divides_the_policys_threads(device, cpus, workers, peers, share, train,
+                                                evaluate):
+    p = plan_threads(device, budget=budget(cpus), env={})
+    assert p.peers == 1 and p.loader_workers == workers
+    q = T.with_peers(p, peers)
+    assert (q.peers, q.share, q.train_threads, q.eval_threads, q.loader_workers) == (
+        peers, share, train, evaluate, workers)
+    assert T.with_peers(q, 1) == p  # back when the others end
+    assert plan_threads(device, budget=budget(cpus), env={}, peers=peers) == q
+
+
+def test_with_peers_keeps_a_users_count_and_the_launchers_division():
+    fixed = plan_threads("cpu", requested=2, budget=budget(8), env={})
+    q = T.with_peers(fixed, 4)
+    assert (q.train_threads, q.eval_threads, q.peers, q.share) == (2, 2, 4, 2)
+    off = plan_threads("cpu", budget=budget(8), env={"ZSBIR_THREADS": "off"})
+    assert T.with_peers(off, 4) is off
+    nproc = plan_threads("cpu", budget=budget(8), processes=4, env={})  # --nproc 4
+    assert T.with_peers(nproc, 3).share == 2  # its own processes hold leases too
+    assert T.with_peers(nproc, 8).share == 1
+
+
+def test_apply_refresh_and_restore_follow_the_other_processes(tmp_path, monkeypatch,
+                                                                torch_threads):
+    """A plan applied with a lease divides the CPUs among the live leases, is re-counted
+    by refresh() (rate-limited, forced here), records each change for metrics.json, and
+    restore() releases the lease."""
+    monkeypatch.setenv("ZSBIR_CPU_LEASES", str(tmp_path))
+    monkeypatch.setattr(T, "_cpu_set", lambda: frozenset({0, 1}))
+    plan = plan_threads("cpu", budget=budget(2), env={})
+    saved = T.snapshot()
+    applied = T.apply_plan(plan)
+    assert applied == plan and torch.get_num_threads() == 2
+    assert len(list(tmp_path.glob("*.lease"))) == 1
+    other = T.acquire_lease(tmp_path, frozenset({0, 1}))  # a second seed starts
+    assert T.refresh() is applied  # counted at most once a second
+    now = T.refresh(force=True)
+    assert (now.peers, now.train_threads, torch.get_num_threads()) == (2, 1, 1)
+    assert T.current_plan() is now
+    with T.phase("evaluate"):
+        assert torch.get_num_threads() == 1
+        other.release()  # the other seed ends during scoring
+        T.refresh(force=True)
+        assert torch.get_num_threads() == 2
+    assert torch.get_num_threads() == 2  # back in training, with the whole share again
+    rep = T.report()
+    assert rep["peers"] == 1 and rep["train_threads"] == 2  # the plan at the start
+    assert [(c["peers"], c["train_threads"]) for c in rep["changes"]] == [(2, 1), (1, 2)]
+    T.restore(saved)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_process_that_mostly_waits_takes_no_lease(tmp_path, monkeypatch, torch_threads):
+    monkeypatch.setenv("ZSBIR_CPU_LEASES", str(tmp_path))
+    monkeypatch.setattr(T, "_cpu_set", lambda: frozenset({0, 1}))
+    monkeypatch.setattr(T, "usable_cpus", lambda *a: budget(2))
+    for k in ENV_KEYS:
+        monkeypatch.delenv(k, raising=False)
+    other = T.acquire_lease(tmp_path, frozenset({0, 1}))
+    plan = T.use_threads("evaluate", lease=False)  # zsbir serve, zsbir search
+    assert (plan.peers, plan.eval_threads, torch.get_num_threads()) == (2, 1, 1)
+    assert list(tmp_path.glob("*.lease")) == [other.path]
+    other.release()
+
+
+def test_loader_workers_do_not_follow_the_other_processes(monkeypatch, torch_threads):
+    from zsbir.data.loading import worker_count
+
+    monkeypatch.setattr(T, "count_peers", lambda *a, **k: 2)  # another seed computes
+    T.apply_plan(plan_threads("cpu", budget=budget(2), env={}), lease=False)
+    assert T.current_plan().share == 1
+    assert worker_count(-1, torch.device("cpu")) == 1  # from the 2 CPUs, as alone
+
+
+def test_faiss_gets_the_plans_threads(torch_threads):
+    faiss = pytest.importorskip("faiss")
+    before = faiss.omp_get_max_threads()
+    try:
+        T.apply_plan(plan_threads("cpu", requested=1, budget=budget(2), env={}), lease=False)
+        assert faiss.omp_get_max_threads() == 1
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def test_evaluate_run_records_its_plan(tiny_run, torch_threads):
+    from zsbir.engine.evaluate_run import evaluate_run
+
+    results, out = evaluate_run(tiny_run)
+    recorded = json.loads((out / "metrics.json").read_text())["threads"]
+    assert recorded == results["threads"]
+    assert recorded["source"] in ("policy", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                  "ZSBIR_THREADS") and recorded["changes"] == []
+
+
+def test_serve_request_threads_get_the_plans_count(tmp_path, monkeypatch, torch_threads):
+    """``zsbir serve`` applies the plan in its main thread and answers on worker threads
+    (anyio's), one search at a time under the index's lock: a thread started after the
+    plan computes with the plan's count, and faiss there follows torch's."""
+    import threading
+
+    faiss = pytest.importorskip("faiss")
+    monkeypatch.setenv("ZSBIR_CPU_LEASES", "off")
+    monkeypatch.setattr(T, "usable_cpus", lambda *a: budget(1))  # e.g. a 1-CPU quota
+    for k in ENV_KEYS:
+        monkeypatch.delenv(k, raising=False)
+    before = faiss.omp_get_max_threads()
+    seen: dict[str, int] = {}
+
+    def request() -> None:
+        seen["torch"] = torch.get_num_threads()
+        T.faiss_threads()  # what zsbir.hashing does before a faiss search
+        seen["faiss"] = faiss.omp_get_max_threads()
+
+    try:
+        assert T.use_threads("evaluate", lease=False).eval_threads == 1
+        t = threading.Thread(target=request)
+        t.start()
+        t.join()
+    finally:
+        faiss.omp_set_num_threads(before)
+    assert seen == {"torch": 1, "faiss": 1}

@@ -519,7 +519,10 @@ def evaluate(features: str | None, metrics: tuple[str, ...], hasher_names: tuple
     device = device or "cpu"
     import numpy as np
 
+    from zsbir.engine.threads import use_threads
     from zsbir.evaluation import evaluate_retrieval, parse_metric
+
+    use_threads("evaluate", device)  # the CPU thread policy (zsbir.engine.threads)
 
     metrics = metrics or ("map@all", "p@100")
     for m in metrics:

@@ -256,7 +256,8 @@ def worker_count(requested: int, device: torch.device | None = None) -> int:
     if requested >= 0:
         return requested
     kind = device.type if device is not None else "cpu"
-    return loader_workers(current_plan(kind).share, kind)
+    plan = current_plan(kind)  # from the run's CPUs, not the concurrent processes' number
+    return loader_workers(max(1, plan.cpus // plan.processes), kind)
 
 
 def make_loader(dataset: ImageDataset, batches: BatchList | Sequence[Sequence[Any]],

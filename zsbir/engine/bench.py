@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from zsbir.build import build, resolve_device
-from zsbir.engine.threads import apply_plan, plan_threads
+from zsbir.engine.threads import apply_plan, plan_threads, report, restore, snapshot
 from zsbir.engine.trainer import Trainer, aug_seed
 from zsbir.manifest import Manifest
 
@@ -33,11 +33,20 @@ def _sync(device: torch.device) -> None:
 def bench_train(manifest: Manifest, steps: int = 50, warmup: int = 5,
                 synthetic_data: bool = False) -> dict[str, Any]:
     """Time ``steps`` training steps of ``manifest`` (see the module docstring)."""
+    saved = snapshot()  # the caller's threads come back, the CPU lease is released
+    try:
+        apply_plan(plan_threads(resolve_device(manifest.run.device), manifest.run.threads,
+                                manifest.data_cfg.workers))
+        return _bench_train(manifest, steps, warmup, synthetic_data)
+    finally:
+        restore(saved)
+
+
+def _bench_train(manifest: Manifest, steps: int, warmup: int,
+                 synthetic_data: bool) -> dict[str, Any]:
     import tempfile
     from pathlib import Path
 
-    plan = apply_plan(plan_threads(resolve_device(manifest.run.device), manifest.run.threads,
-                                   manifest.data_cfg.workers))
     exp = build(manifest, "train")
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(exp, Path(tmp))
@@ -99,7 +108,7 @@ def bench_train(manifest: Manifest, steps: int = 50, warmup: int = 5,
         "peak_gpu_memory_gb": (torch.cuda.max_memory_allocated(device) / 2**30
                                if device.type == "cuda" else None),
         "bottleneck": "input pipeline" if wait_frac > 0.2 else "compute",
-        "threads": plan.to_dict(),
+        "threads": report(),
         "torch": torch.__version__,
     }
     return result

@@ -17,6 +17,7 @@ import torch
 from zsbir.data.base import Split
 from zsbir.data.loading import ImageDataset, make_loader, to_device, worker_count
 from zsbir.engine import distributed as D
+from zsbir.engine import threads as T
 
 __all__ = ["embed_outputs", "embed_split", "teacher_outputs", "validation_accuracy"]
 
@@ -45,6 +46,7 @@ def _run(exp: Any, split: Split, fn: Callable[[dict[str, Any]], Any],
             skipped.extend(batch["skipped"])
             if "image" not in batch:
                 continue
+            T.refresh()  # threads follow the zsbir processes computing beside this one
             b = to_device(batch, exp.ctx.device, exp.eval_transform)
             got = fn(b)
             single = not isinstance(got, dict)

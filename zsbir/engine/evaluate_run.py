@@ -60,13 +60,25 @@ def evaluate_run(run_dir: str | Path, protocol: str | None = None, root: str | N
                  ) -> tuple[dict[str, Any], Path]:
     """Score ``run_dir``'s final model on ``protocol`` (default: the run's own); returns
     ``(results, output directory)`` after writing them (module docstring)."""
-    from zsbir.build import build
+    from zsbir.engine import threads as T
+
+    saved = T.snapshot()  # the CPU thread policy, as in `zsbir run`; undone after it
+    try:
+        return _evaluate_run(Path(run_dir), protocol, root, overrides, progress)
+    finally:
+        T.restore(saved)
+
+
+def _evaluate_run(run_dir: Path, protocol: str | None, root: str | None,
+                  overrides: Sequence[str], progress: Callable[[dict[str, Any]], None] | None
+                  ) -> tuple[dict[str, Any], Path]:
+    from zsbir.build import build, resolve_device
     from zsbir.engine.checkpoint import CheckpointError, load_checkpoint, package_versions
     from zsbir.engine.evaluate import evaluate_experiment
     from zsbir.engine.run import _class_lists, skipped_report
     from zsbir.engine.rundir import RESOLVED, RunDirError
+    from zsbir.engine.threads import apply_plan, plan_threads, report
 
-    run_dir = Path(run_dir)
     final = run_dir / "checkpoints" / "final.pt"
     if not run_dir.is_dir():
         raise RunDirError(f"no run directory {str(run_dir)!r}")
@@ -84,6 +96,8 @@ def evaluate_run(run_dir: str | Path, protocol: str | None = None, root: str | N
     fitted = bool(ckpt.get("hashers")) and m.hashers == saved_hashers
     if not fitted:
         ckpt = {k: v for k, v in ckpt.items() if k != "hashers"}
+    apply_plan(plan_threads(resolve_device(m.run.device), m.run.threads,  # in metrics.json
+                            m.data_cfg.workers))
     try:
         exp = build(m, "evaluate", checkpoint=ckpt)
     except RuntimeError as exc:
@@ -111,6 +125,7 @@ def evaluate_run(run_dir: str | Path, protocol: str | None = None, root: str | N
                    "training split", "overrides": list(overrides),
         "imported": ckpt.get("imported"),
     }
+    results["threads"] = report()
     results["versions"] = package_versions()
     results["device"] = str(exp.ctx.device)
     (out / "manifest.resolved.toml").write_text(m.to_toml())

@@ -242,7 +242,7 @@ def _run_locked(manifest: Manifest, run_dir: Path, resume: bool,
                        "metrics.json", results["skipped_images"]["count"],
                        ", ".join(f"{k}: {v}" for k, v in
                                  results["skipped_images"]["by_stage"].items()))
-        results["threads"] = plan.to_dict()
+        results["threads"] = T.report()
         results["versions"] = package_versions()
         results["device"] = str(exp.ctx.device)
         results["files"] = {"scalars": "scalars.csv", "tensorboard": "tensorboard/",

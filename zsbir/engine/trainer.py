@@ -31,6 +31,7 @@ from zsbir.data.loading import BatchList, ImageDataset, make_loader, to_device, 
 from zsbir.data.samplers import batch_tuples
 from zsbir.engine import distributed as D
 from zsbir.engine import lifecycle as L
+from zsbir.engine import threads as T
 from zsbir.engine.checkpoint import (
     atomic_save,
     base_reference,
@@ -308,6 +309,7 @@ class Trainer:
 
     def train_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Run the manifest's step on one loader batch (moved and normalized here)."""
+        T.refresh()  # threads follow the zsbir processes computing beside this one
         self.step_ctx.global_step = self.state["global_step"]
         b = to_device(batch, self.device, self.exp.train_transform, self.channels_last)
         if self.roles:  # the tuples, explicitly: losses read rows by role, not by position

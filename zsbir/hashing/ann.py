@@ -42,6 +42,7 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 
+from zsbir.engine.threads import faiss_threads
 from zsbir.hashing.search import _as_codes, _as_unit_float, _sorted_rows
 
 __all__ = [
@@ -98,6 +99,7 @@ class AnnIndex:
         if width != self.index.d:
             unit = "bits" if self.binary else "dimensions"
             raise ValueError(f"queries have {width} {unit}, the index {self.index.d}")
+        faiss_threads()  # faiss's own OpenMP: the plan's threads (zsbir.engine.threads)
         values, ids = self.index.search(q, min(k, max(self.ntotal, 1)))
         if self.binary:  # faiss pads with huge distances and id -1
             values = np.where(ids < 0, np.iinfo(np.int32).max, values).astype(np.int32)
@@ -147,6 +149,7 @@ def _add_chunked(index: Any, x: np.ndarray, prepare: Any, chunk: int = 1 << 16) 
 
 def build_exact(gallery: np.ndarray, *, binary: bool) -> AnnIndex:
     """Exhaustive search (``IndexFlatIP`` / ``IndexBinaryFlat``): the recall reference."""
+    faiss_threads()  # faiss's own OpenMP: the plan's threads (zsbir.engine.threads)
     if binary:
         g = _as_codes(gallery, "gallery")
         index = faiss.IndexBinaryFlat(8 * g.shape[1])
@@ -163,6 +166,7 @@ def build_ivf(gallery: np.ndarray, *, nlist: int | None = None, nprobe: int = 16
     """Real-valued IVF for cosine search: k-means on (a sample of) the L2-normalized
     gallery into ``nlist`` cells (default :func:`default_nlist`), vectors stored per cell
     in float32 or float16."""
+    faiss_threads()  # faiss's own OpenMP: the plan's threads (zsbir.engine.threads)
     if storage not in ("float32", "float16"):
         raise ValueError(f"storage must be 'float32' or 'float16', got {storage!r}")
     g = np.asarray(gallery)
@@ -188,6 +192,7 @@ def build_ivf(gallery: np.ndarray, *, nlist: int | None = None, nprobe: int = 16
 def build_binary_ivf(codes: np.ndarray, *, nlist: int | None = None, nprobe: int = 16,
                      train_size: int | None = 100_000, seed: int = 0) -> AnnIndex:
     """Binary IVF for Hamming search on packed codes (``IndexBinaryIVF``)."""
+    faiss_threads()  # faiss's own OpenMP: the plan's threads (zsbir.engine.threads)
     c = _as_codes(codes, "codes")
     if len(c) == 0:
         raise ValueError("cannot index an empty gallery")
@@ -206,6 +211,7 @@ def build_mih(codes: np.ndarray, *, nhash: int | None = None, nflip: int = 0) ->
     """Multi-index hashing over packed codes: ``nhash`` tables keyed by ``bits / nhash``-bit
     substrings (default: 16-bit substrings, Norouzi et al.'s choice of about log2(N) bits
     for N near 2^16-2^20 being 16-20); probing flips up to ``nflip`` bits of each key."""
+    faiss_threads()  # faiss's own OpenMP: the plan's threads (zsbir.engine.threads)
     c = _as_codes(codes, "codes")
     bits = 8 * c.shape[1]
     nhash = nhash or max(1, bits // 16)

@@ -27,6 +27,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from zsbir.engine.threads import faiss_threads
 from zsbir.evaluation.distances import hamming_distances, l2_normalize
 
 __all__ = ["hamming_distance_matrix", "search", "search_index"]
@@ -150,6 +151,7 @@ def search_index(index: Any, queries: np.ndarray, k: int, *, binary: bool
     and (Nq,) the number of places filled (less than ``k`` only when an IVF index found
     fewer candidates; the rest of the row is label -1).
     """
+    faiss_threads()  # faiss's own OpenMP: the plan's threads (zsbir.engine.threads)
     n = int(index.ntotal)
     k = min(int(k), n)
     k_eff = min(n, 2 * k)

@@ -167,7 +167,9 @@ def search(index_dir: str, sketches: tuple[str, ...], top: int, label: str | Non
     from zsbir.search.files import disk_errors
     from zsbir.search.scan import shown
 
-    use_threads("evaluate")  # one search at a time: the whole CPU share (zsbir.engine.threads)
+    # one search at a time: the whole CPU share, divided among the zsbir processes computing
+    # now; a short search takes no lease (zsbir.engine.threads)
+    use_threads("evaluate", lease=False)
     with disk_errors(index_dir), warnings.catch_warnings():
         # Pillow's multi-line DecompressionBombWarning: the pixel limit gives one line
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -230,7 +232,9 @@ def serve(index_dir: str, host: str, port: int, max_upload_mb: float, timeout_s:
                                    f"(pip install 'zsbir[serve]'): {exc}") from exc
     from zsbir.engine.threads import use_threads
 
-    use_threads("evaluate")  # the model runs one request at a time: all the CPU share each
+    # the model and the search run one request at a time (Index's lock): all the CPU share
+    # for each; a server mostly waits, so it takes no lease (zsbir.engine.threads)
+    use_threads("evaluate", lease=False)
     app = create_app(index_dir, device=device, max_upload_bytes=int(max_upload_mb * 2**20),
                      max_concurrent=max_concurrent, timeout_s=timeout_s,
                      body_timeout_s=timeout_s, pair_scorer=pair_scorer, top_k=top_k)

@@ -35,7 +35,7 @@ def _embed_batches(tm: Any, root: Path, todo: list[str], batch_size: int, worker
 
     from zsbir.data.base import PHOTO
     from zsbir.data.loading import worker_count
-    from zsbir.engine.threads import use_threads, worker_init
+    from zsbir.engine.threads import refresh, restore, snapshot, use_threads, worker_init
 
     if not todo:
         return
@@ -43,28 +43,33 @@ def _embed_batches(tm: Any, root: Path, todo: list[str], batch_size: int, worker
     batches = [list(range(i, min(i + batch_size, len(todo))))
                for i in range(0, len(todo), batch_size)]
     device = tm.device
-    use_threads("train", device, workers=workers)  # zsbir.engine.threads: loaders + model
-    n_workers = worker_count(workers, device)
-    loader = DataLoader(ds, batch_sampler=batches, num_workers=n_workers,  # type: ignore
-                        collate_fn=scan.collate_photos, pin_memory=device.type == "cuda",
-                        prefetch_factor=4 if n_workers > 0 else None,
-                        generator=torch.Generator().manual_seed(0),
-                        worker_init_fn=worker_init if n_workers > 0 else None)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
-    done = 0
-    for batch, keys in zip(loader, batches):
-        done += len(keys)
-        skipped = list(batch["skipped"])
-        if "image" not in batch:
-            yield done, ([], np.zeros((0, 0), np.float32), skipped,
-                         *(({},) if outputs else ()))
-            continue
-        with autocast:
-            if outputs:
-                got = tm.forward_batch(batch, ("embedding", *outputs))
-                emb = np.asarray(got.pop("embedding"), dtype=np.float32)
-            else:
-                emb = np.asarray(tm.embed_batch(batch), dtype=np.float32)
-        kept = [(todo[i], f) for i, f in zip(batch["index"].tolist(), batch["files"])]
-        yield done, (kept, emb, skipped, *((got,) if outputs else ()))
+    saved = snapshot()  # the lease taken here ends with the embedding
+    try:
+        use_threads("train", device, workers=workers)  # zsbir.engine.threads: loaders + model
+        n_workers = worker_count(workers, device)
+        loader = DataLoader(ds, batch_sampler=batches, num_workers=n_workers,  # type: ignore
+                            collate_fn=scan.collate_photos, pin_memory=device.type == "cuda",
+                            prefetch_factor=4 if n_workers > 0 else None,
+                            generator=torch.Generator().manual_seed(0),
+                            worker_init_fn=worker_init if n_workers > 0 else None)
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                    else contextlib.nullcontext())
+        done = 0
+        for batch, keys in zip(loader, batches):
+            done += len(keys)
+            skipped = list(batch["skipped"])
+            if "image" not in batch:
+                yield done, ([], np.zeros((0, 0), np.float32), skipped,
+                             *(({},) if outputs else ()))
+                continue
+            refresh()  # threads follow the zsbir processes computing beside this one
+            with autocast:
+                if outputs:
+                    got = tm.forward_batch(batch, ("embedding", *outputs))
+                    emb = np.asarray(got.pop("embedding"), dtype=np.float32)
+                else:
+                    emb = np.asarray(tm.embed_batch(batch), dtype=np.float32)
+            kept = [(todo[i], f) for i, f in zip(batch["index"].tolist(), batch["files"])]
+            yield done, (kept, emb, skipped, *((got,) if outputs else ()))
+    finally:
+        restore(saved)
