@@ -36,6 +36,7 @@ SUPPLIED: Mapping[str, frozenset[str]] = {
     "steps": frozenset({"ctx", "model"}),
     "rerankers": frozenset({"ctx"}),
     "importers": frozenset({"ctx"}),
+    "index_backends": frozenset({"ctx"}),
 }
 
 

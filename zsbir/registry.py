@@ -84,6 +84,7 @@ KINDS: tuple[str, ...] = (
     "hashers",
     "rerankers",
     "importers",
+    "index_backends",
 )
 
 class _Injected(Mapping[str, frozenset[str]]):
@@ -660,6 +661,7 @@ networks = _REGISTRIES["networks"]
 steps = _REGISTRIES["steps"]
 rerankers = _REGISTRIES["rerankers"]
 importers = _REGISTRIES["importers"]
+index_backends = _REGISTRIES["index_backends"]
 
 
 def get_registry(kind: str) -> Registry:

@@ -47,6 +47,8 @@ _SECTION_NOTES = {
     "steps": "What one training step does: forward, teacher signal, weighted losses.",
     "rerankers": "Test-time re-ranking of the gallery, scored beside the plain ranking.",
     "importers": "Published checkpoints read into zsbir run directories (`zsbir import`).",
+    "index_backends": "Where a photo index's search structure lives (`zsbir index build "
+                      "--backend`): faiss in the index directory, or a Milvus collection.",
 }
 
 _TITLES = {
@@ -54,7 +56,7 @@ _TITLES = {
     "teachers": "Teachers", "samplers": "Samplers", "optimizers": "Optimizers",
     "schedulers": "Schedulers", "hashers": "Hashers", "heads": "Heads",
     "networks": "Networks", "steps": "Steps", "rerankers": "Rerankers",
-    "importers": "Importers",
+    "importers": "Importers", "index_backends": "Index backends",
 }
 
 

@@ -34,6 +34,13 @@ disk is one line naming the index directory (:func:`zsbir.search.files.disk_erro
 Incremental updates compare each file's size and mtime with its row; when either changed,
 the content hash decides whether the photo is embedded again. Deleted files are removed.
 
+Where the search structure lives is the index's *backend* (:mod:`zsbir.search.backends`,
+``zsbir index build --backend``): ``faiss`` (``photos.faiss``, above: the default) or
+``milvus`` (a Milvus collection; :mod:`zsbir.search.backends.milvus`); the database stays
+the source of truth in both, and each committed batch reaches the backend as it comes
+(its writer's ``committed``), the rest at the end (``finish``). With ``ray=`` the photos are
+embedded in Ray actor pools (:mod:`zsbir.search.ray_embed`) instead of the local loader.
+
 Large collections (docs/scaling.md): ``build_index(..., shard=(i, n))`` indexes only shard
 ``i`` of ``n`` of the folder's sorted photo list
 (:func:`zsbir.engine.distributed.sharding.partition_files`, torch-free), so n processes or
@@ -61,11 +68,12 @@ import numpy as np
 from zsbir.engine.distributed.sharding import partition_files
 from zsbir.progress import phase
 from zsbir.search import scan
+from zsbir.search.backends import DEFAULT_BACKEND, backend_of, make_backend
 from zsbir.search.embedding import _embed_batches, _load_model
 from zsbir.search.errors import SearchError
 from zsbir.search.faiss_index import (
     FaissIndex,
-    _write_faiss,
+    _write_faiss,  # noqa: F401 - kept importable from here
     encode,
     load_faiss,
     make_faiss,
@@ -89,7 +97,7 @@ from zsbir.search.lock import WriteLock
 from zsbir.search.merge import merge_indexes
 from zsbir.search.rows import RowsGone, _commit_batch, _stored_meta, gallery_embeddings
 from zsbir.search.scan import IMAGE_SUFFIXES, db_name, fs_name, shown
-from zsbir.search.summary import BuildSummary
+from zsbir.search.summary import BuildSummary, _search_param
 
 __all__ = ["DB_NAME", "FAISS_NAME", "IMAGE_SUFFIXES", "MODEL_NAME", "BuildSummary",
            "FaissIndex", "RowsGone", "build_index", "connect", "encode", "gallery_embeddings",
@@ -103,7 +111,8 @@ def build_index(run_dir: str | Path, photo_dir: str | Path, index_dir: str | Pat
                 hasher: str | None = None, ann: Literal["flat", "ivf"] = "flat",
                 name: str | None = None, device: str = "auto", batch_size: int = 64,
                 workers: int = -1, shard: tuple[int, int] | None = None,
-                follow_outside_links: bool = False) -> BuildSummary:
+                follow_outside_links: bool = False, backend: Any = None,
+                ray: Any = None) -> BuildSummary:
     """Create ``index_dir`` for the photos under ``photo_dir`` with the run's final weights.
 
     Run again on an unfinished index of the same run, folder and settings, it resumes (as
@@ -111,7 +120,9 @@ def build_index(run_dir: str | Path, photo_dir: str | Path, index_dir: str | Pat
     its settings, or holding a damaged database, is built again; any other existing
     index is refused. ``shard = (i, n)``: only shard ``i`` of ``n`` of the sorted photo
     list, for :func:`merge_indexes`. ``follow_outside_links``: also index files that
-    symlinks lead to outside ``photo_dir`` (kept by updates)."""
+    symlinks lead to outside ``photo_dir`` (kept by updates). ``backend``: an index
+    backend (:func:`zsbir.search.backends.make_backend`; default faiss). ``ray``: a
+    :class:`zsbir.search.ray_embed.RayOptions` to embed in Ray actor pools."""
     run_dir, photo_dir, index_dir = Path(run_dir), Path(photo_dir), Path(index_dir)
     final = run_dir if run_dir.is_file() else run_dir / "checkpoints" / "final.pt"
     if not final.is_file():
@@ -119,11 +130,14 @@ def build_index(run_dir: str | Path, photo_dir: str | Path, index_dir: str | Pat
                           "`zsbir run` can index photos")
     if not photo_dir.is_dir():
         raise SearchError(f"no photo folder {str(photo_dir)!r}")
-    if ann not in ("flat", "ivf"):
-        raise SearchError(f"ann must be 'flat' or 'ivf', not {ann!r}")
+    backend = backend if backend is not None else make_backend(DEFAULT_BACKEND)
+    if ann not in backend.ann_types:
+        raise SearchError(f"ann must be one of {', '.join(backend.ann_types)} for the "
+                          f"{backend.name} backend, not {ann!r}")
     settings = {"photo_root": str(photo_dir.resolve()), "model_sha256": file_sha256(final),
                 "ann": ann, "shard": list(shard) if shard else None,
-                "follow_outside_links": bool(follow_outside_links)}
+                "follow_outside_links": bool(follow_outside_links),
+                **backend.settings(index_dir, ann)}
     state = index_state(index_dir)
     if state == "foreign":
         raise SearchError(f"{str(index_dir)!r} exists and is not an empty folder or a zsbir "
@@ -132,13 +146,17 @@ def build_index(run_dir: str | Path, photo_dir: str | Path, index_dir: str | Pat
     tm = None
     if not resume:  # checked before anything is written: a wrong --hasher creates nothing
         tm = _load_model(final, device)
-        tm.hasher(hasher)
+        h = tm.hasher(hasher)
+        if ann == "hnsw" and h.binary:
+            raise SearchError("--ann hnsw is for real-valued codes; a binary hasher's codes "
+                              "use flat or ivf (Hamming)")
+        backend.check_new(index_dir, {**settings, "hasher": h.tag, "binary": bool(h.binary)})
     index_dir.mkdir(parents=True, exist_ok=True)
     with disk_errors(index_dir), WriteLock(index_dir) as lock, removing_temporaries(index_dir):
         if resume:
             con = connect(index_dir, write=True)
             try:
-                summary = _update(con, index_dir, device, batch_size, workers, final)
+                summary = _update(con, index_dir, device, batch_size, workers, final, ray)
             finally:
                 con.close()
             summary.resumed = True
@@ -160,7 +178,7 @@ def build_index(run_dir: str | Path, photo_dir: str | Path, index_dir: str | Pat
                              run_dir=str(run_dir.resolve()), hasher=h.tag,
                              binary=bool(h.binary), created=time.time(), generation=0,
                              faiss_generation=-1, **settings)
-                summary = _sync(con, index_dir, tm, batch_size, workers, summary)
+                summary = _sync(con, index_dir, tm, batch_size, workers, summary, ray)
             finally:
                 con.close()
         summary.stale_lock = lock.broke_stale
@@ -178,8 +196,9 @@ def _resumable(index_dir: Path, settings: dict[str, Any], hasher: str | None) ->
             f"{str(index_dir)!r} already holds an index (of {meta.get('photo_root')!r}); "
             "update it with `zsbir index update`, or build into another directory")
     wanted = {**settings, "hasher": hasher or meta.get("hasher")}
+    default = {"follow_outside_links": False, "backend": DEFAULT_BACKEND}
     for key, value in wanted.items():
-        have = meta.get(key, False if key == "follow_outside_links" else None)
+        have = meta.get(key, default.get(key))
         if have != value:
             what = "model" if key == "model_sha256" else key
             raise SearchError(
@@ -190,14 +209,15 @@ def _resumable(index_dir: Path, settings: dict[str, Any], hasher: str | None) ->
 
 
 def update_index(index_dir: str | Path, *, device: str = "auto", batch_size: int = 64,
-                 workers: int = -1) -> BuildSummary:
-    """Embed new and changed photos, drop deleted ones, rewrite the faiss index."""
+                 workers: int = -1, ray: Any = None) -> BuildSummary:
+    """Embed new and changed photos, drop deleted ones, bring the backend's search
+    structure up to date (rewrite the faiss index)."""
     index_dir = Path(index_dir)
     connect(index_dir, read_only=False).close()  # an index, not damaged: before the lock
     with disk_errors(index_dir), WriteLock(index_dir) as lock, removing_temporaries(index_dir):
         con = connect(index_dir, write=True)
         try:
-            summary = _update(con, index_dir, device, batch_size, workers)
+            summary = _update(con, index_dir, device, batch_size, workers, ray=ray)
         finally:
             con.close()
         summary.stale_lock = lock.broke_stale
@@ -205,7 +225,7 @@ def update_index(index_dir: str | Path, *, device: str = "auto", batch_size: int
 
 
 def _update(con: sqlite3.Connection, index_dir: Path, device: str, batch_size: int,
-            workers: int, final: Path | None = None) -> BuildSummary:
+            workers: int, final: Path | None = None, ray: Any = None) -> BuildSummary:
     """Check the folder and the model copy (restored from ``final`` by a resumed build),
     then :func:`_sync`."""
     meta = read_meta(con)
@@ -223,7 +243,7 @@ def _update(con: sqlite3.Connection, index_dir: Path, device: str, batch_size: i
         raise SearchError(f"{model.name} in {str(index_dir)!r} is not the model the index "
                           "was built with (another SHA-256): run the `zsbir index build` "
                           "command that made it again")
-    return _sync(con, index_dir, _load_model(model, device), batch_size, workers)
+    return _sync(con, index_dir, _load_model(model, device), batch_size, workers, ray=ray)
 
 
 def _scan(meta: dict[str, Any]) -> scan.Scan:
@@ -244,9 +264,11 @@ def _same_content(path: Path, sha: str) -> bool:
 
 
 def _sync(con: sqlite3.Connection, index_dir: Path, tm: Any, batch_size: int,
-          workers: int, summary: BuildSummary | None = None) -> BuildSummary:
+          workers: int, summary: BuildSummary | None = None, ray: Any = None
+          ) -> BuildSummary:
     start = time.perf_counter()
     meta = read_meta(con)
+    writer = backend_of(meta).writer(index_dir, con, tm, meta)
     root = Path(meta["photo_root"])
     summary = summary or BuildSummary()
     summary.ann = meta["ann"]
@@ -290,16 +312,25 @@ def _sync(con: sqlite3.Connection, index_dir: Path, tm: Any, batch_size: int,
         with transaction(con):
             con.executemany("UPDATE photos SET size = ?, mtime_ns = ? WHERE path = ?", touched)
 
+    if ray is not None:
+        from zsbir.search.ray_embed import ray_embed_batches
+
+        batches = ray_embed_batches(ray, index_dir / meta.get("model_file", MODEL_NAME), root,
+                                    todo, batch_size)
+    else:
+        batches = _embed_batches(tm, root, todo, batch_size, workers)
     with phase("embedding photos", total=len(todo), unit="photos") as advance:
-        for done, (kept, emb, skipped) in _embed_batches(tm, root, todo, batch_size, workers):
+        for done, (kept, emb, skipped) in batches:
             _commit_batch(con, meta, found, kept, emb, skipped)
+            writer.committed([rel for rel, _ in kept])
             summary.embedded += len(kept) - sum(1 for v in emb if not np.isfinite(v).all())
             summary.skipped += [(str(root / r), e) for r, e in skipped]
             advance(completed=done, info=f"{len(summary.skipped)} skipped")
 
-    index, info = make_faiss(con, tm, meta)
-    _write_faiss(index_dir, con, index, info)
-    summary.total = int(index.index.ntotal)
+    index, info = writer.finish()
+    summary.total = len(index.ids)
     summary.recall_at_10, summary.nprobe = info.get("recall_at_10"), info.get("nprobe")
+    summary.search_param = _search_param(info)
     summary.seconds = time.perf_counter() - start
     return summary
+
