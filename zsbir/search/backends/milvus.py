@@ -207,6 +207,8 @@ class MilvusBackend:
     def check_new(self, index_dir: Path, meta: dict[str, Any]) -> None:
         """Before a build: an existing collection of this name must be this index's (same
         model, hasher and vector form), else refused."""
+        if is_lite(self.uri) and not Path(self.uri).exists():
+            return  # a new milvus-lite database: nothing in it yet
         c = self.client()
         with _errors(self):
             if c.has_collection(self.collection):
@@ -345,6 +347,8 @@ class _MilvusWriter:
         self.binary = bool(meta["binary"])
         self.form = backend._form(self.binary)
         self.hasher = tm.hasher(meta["hasher"])
+        if is_lite(backend.uri):
+            Path(backend.uri).parent.mkdir(parents=True, exist_ok=True)
         self.c = backend.client()
         self._ready = False
 
@@ -507,7 +511,9 @@ class _MilvusWriter:
         binary = self.form != "float"
         ev, ei = build_exact(exact_codes, binary=binary).search(exact_codes[pick], k + 1)
         exact = (ev[:, 1:], ids[ei[:, 1:]])
-        key, top = ("nprobe", int(params["nlist"])) if "nlist" in params else ("ef", 4096)
+        # nprobe is not capped at the nlist asked for: milvus-lite 3.2.2 clusters into 128
+        # lists whatever nlist says (its faiss warning; measured here)
+        key, top = ("nprobe", 65536) if "nlist" in params else ("ef", 4096)
         value = 1 if key == "nprobe" else 16
         engine = _Engine(self.b, self.binary, self.form, int(codes.shape[1]) if self.form ==
                          "pm1" else int(codes.shape[1] * (8 if binary else 1)), kind, {},
@@ -517,7 +523,7 @@ class _MilvusWriter:
             v, p = engine.raw(codes[pick], k + 1)
             got = (v[:, 1:], np.where(p[:, 1:] >= 0, ids[np.maximum(p[:, 1:], 0)], -1))
             recall = recall_at_k(got, exact, k, binary=binary)
-            if recall >= TARGET_RECALL or value >= top:
+            if recall >= TARGET_RECALL or value >= top or recall == 1.0:
                 break
             value = min(top, value * 2)
         out: dict[str, Any] = {"milvus_search": dict(engine.search_params),
@@ -573,14 +579,13 @@ class _Engine:
             return self.b.client().search(self.b.collection, data=vectors, **kwargs)
 
     def _sorted(self, hits: list[dict]) -> list[tuple[float, int]]:
-        from zsbir.search.rows import RowsGone
-
+        """(value, position) best first; a row the loaded photo table lacks (a writer
+        mid-way on a server: a photo added or deleted since) is left out."""
         out = []
         for h in hits:
             pos = self.pos_of.get(int(h["id"]))
-            if pos is None:  # a row the loaded photo table lacks: a writer committed
-                raise RowsGone([int(h["id"])])
-            out.append((self._value(h["distance"]), pos))
+            if pos is not None:
+                out.append((self._value(h["distance"]), pos))
         return sorted(out, key=(lambda t: (t[0], t[1])) if self.binary
                       else (lambda t: (-t[0], t[1])))
 
@@ -596,14 +601,14 @@ class _Engine:
                 out_v.append(np.zeros(0))
                 out_p.append(np.zeros(0, np.int64))
                 continue
-            limit = min(avail, 2 * k, MAX_LIMIT)
+            limit = min(2 * k, MAX_LIMIT)
             while True:
-                ranked = self._sorted(self._call([vec], limit, label)[0])
-                complete = (len(ranked) < limit or limit >= min(avail, MAX_LIMIT)
-                            or len(ranked) <= k or ranked[k - 1][0] != ranked[-1][0])
-                if complete:
-                    break
-                limit = min(avail, 2 * limit, MAX_LIMIT)
+                hits = self._call([vec], limit, label)[0]
+                ranked = self._sorted(hits)
+                if len(hits) < limit or limit >= MAX_LIMIT or (
+                        len(ranked) > k and ranked[k - 1][0] != ranked[-1][0]):
+                    break  # all rows seen, or the tie group at the cut-off is complete
+                limit = min(2 * limit, MAX_LIMIT)
             ranked = ranked[:k]
             dtype = np.int32 if self.binary else np.float32
             out_v.append(np.array([v for v, _ in ranked], dtype))
