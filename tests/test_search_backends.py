@@ -351,3 +351,21 @@ def test_ray_build_equals_one_process_and_resumes(local_ray, tiny_run, photos, t
         np.testing.assert_allclose(np.frombuffer(ea, np.float32), np.frombuffer(eb, np.float32),
                                    atol=1e-6)
     assert "c0/bad.png" in res.output  # skipped files are reported as in one process
+
+
+def test_milvus_shards_merge_into_a_new_collection(tiny_run, photos, sketches, tmp_path):
+    """--shard i/n builds on the milvus backend merge into one index (a new collection, in
+    milvus-lite in the merged directory) that searches as the unsharded faiss index."""
+    for i in range(2):
+        build(tiny_run, photos, tmp_path / f"s{i}", "--shard", f"{i}/2", "--backend", "milvus")
+    res = CliRunner().invoke(main, ["index", "merge", str(tmp_path / "m"),
+                                    str(tmp_path / "s0"), str(tmp_path / "s1")])
+    assert res.exit_code == 0, res.output
+    assert "13 photos in" in res.output and (tmp_path / "m" / "milvus.db").is_dir()
+    build(tiny_run, photos, tmp_path / "f")
+    with Index.open(tmp_path / "m", "cpu") as m, Index.open(tmp_path / "f", "cpu") as f:
+        assert m.meta["milvus_collection"] not in (
+            json.loads(v) for v in sqlite3.connect(tmp_path / "s0" / "index.sqlite").execute(
+                "SELECT value FROM meta WHERE key = 'milvus_collection'").fetchone())
+        for ra, rb in zip(_ranking(m, sketches), _ranking(f, sketches)):
+            assert [p for p, _ in ra] == [p for p, _ in rb]
