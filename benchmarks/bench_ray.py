@@ -8,11 +8,13 @@ one-process build, on this machine's CPUs.
    process, the model with all the process's threads), then with ``--ray`` on a local Ray
    instance of ``--cpus`` CPUs with 1 and 2 actors (one thread each when there are as many
    actors as CPUs);
-3. prints, per setting, the wall time of a build of ``--baseline`` photos and of
-   ``--photos`` photos (Ray's start and the actors' model loads included in both), and the
-   rate of the difference: (photos - baseline) / (wall - baseline wall), i.e. the steady
-   rate with the fixed costs subtracted, in photos/s and photos/s per actor; and checks
-   that every build stored the same ids and embeddings (1e-6).
+3. prints: for the one-process build the rate by difference, (photos - baseline) / (wall
+   of ``--photos`` - wall of ``--baseline``), i.e. with the model load and start-up
+   subtracted; for each Ray setting the wall time (Ray's start included), the time from
+   the dataset's start to its last batch, and the actors' own busy time (each batch's
+   reading, decoding and embedding, timed inside the actor and summed): photos / busy
+   actor-seconds is the rate **per actor**; and checks that every build stored the same
+   ids and embeddings (1e-6).
 
     PYTHONPATH=. python benchmarks/bench_ray.py --photos 256       # about 10 minutes here
     PYTHONPATH=. python benchmarks/bench_ray.py --photos 32 --actors 1   # quick
@@ -62,7 +64,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--photos", type=int, default=256)
     ap.add_argument("--baseline", type=int, default=32,
-                    help="photos of the small build whose time is subtracted")
+                    help="photos of the small one-process build whose time is subtracted")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray instance")
     ap.add_argument("--actors", type=int, nargs="+", default=[1, 2])
@@ -73,6 +75,7 @@ def main() -> None:
     if not args.data.is_dir():
         raise SystemExit(f"needs ../shared ({args.data})")
     bench_serve.DATA = args.data
+    from zsbir.search import ray_embed
     from zsbir.search.ray_embed import RayOptions
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-ray-"))
@@ -86,24 +89,33 @@ def main() -> None:
         if not folders[n].is_dir():
             bench_serve.make_photos(folders[n], n)
     print(f"machine: {platform.node()}, {os.cpu_count()} CPUs; {uptime()}")
-    results, indexes = {}, {}
-    for name, opts in [("one process", None)] + [
-            (f"ray, {a} actor(s)", RayOptions(actors=a, num_cpus=args.cpus, device="cpu"))
-            for a in args.actors]:
-        actors = opts.actors if opts else 1
-        walls = {}
-        for n, folder in folders.items():
-            index = Path(tempfile.mkdtemp(prefix="bench-ray-index-", dir=work)) / "index"
-            embedded, walls[n] = timed_build(run, folder, index, args.batch_size, opts)
-            assert embedded == n, (embedded, n)
-        indexes[name] = index  # the large build's
-        extra = args.photos - args.baseline
-        rate = extra / (walls[args.photos] - walls[args.baseline])
-        results[name] = {"walls": walls, "rate": rate}
-        print(f"{name:>18}: wall {walls[args.baseline]:.1f} s for {args.baseline} photos, "
-              f"{walls[args.photos]:.1f} s for {args.photos}; the {extra} more took "
-              f"{walls[args.photos] - walls[args.baseline]:.1f} s: {rate:.2f} photos/s "
-              f"({rate / actors:.2f} per actor); {uptime()}", flush=True)
+    indexes = {}
+    walls = {}
+    for n in (args.baseline, args.photos):  # one process: the rate by difference
+        index = Path(tempfile.mkdtemp(prefix="bench-ray-index-", dir=work)) / "index"
+        embedded, walls[n] = timed_build(run, folders[n], index, args.batch_size, None)
+        assert embedded == n, (embedded, n)
+    indexes["one process"] = index
+    extra = args.photos - args.baseline
+    rate = extra / (walls[args.photos] - walls[args.baseline])
+    print(f"{'one process':>18}: wall {walls[args.baseline]:.1f} s for {args.baseline} "
+          f"photos, {walls[args.photos]:.1f} s for {args.photos}; the {extra} more took "
+          f"{walls[args.photos] - walls[args.baseline]:.1f} s: {rate:.2f} photos/s; "
+          f"{uptime()}", flush=True)
+    for a in args.actors:
+        name = f"ray, {a} actor(s)"
+        index = Path(tempfile.mkdtemp(prefix="bench-ray-index-", dir=work)) / "index"
+        embedded, wall = timed_build(run, folders[args.photos], index, args.batch_size,
+                                     RayOptions(actors=a, num_cpus=args.cpus, device="cpu"))
+        assert embedded == args.photos
+        indexes[name] = index
+        last = dict(ray_embed.LAST_RUN)
+        print(f"{name:>18}: wall {wall:.1f} s for {args.photos} photos (Ray's start "
+              f"included); dataset start to last batch {last['seconds']:.1f} s "
+              f"({args.photos / last['seconds']:.2f} photos/s); actors busy "
+              f"{last['actor_seconds']:.1f} actor-s: "
+              f"{args.photos / last['actor_seconds']:.2f} photos/s per busy actor; "
+              f"{uptime()}", flush=True)
     base = stored(indexes["one process"])
     for name, index in indexes.items():
         got = stored(index)

@@ -68,7 +68,8 @@ def merge_indexes(shard_dirs: list[str | Path], index_dir: str | Path) -> BuildS
                 f"({str(first_dir)!r}) and {meta.get('photo_root')!r} ({str(d)!r}); build "
                 "every shard from the same folder")
         for key in MERGE_SAME:
-            if meta.get(key, None) != first.get(key, None):
+            default = "faiss" if key == "backend" else None  # older shards: faiss
+            if meta.get(key, default) != first.get(key, default):
                 raise SearchError(f"{str(d)!r} differs from the other shards in {key} "
                                   f"({meta.get(key)!r} vs {first.get(key)!r})")
         if meta["shard"][1] != n:

@@ -41,6 +41,11 @@ __all__ = ["RayOptions", "ray_embed_batches", "require_ray"]
 
 EXTRA = "--ray needs the ray extra: pip install 'zsbir[ray]'"
 
+#: the last :func:`ray_embed_batches` run: photos, actors, the actors' busy seconds (reading,
+#: decoding and embedding, summed over actors) and the driver's seconds from the dataset's
+#: start to its last batch (benchmarks/bench_ray.py reads it)
+LAST_RUN: dict[str, float] = {}
+
 
 @dataclass(frozen=True)
 class RayOptions:
@@ -106,11 +111,14 @@ class _EmbedActor:
         self.root = root
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        import time
+
         import torch
 
         from zsbir.data.base import PHOTO
         from zsbir.search import scan
 
+        start = time.perf_counter()
         rels = [os.fsdecode(bytes(b)) for b in batch["name"]]
         ds = scan.PhotoDataset(self.root, rels, self.tm.transform, PHOTO)
         items = [ds[i] for i in range(len(rels))]
@@ -133,7 +141,8 @@ class _EmbedActor:
                 emb[i] = np.ascontiguousarray(vec).tobytes()
         return {"name": batch["name"], "sha256": np.array(sha, dtype=object),
                 "size": np.array(size, np.int64), "mtime_ns": np.array(mtime, np.int64),
-                "error": np.array(error, dtype=object), "embedding": np.array(emb, dtype=object)}
+                "error": np.array(error, dtype=object), "embedding": np.array(emb, dtype=object),
+                "seconds": np.full(n, (time.perf_counter() - start) / max(n, 1))}
 
 
 def ray_embed_batches(opts: RayOptions, model_file: Path, root: Path, todo: list[str],
@@ -160,7 +169,9 @@ def ray_embed_batches(opts: RayOptions, model_file: Path, root: Path, todo: list
             fn_constructor_args=([ref], str(root), "cuda" if gpus else "cpu", threads),
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=1 if gpus else 0, num_cpus=0 if gpus else threads)
-        done = 0
+        import time
+
+        done, busy, start = 0, 0.0, time.perf_counter()
         for out in embedded.iter_batches(batch_size=batch_size, batch_format="numpy",
                                          prefetch_batches=1):
             kept, vecs, skipped = [], [], []
@@ -173,5 +184,8 @@ def ray_embed_batches(opts: RayOptions, model_file: Path, root: Path, todo: list
                                        int(out["mtime_ns"][j]))))
                     vecs.append(np.frombuffer(bytes(out["embedding"][j]), np.float32))
             done += len(out["name"])
+            busy += float(np.sum(out["seconds"]))
+            LAST_RUN.update(photos=done, actors=actors, actor_seconds=busy,
+                            seconds=time.perf_counter() - start)
             emb = np.stack(vecs).astype(np.float32) if vecs else np.zeros((0, 0), np.float32)
             yield done, (kept, emb, skipped)

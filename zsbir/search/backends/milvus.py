@@ -381,7 +381,10 @@ class _MilvusWriter:
                 s.add_field("vector", dt.BINARY_VECTOR if self.form == "binary"
                             else dt.FLOAT_VECTOR, dim=width)
                 kind, built, _ = _index_params(c, self.form, "flat", 0)
-                c.create_collection(name, schema=s, index_params=built["index_params"])
+                # Strong: a search sees every upsert acknowledged before it (a server's
+                # default, Bounded, may lag by seconds after a build or update)
+                c.create_collection(name, schema=s, index_params=built["index_params"],
+                                    consistency_level="Strong")
                 c.alter_collection_properties(name, properties={
                     PROPERTY: json.dumps(_description(self.meta, self.form, width)),
                     INDEX_PROPERTY: json.dumps({"index_type": kind, "params": {}})})
