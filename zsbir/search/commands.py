@@ -201,10 +201,13 @@ def search(index_dir: str, sketches: tuple[str, ...], top: int, label: str | Non
         # Pillow's multi-line DecompressionBombWarning: the pixel limit gives one line
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         idx = Index.open(index_dir, device)
-        queries = []
-        for s in sketches:  # every unreadable sketch is reported before any search runs
-            queries.append(idx.query_image(s))
-        results = idx.search_many(queries, top, label, rerank)
+        try:
+            queries = []
+            for s in sketches:  # every unreadable sketch is reported before any search runs
+                queries.append(idx.query_image(s))
+            results = idx.search_many(queries, top, label, rerank)
+        finally:
+            idx.close()
     if as_json:
         click.echo(json.dumps({"index": idx.name, "score": idx.score_name,
                                "queries": [{"query": s, "results": [r.to_dict() for r in rs]}

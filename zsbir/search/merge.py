@@ -108,7 +108,11 @@ def merge_indexes(shard_dirs: list[str | Path], index_dir: str | Path) -> BuildS
                         src.close()
             meta = read_meta(con)
             tm = _load_model(index_dir / MODEL_NAME, "cpu")
-            fx, info = backend_of(meta).writer(index_dir, con, tm, meta).finish()
+            writer = backend_of(meta).writer(index_dir, con, tm, meta)
+            try:
+                fx, info = writer.finish()
+            finally:
+                writer.close()
         finally:
             con.close()
     summary.total = len(fx.ids)

@@ -327,7 +327,10 @@ def _sync(con: sqlite3.Connection, index_dir: Path, tm: Any, batch_size: int,
             summary.skipped += [(str(root / r), e) for r, e in skipped]
             advance(completed=done, info=f"{len(summary.skipped)} skipped")
 
-    index, info = writer.finish()
+    try:
+        index, info = writer.finish()
+    finally:
+        writer.close()  # a Milvus client: closed here, not at interpreter exit
     summary.total = len(index.ids)
     summary.recall_at_10, summary.nprobe = info.get("recall_at_10"), info.get("nprobe")
     summary.search_param = _search_param(info)

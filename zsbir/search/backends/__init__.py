@@ -21,9 +21,10 @@ options (``zsbir index build --backend NAME``), which provides:
 - ``settings(index_dir) -> dict``: the ``meta`` entries that reopen it (no secrets);
   ``from_meta(meta)`` (classmethod) reopens it;
 - ``writer(index_dir, con, tm, meta)``: an object with ``committed(paths)`` (called after
-  each committed batch of embedded photos, so rows reach the backend as they come) and
+  each committed batch of embedded photos, so rows reach the backend as they come),
   ``finish() -> (loaded, info)`` (called at the end of a build, update or merge: the
-  backend's copy made equal to the database; ``info`` is stored in ``meta``);
+  backend's copy made equal to the database; ``info`` is stored in ``meta``) and
+  ``close()``;
 - ``load(index_dir, con, tm) -> loaded``: the photos in path order (``ids``, ``paths``,
   ``labels``, ``binary``, ``generation``) and either a faiss ``index`` or an ``engine``
   with ``search(codes, k, label) -> (values, positions)`` that filters by class itself.

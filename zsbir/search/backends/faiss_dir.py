@@ -63,6 +63,9 @@ class _FaissWriter:
     def committed(self, paths: list[str]) -> None:
         """The faiss file is written once, at the end."""
 
+    def close(self) -> None:
+        """Nothing held open."""
+
     def finish(self) -> tuple[Any, dict[str, Any]]:
         from zsbir.search.faiss_index import _write_faiss, make_faiss
         from zsbir.search.files import read_meta

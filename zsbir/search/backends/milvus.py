@@ -418,6 +418,9 @@ class _MilvusWriter:
                 self.c.upsert(self.b.collection, data[i:i + CHUNK])
         return len(data)
 
+    def close(self) -> None:
+        self.b.close()
+
     def committed(self, paths: list[str]) -> None:
         """Upsert the rows of a committed batch (by path, as :func:`_commit_batch` wrote)."""
         from zsbir.search.scan import db_name
