@@ -50,15 +50,23 @@ DEFAULT_BACKEND = "faiss"
 
 
 def make_backend(name: str, **options: Any) -> Any:
-    """The registered backend ``name`` built with ``options`` (unknown name: SearchError
-    with suggestions)."""
-    from zsbir.registry import RegistryError, get_registry
+    """The registered backend ``name`` built with ``options``, resolved and built as a
+    manifest table ``{name = NAME, ...}`` is (:func:`zsbir.manifest.resolve_component`,
+    :func:`zsbir.build.build_component`); an unknown name or option is a SearchError."""
+    from zsbir.build import build_component
+    from zsbir.context import BuildContext
+    from zsbir.injection import supply
+    from zsbir.manifest import ManifestError, resolve_component
+    from zsbir.registry import RegistryError
 
     try:
-        cls = get_registry("index_backends").get(name)
+        table = resolve_component("index_backends", {"name": name, **options}, "--backend")
+        return build_component("index_backends", table, BuildContext(),
+                               **supply("index_backends"))
+    except ManifestError as exc:
+        raise SearchError("; ".join(str(p) for p in exc.problems)) from exc
     except RegistryError as exc:
         raise SearchError(f"--backend {name}: {exc}") from exc
-    return cls(**options)
 
 
 def backend_of(meta: dict[str, Any]) -> Any:

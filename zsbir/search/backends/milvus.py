@@ -46,10 +46,13 @@ repairs a collection that missed the last upsert.
 
 **Search.** The class filter is a Milvus filter expression (``label == "..."``), run inside
 the engine. Results are ordered by score, ties by photo path, as the faiss backend orders
-them (:func:`zsbir.search.backends.search_loaded`): Milvus is asked for ``k`` results; while
-the last returned value equals the ``k``-th (an unseen row may tie), it is asked for twice
-as many (at most 16,384, Milvus's limit). ``ann``: ``flat`` (FLAT / BIN_FLAT: exact),
-``ivf`` (IVF_FLAT / BIN_IVF_FLAT), ``hnsw`` (HNSW, real-valued codes only).
+them (:func:`zsbir.search.backends.search_loaded`): Milvus is asked for ``2k`` results;
+while the last returned value equals the ``k``-th (an unseen row may tie), it is asked for
+twice as many (at most 16,384, Milvus's limit). A row the loaded photo table does not hold
+(a writer mid-way on a server) is left out. ``ann``: ``flat`` (FLAT / BIN_FLAT: exact),
+``ivf`` (IVF_FLAT / BIN_IVF_FLAT), ``hnsw`` (HNSW, real-valued codes only). After a kill
+between a batch's SQLite commit and its upsert, the collection lacks that batch until the
+resumed build (or an update) reconciles it.
 
 milvus-lite allows one process per database file: while ``zsbir index update`` writes a
 milvus-lite index, ``zsbir serve`` on it cannot open it (use a Milvus server for that).
