@@ -194,3 +194,21 @@ def test_sharding_arithmetic_imports_no_torch(module):
                          timeout=120, cwd=ROOT.parent)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_the_core_imports_neither_pymilvus_nor_ray():
+    """The milvus and ray extras are optional (issue 28 point 5): building and searching a
+    faiss index, the CLI and the backends' registry import neither pymilvus nor ray."""
+    import subprocess
+    import sys
+
+    code = ("import sys, zsbir, zsbir.cli, zsbir.search.store, zsbir.search.api, "
+            "zsbir.search.commands, zsbir.search.backends.faiss_dir, "
+            "zsbir.search.backends.milvus, zsbir.search.ray_embed\n"
+            "from zsbir.registry import get_registry\n"
+            "get_registry('index_backends').get('milvus')\n"
+            "print(sorted(m for m in ('pymilvus', 'milvus_lite', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -210,7 +210,9 @@ def test_a_training_build_passes_each_kind_exactly_what_injection_declares(
     with registered("teachers", "test_watching", _WatchingTeacher):
         build_mod.build(resolve(raw), "train", tmp_path)
     nested_only = {"backbones", "networks"}  # built inside another: ctx alone
-    elsewhere = {"importers"}  # built by `zsbir import` (zsbir.import_command), not a run
+    # built by `zsbir import` (zsbir.import_command) and by `zsbir index build --backend`
+    # (zsbir.search.backends.make_backend), not by a run
+    elsewhere = {"importers", "index_backends"}
     assert seen == {k: set(v - {"ctx"}) for k, v in injection.SUPPLIED.items()
                     if k not in nested_only | elsewhere}
     assert all(injection.SUPPLIED[k] == {"ctx"} for k in nested_only)

@@ -149,8 +149,12 @@ def test_binary_ivf_index_reports_recall_and_hamming(tiny_run, photos, sketches,
 
 
 # ---------------------------------------------------------------------- incremental
-def test_update_embeds_only_new_and_changed(tiny_run, photos, sketches, tmp_path, counted):
-    build(tiny_run, photos, tmp_path / "idx")
+@pytest.mark.parametrize("backend", ["faiss", "milvus"])  # the same test on both backends
+def test_update_embeds_only_new_and_changed(tiny_run, photos, sketches, tmp_path, counted,
+                                            backend):
+    if backend == "milvus":
+        pytest.importorskip("pymilvus", reason="the milvus extra is not installed")
+    build(tiny_run, photos, tmp_path / "idx", "--backend", backend)
     assert sum(counted) == 13
     counted.clear()
     for i in range(3):                                         # add 3

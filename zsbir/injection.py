@@ -37,6 +37,7 @@ SUPPLIED: Mapping[str, frozenset[str]] = {
     "rerankers": frozenset({"ctx"}),
     "pair_scorers": frozenset({"ctx", "model"}),
     "importers": frozenset({"ctx"}),
+    "index_backends": frozenset({"ctx"}),
 }
 
 

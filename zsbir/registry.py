@@ -85,6 +85,7 @@ KINDS: tuple[str, ...] = (
     "rerankers",
     "pair_scorers",
     "importers",
+    "index_backends",
 )
 
 class _Injected(Mapping[str, frozenset[str]]):
@@ -662,6 +663,7 @@ steps = _REGISTRIES["steps"]
 rerankers = _REGISTRIES["rerankers"]
 pair_scorers = _REGISTRIES["pair_scorers"]
 importers = _REGISTRIES["importers"]
+index_backends = _REGISTRIES["index_backends"]
 
 
 def get_registry(kind: str) -> Registry:

@@ -37,6 +37,10 @@ promises:
   on raw outputs, or zsbir's for ``maxsim``);
 - ``importers``: callable on a file path, declares ``expects`` (the format it reads) and
   refuses a file of another format with :class:`zsbir.importers.ImportFormatError`;
+- ``index_backends``: an index directory of random embeddings (real-valued, and binary
+  sign codes with many Hamming ties) written by the backend is searched, with and without a
+  class filter, and equals a plain NumPy ranking (ids in order, ties by photo path; scores
+  to 1e-5) (:mod:`zsbir.search.backends.reference`);
 - a kind a plugin adds: its :class:`zsbir.registry.KindSpec` ``contract``, if it declares
   one (otherwise the component is only built).
 
@@ -641,6 +645,45 @@ def check_importer(comp: Component) -> None:
                                  "ImportFormatError")
 
 
+def check_index_backend(comp: Component) -> None:
+    from zsbir.search.backends import search_loaded
+    from zsbir.search.backends.reference import (
+        StandInModel,
+        index_from_embeddings,
+        naive_ranking,
+    )
+    from zsbir.search.faiss_index import encode
+
+    rng = np.random.default_rng(0)
+    paths = sorted(f"c{i % 3}/{i:03d}.png" for i in range(40))
+    for binary in (False, True):
+        obj, _ = build("index_backends", comp.name)
+        emb = rng.standard_normal((len(paths), 12)).astype(np.float32)
+        queries = rng.standard_normal((3, 12)).astype(np.float32)
+        with tempfile.TemporaryDirectory() as tmp:
+            fx, con = index_from_embeddings(obj, Path(tmp) / "idx", emb, paths, binary=binary)
+            try:
+                h = StandInModel(binary).hasher(None)
+                codes = encode(h, queries)
+                gallery = encode(h, emb)
+                for label, top in ((None, 7), ("c1", 5), (None, len(paths))):
+                    values, positions = search_loaded(fx, codes, top, label,
+                                                      lambda pos, g=gallery: g[pos])
+                    for q, v, p in zip(queries, values, positions):
+                        want = naive_ranking(q, emb, paths, top, binary=binary, label=label)
+                        got = [fx.paths[int(i)] for i in p]
+                        assert got == [w for w, _ in want], (
+                            f"binary={binary} label={label}: ranking {got[:5]}... differs "
+                            f"from the reference {[w for w, _ in want][:5]}...")
+                        np.testing.assert_allclose(np.asarray(v, np.float64),
+                                                   [s for _, s in want], atol=1e-5)
+            finally:
+                con.close()
+                close = getattr(obj, "close", None)
+                if close is not None:
+                    close()
+
+
 #: kind -> its contract check (a component of a kind a plugin adds uses its KindSpec)
 CONTRACTS: dict[str, Callable[[Component], None]] = {
     "losses": check_loss, "rerankers": check_reranker, "backbones": check_backbone,
@@ -649,6 +692,7 @@ CONTRACTS: dict[str, Callable[[Component], None]] = {
     "optimizers": check_optimizer, "schedulers": check_scheduler, "hashers": check_hasher,
     "protocols": check_protocol, "importers": check_importer,
     "pair_scorers": check_pair_scorer,
+    "index_backends": check_index_backend,
 }
 
 

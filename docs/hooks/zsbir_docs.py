@@ -49,6 +49,8 @@ _SECTION_NOTES = {
     "pair_scorers": "Scores of (query, gallery item) pairs from per-item outputs (tokens): "
                     "exhaustive or top-K re-scoring.",
     "importers": "Published checkpoints read into zsbir run directories (`zsbir import`).",
+    "index_backends": "Where a photo index's search structure lives (`zsbir index build "
+                      "--backend`): faiss in the index directory, or a Milvus collection.",
 }
 
 _TITLES = {
@@ -57,6 +59,7 @@ _TITLES = {
     "schedulers": "Schedulers", "hashers": "Hashers", "heads": "Heads",
     "networks": "Networks", "steps": "Steps", "rerankers": "Rerankers",
     "pair_scorers": "Pair scorers", "importers": "Importers",
+    "index_backends": "Index backends",
 }
 
 

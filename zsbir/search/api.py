@@ -8,7 +8,11 @@ A query is a sketch image (a path, a ``PIL.Image``, or ``bytes`` of a PNG/JPEG f
 vector strokes (QuickDraw's ``drawing`` field, rendered by :mod:`zsbir.search.strokes`).
 Scores are cosine similarities (descending) for real-valued indexes and Hamming distances
 (ascending) for binary ones (:attr:`Index.score_name`). Ties are ordered by photo path, so
-a result never depends on the order photos were added in.
+a result never depends on the order photos were added in. The index's backend
+(:mod:`zsbir.search.backends`: faiss in the directory, or a Milvus collection) searches;
+the class filter runs inside the engine where it has one (Milvus). The model file is
+checked when the index is opened (its SHA-256 against the one the photos were embedded
+with), so a query is never embedded with another model.
 
 An open index follows its directory: when ``zsbir index update`` (or a resumed build) has
 committed since it was read (the database's ``generation``), the photo table and search
@@ -29,9 +33,10 @@ from typing import Any
 
 import numpy as np
 
+from zsbir.search.backends import backend_of, search_loaded
 from zsbir.search.errors import SearchError
-from zsbir.search.faiss_index import encode, load_faiss
-from zsbir.search.files import MODEL_NAME, connect, read_meta
+from zsbir.search.faiss_index import encode
+from zsbir.search.files import MODEL_NAME, connect, file_sha256, read_meta
 from zsbir.search.limits import DEFAULT_SKETCH_PIXELS, ImageTooLarge, NotAnImage, open_image
 from zsbir.search.photos import (
     DEFAULT_PHOTO_BYTES,
@@ -62,24 +67,6 @@ class SearchResult:
         return asdict(self)
 
 
-def _ranked(index: Any, q: np.ndarray, k: int, binary: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` (values, positions) per query, ordered by (score, position); a tie group at
-    the cut-off is completed by asking faiss for more (:func:`zsbir.hashing.search.search_index`,
-    one query at a time). An IVF index may find fewer than ``k`` for a query."""
-    from zsbir.hashing.search import search_index
-
-    n = index.ntotal
-    k = min(k, n)
-    if k == 0:
-        return np.zeros((q.shape[0], 0)), np.zeros((q.shape[0], 0), np.int64)
-    out_v, out_l = [], []
-    for row in q:
-        v, lab, found = search_index(index, row[None], k, binary=binary)
-        out_v.append(v[0, :found[0]])
-        out_l.append(lab[0, :found[0]])
-    return out_v, out_l
-
-
 class _Stale(Exception):
     """The database lost photos the in-memory index holds (a writer committed meanwhile)."""
 
@@ -106,11 +93,18 @@ class Index:
         model_file = self.path / self.meta.get("model_file", MODEL_NAME)
         if not model_file.is_file():
             raise SearchError(f"index {str(self.path)!r} lacks its model ({model_file.name})")
+        if self.meta.get("model_sha256") and file_sha256(model_file) != self.meta[
+                "model_sha256"]:
+            raise SearchError(f"{model_file.name} in {str(self.path)!r} is not the model the "
+                              "photos were embedded with (another SHA-256): queries embedded "
+                              "with it are refused; run the `zsbir index build` command "
+                              "that made the index again")
         self.model = load_trained(model_file, device)
         self.hasher = self.model.hasher(self.meta["hasher"])
         self.binary = bool(self.meta["binary"])
         self.root = Path(self.meta["photo_root"])
-        self._fx = load_faiss(self.path, self._con, self.model)
+        self._backend = backend_of(self.meta)
+        self._fx = self._backend.load(self.path, self._con, self.model)
         self._loaded_at = time.monotonic()
         self._lock = threading.Lock()
         self._rerankers: dict[str, Any] = {}
@@ -147,7 +141,7 @@ class Index:
                 and time.monotonic() - self._loaded_at < self.reload_interval_s):
             return False
         with self._db:
-            fx = load_faiss(self.path, self._con, self.model)
+            fx = self._backend.load(self.path, self._con, self.model)
             self.meta = read_meta(self._con)
         self.root = Path(self.meta["photo_root"])
         self._fx, self._loaded_at = fx, time.monotonic()
@@ -178,6 +172,7 @@ class Index:
         return {"name": self.name, "size": len(self), "model": f"{run} ({backbone})",
                 "hasher": self.meta["hasher"], "score": self.score_name,
                 "ann": self.meta["ann"], "labels": self.labels,
+                "backend": self._backend.name,
                 "recall_at_10": self.meta.get("recall_at_10")}
 
     def photo_record(self, photo_id: int) -> PhotoRecord | None:
@@ -416,10 +411,9 @@ class Index:
         if rerank is not None:
             return self._reranked(emb, top, label, rerank)
         codes = encode(self.hasher, emb)
-        if label is None:
-            values, positions = _ranked(self._fx.index, codes, top, self.binary)
-        else:
-            values, positions = self._search_label(codes, top, label)
+        values, positions = search_loaded(
+            self._fx, codes, top, label,
+            lambda pos: encode(self.hasher, self._embeddings(self._fx.ids[pos])))
         return [self._records(v, p) for v, p in zip(values, positions)]
 
     def _records(self, values: np.ndarray, positions: np.ndarray) -> list[SearchResult]:
@@ -427,16 +421,6 @@ class Index:
         return [SearchResult(int(fx.ids[p]), str(self.root / fx.paths[p]),
                              int(v) if self.binary else float(v), fx.labels[p], r + 1)
                 for r, (v, p) in enumerate(zip(values, positions))]
-
-    def _search_label(self, codes: np.ndarray, top: int, label: str
-                      ) -> tuple[np.ndarray, np.ndarray]:
-        """Exact search among the photos of one label (in path order: ties by path)."""
-        from zsbir.hashing.search import search
-
-        subset = np.flatnonzero(np.array([lab == label for lab in self._fx.labels]))
-        gallery = encode(self.hasher, self._embeddings(self._fx.ids[subset]))
-        values, idx = search(codes, gallery, top, binary=self.binary)
-        return values, subset[idx]
 
     def _reranked(self, emb: np.ndarray, top: int, label: str | None, name: str
                   ) -> list[list[SearchResult]]:
@@ -455,7 +439,8 @@ class Index:
     def _gallery(self, positions: np.ndarray) -> np.ndarray:
         """Unit-norm gallery vectors: reconstructed from a flat index, else read back."""
         index = self._fx.index
-        if self.meta["ann"] == "flat" and len(positions) == len(self):
+        if self._fx.index is not None and self.meta["ann"] == "flat" and \
+                len(positions) == len(self):
             return index.reconstruct_n(0, index.ntotal)
         return encode(self.hasher, self._embeddings(self._fx.ids[positions]))
 
@@ -473,6 +458,9 @@ class Index:
 
     def close(self) -> None:
         self._con.close()
+        close = getattr(self._backend, "close", None)
+        if close is not None:
+            close()
 
     def __enter__(self) -> Index:
         return self

@@ -23,6 +23,14 @@ device_option = click.option("--device", default="auto", show_default=True,
                              help="cpu, cuda, cuda:N or auto.")
 workers_option = click.option("--workers", default=-1, show_default=True,
                               help="Image-decoding worker processes (-1: automatic).")
+ray_option = click.option(
+    "--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+    help="Embed in Ray actor pools (the ray extra): --ray alone starts a local Ray instance; "
+         "--ray ADDRESS joins a cluster (e.g. ray://head:10001 or auto). The photo folder "
+         "must be at the same path on every node.")
+ray_actors_option = click.option(
+    "--ray-actors", type=click.IntRange(min=1), default=None,
+    help="Embedding actors (default: one per GPU of the cluster, else one per CPU).")
 batch_option = click.option("--batch-size", default=64, show_default=True,
                             type=click.IntRange(min=1), help="Photos per embedded batch.")
 
@@ -51,8 +59,9 @@ def _print_summary(s: Any, index_dir: str) -> None:
         f"{s.total} photos in {escape(shown(index_dir))} "
         f"({format_seconds(s.seconds)}, {s.photos_per_s:.1f} photos/s)", highlight=False)
     if s.recall_at_10 is not None:
-        console.print(f"IVF search: nprobe {s.nprobe}, recall@10 against exact search "
-                      f"{s.recall_at_10:.3f}", highlight=False)
+        what = getattr(s, "search_param", None) or f"IVF search: nprobe {s.nprobe}"
+        console.print(f"{what}, recall@10 against exact search {s.recall_at_10:.3f}",
+                      highlight=False)
 
 
 @index.command("build")
@@ -61,9 +70,22 @@ def _print_summary(s: Any, index_dir: str) -> None:
 @click.argument("index_dir", type=click.Path(file_okay=False))
 @click.option("--hasher", help="Which of the run's hashers encodes the photos (its tag, e.g. "
                                "itq64 for binary codes); default: the run's first.")
-@click.option("--ann", type=click.Choice(["flat", "ivf"]), default="flat", show_default=True,
+@click.option("--ann", type=click.Choice(["flat", "ivf", "hnsw"]), default="flat",
+              show_default=True,
               help="flat: exact search; ivf: inverted lists (for more than ~100,000 photos; "
-                   "its recall@10 against exact search is measured and reported).")
+                   "its recall@10 against exact search is measured and reported); hnsw: a "
+                   "graph index (--backend milvus, real-valued codes; recall reported too).")
+@click.option("--backend", default="faiss", show_default=True,
+              help="Where the search structure lives: faiss (photos.faiss in INDEX_DIR) or "
+                   "milvus (a Milvus collection; the milvus extra). See `zsbir list "
+                   "index_backends`.")
+@click.option("--uri", default="", help="--backend milvus: http://HOST:19530 (a server or "
+                                        "cluster) or a local file for milvus-lite (default: "
+                                        "INDEX_DIR/milvus.db).")
+@click.option("--token", default="", help="--backend milvus: the server's token (default: "
+                                          "$ZSBIR_MILVUS_TOKEN; never stored).")
+@click.option("--collection", default="", help="--backend milvus: the collection name "
+                                               "(default: from INDEX_DIR).")
 @click.option("--name", help="A name shown by `zsbir serve` (default: INDEX_DIR's name).")
 @click.option("--shard", metavar="I/N",
               help="Index only shard I of N of the sorted photo list (0-based), e.g. on N "
@@ -78,13 +100,16 @@ def _print_summary(s: Any, index_dir: str) -> None:
                    "search --pair-scorer` re-scores with.")
 @click.option("--output-dtype", type=click.Choice(["float32", "float16"]), default="float32",
               show_default=True, help="How stored outputs are kept (float16: half the size).")
+@ray_option
+@ray_actors_option
 @device_option
 @batch_option
 @workers_option
 def index_build(run_dir: str, photo_dir: str, index_dir: str, hasher: str | None, ann: str,
-                name: str | None, shard: str | None, follow_outside_links: bool,
-                outputs: str | None, output_dtype: str, device: str, batch_size: int,
-                workers: int) -> None:
+                backend: str, uri: str, token: str, collection: str, name: str | None,
+                shard: str | None, follow_outside_links: bool, outputs: str | None,
+                output_dtype: str, ray_address: str | None, ray_actors: int | None,
+                device: str, batch_size: int, workers: int) -> None:
     """Embed every photo under PHOTO_DIR with RUN_DIR's trained model into INDEX_DIR.
 
     INDEX_DIR receives a copy of the model, so searching needs nothing else. Run again on
@@ -92,6 +117,7 @@ def index_build(run_dir: str, photo_dir: str, index_dir: str, hasher: str | None
     """
     from zsbir.engine.distributed import ShardError, parse_shard
     from zsbir.progress import console_output
+    from zsbir.search.backends import make_backend
     from zsbir.search.store import build_index
 
     try:
@@ -101,11 +127,17 @@ def index_build(run_dir: str, photo_dir: str, index_dir: str, hasher: str | None
     names = [n.strip() for n in (outputs or "").split(",") if n.strip()]
     if outputs is not None and not names:
         raise click.BadParameter("give output names, e.g. tokens", param_hint="--outputs")
+    options = {"uri": uri, "token": token, "collection": collection}
+    if backend != "milvus" and any(options.values()):
+        raise click.BadParameter("--uri, --token and --collection are options of "
+                                 "--backend milvus", param_hint="--backend")
+    chosen = make_backend(backend, **(options if backend == "milvus" else {}))
     with console_output(console):
         s = build_index(run_dir, photo_dir, index_dir, hasher=hasher, ann=ann,  # type: ignore
                         name=name, device=device, batch_size=batch_size, workers=workers,
                         shard=part, follow_outside_links=follow_outside_links,
-                        outputs=names, output_dtype=output_dtype)
+                        outputs=names, output_dtype=output_dtype, backend=chosen,
+                        ray=_ray_options(ray_address, ray_actors, device))
     _print_summary(s, index_dir)
 
 
@@ -123,18 +155,35 @@ def index_merge(index_dir: str, shard_dirs: tuple[str, ...]) -> None:
     _print_summary(s, index_dir)
 
 
+def _ray_options(address: str | None, actors: int | None, device: str) -> Any:
+    if address is None:
+        if actors is not None:
+            raise click.BadParameter("--ray-actors needs --ray", param_hint="--ray-actors")
+        return None
+    from zsbir.search.ray_embed import RayOptions, require_ray
+
+    require_ray()  # the extra, checked before anything is written
+    return RayOptions(address=None if address == "local" else address, actors=actors,
+                      device=device)
+
+
 @index.command("update")
 @click.argument("index_dir", type=click.Path(file_okay=False))
+@ray_option
+@ray_actors_option
 @device_option
 @batch_option
 @workers_option
-def index_update(index_dir: str, device: str, batch_size: int, workers: int) -> None:
+def index_update(index_dir: str, ray_address: str | None, ray_actors: int | None,
+                 device: str, batch_size: int, workers: int) -> None:
     """Embed new and changed photos of INDEX_DIR's folder; drop deleted ones."""
     from zsbir.progress import console_output
     from zsbir.search.store import update_index
 
+    ray = _ray_options(ray_address, ray_actors, device)
     with console_output(console):
-        s = update_index(index_dir, device=device, batch_size=batch_size, workers=workers)
+        s = update_index(index_dir, device=device, batch_size=batch_size, workers=workers,
+                         ray=ray)
     _print_summary(s, index_dir)
 
 
@@ -174,10 +223,13 @@ def search(index_dir: str, sketches: tuple[str, ...], top: int, label: str | Non
         # Pillow's multi-line DecompressionBombWarning: the pixel limit gives one line
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         idx = Index.open(index_dir, device)
-        queries = []
-        for s in sketches:  # every unreadable sketch is reported before any search runs
-            queries.append(idx.query_image(s))
-        results = idx.search_many(queries, top, label, rerank, pair_scorer, top_k)
+        try:
+            queries = []
+            for s in sketches:  # every unreadable sketch is reported before any search runs
+                queries.append(idx.query_image(s))
+            results = idx.search_many(queries, top, label, rerank, pair_scorer, top_k)
+        finally:
+            idx.close()
     paired = pair_scorer is not None or top_k is not None
     if as_json:
         click.echo(json.dumps({"index": idx.name, "score": idx.score_name,

@@ -43,6 +43,8 @@ TEMPORARIES = (MODEL_NAME + ".tmp", FAISS_NAME + ".tmp")
 INDEX_FILES = frozenset({DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", DB_NAME + "-journal",
                          DB_NAME + ".damaged", MODEL_NAME, FAISS_NAME, LOCK_NAME,
                          *TEMPORARIES})
+#: folders an index may hold: milvus-lite's database (backend milvus, its default URI)
+INDEX_DIRS = frozenset({"milvus.db"})
 REQUIRED_META = ("format_version", "photo_root", "hasher", "binary", "ann", "generation")
 _FULL = "database or disk is full"
 
@@ -119,8 +121,8 @@ def index_state(index_dir: Path) -> str:
     names = [p.name for p in index_dir.iterdir()]
     if not names:
         return "new"
-    ours = all(n in INDEX_FILES or (n.startswith(LOCK_NAME + ".") and n.endswith(".tmp"))
-               for n in names)
+    ours = all(n in INDEX_FILES or n in INDEX_DIRS or
+               (n.startswith(LOCK_NAME + ".") and n.endswith(".tmp")) for n in names)
     if not ours:
         return "foreign"
     return "index" if DB_NAME in names else "leftovers"

@@ -7,9 +7,9 @@ import sqlite3
 import time
 from pathlib import Path
 
+from zsbir.search.backends import backend_of
 from zsbir.search.embedding import _load_model
 from zsbir.search.errors import SearchError
-from zsbir.search.faiss_index import _write_faiss, make_faiss
 from zsbir.search.files import (
     MODEL_NAME,
     connect,
@@ -25,18 +25,20 @@ from zsbir.search.files import (
 from zsbir.search.lock import WriteLock
 from zsbir.search.outputs import copy_outputs
 from zsbir.search.rows import _copy_rows, _stored_meta
-from zsbir.search.summary import BuildSummary
+from zsbir.search.summary import BuildSummary, _search_param
 
 __all__ = ["MERGE_SAME", "merge_indexes"]
 
 MERGE_SAME = ("photo_root", "model_sha256", "hasher", "ann", "follow_outside_links",
-              "output_names", "output_dtype")
+              "output_names", "output_dtype", "backend")
 
 
 def merge_indexes(shard_dirs: list[str | Path], index_dir: str | Path) -> BuildSummary:
     """Join shard indexes (``build_index(..., shard=(i, n))``) into a new index at
     ``index_dir``: their photo rows and stored embeddings are copied (nothing is embedded
-    again) and one faiss index is built. Every shard 0..n-1 must be given once, all built
+    again) and the search structure of the shards' backend is built (for milvus: a new
+    collection for ``index_dir``, on the shards' server, or milvus-lite in ``index_dir``).
+    Every shard 0..n-1 must be given once, all built
     from the same photo folder with the same model file, hasher and search structure,
     else :class:`SearchError`. A merge that was killed or failed is started over by the
     same command."""
@@ -67,7 +69,8 @@ def merge_indexes(shard_dirs: list[str | Path], index_dir: str | Path) -> BuildS
                 f"({str(first_dir)!r}) and {meta.get('photo_root')!r} ({str(d)!r}); build "
                 "every shard from the same folder")
         for key in MERGE_SAME:
-            if meta.get(key, None) != first.get(key, None):
+            default = "faiss" if key == "backend" else None  # older shards: faiss
+            if meta.get(key, default) != first.get(key, default):
                 raise SearchError(f"{str(d)!r} differs from the other shards in {key} "
                                   f"({meta.get(key)!r} vs {first.get(key)!r})")
         if meta["shard"][1] != n:
@@ -90,6 +93,7 @@ def merge_indexes(shard_dirs: list[str | Path], index_dir: str | Path) -> BuildS
                 keep = {k: v for k, v in first.items() if k not in (
                     "shard", "count", "nprobe", "nlist", "recall_at_10", "recall_queries",
                     "faiss_sha256", "faiss_bytes")}
+                keep.update(backend_of(first).merged(index_dir, first["ann"]))
                 set_meta(con, **{**keep, "name": index_dir.resolve().name, "generation": 1,
                                  "faiss_generation": -1, "created": time.time(),
                                  "merged_from": sources})
@@ -108,13 +112,17 @@ def merge_indexes(shard_dirs: list[str | Path], index_dir: str | Path) -> BuildS
                                        for k, v in (m.get("outputs") or {}).items()})
             meta = read_meta(con)
             tm = _load_model(index_dir / MODEL_NAME, "cpu")
-            fx, info = make_faiss(con, tm, meta)
-            _write_faiss(index_dir, con, fx, info)
+            writer = backend_of(meta).writer(index_dir, con, tm, meta)
+            try:
+                fx, info = writer.finish()
+            finally:
+                writer.close()
         finally:
             con.close()
-    summary.total = int(fx.index.ntotal)
+    summary.total = len(fx.ids)
     summary.unchanged = summary.total
     summary.recall_at_10, summary.nprobe = info.get("recall_at_10"), info.get("nprobe")
+    summary.search_param = _search_param(info)
     summary.seconds = time.perf_counter() - start
     return summary
 

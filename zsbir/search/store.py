@@ -38,6 +38,13 @@ the same transactions as their rows.
 Incremental updates compare each file's size and mtime with its row; when either changed,
 the content hash decides whether the photo is embedded again. Deleted files are removed.
 
+Where the search structure lives is the index's *backend* (:mod:`zsbir.search.backends`,
+``zsbir index build --backend``): ``faiss`` (``photos.faiss``, above: the default) or
+``milvus`` (a Milvus collection; :mod:`zsbir.search.backends.milvus`); the database stays
+the source of truth in both, and each committed batch reaches the backend as it comes
+(its writer's ``committed``), the rest at the end (``finish``). With ``ray=`` the photos are
+embedded in Ray actor pools (:mod:`zsbir.search.ray_embed`) instead of the local loader.
+
 Large collections (docs/scaling.md): ``build_index(..., shard=(i, n))`` indexes only shard
 ``i`` of ``n`` of the folder's sorted photo list
 (:func:`zsbir.engine.distributed.sharding.partition_files`, torch-free), so n processes or
@@ -66,11 +73,12 @@ import numpy as np
 from zsbir.engine.distributed.sharding import partition_files
 from zsbir.progress import phase
 from zsbir.search import scan
+from zsbir.search.backends import DEFAULT_BACKEND, backend_of, make_backend
 from zsbir.search.embedding import _embed_batches, _load_model
 from zsbir.search.errors import SearchError
 from zsbir.search.faiss_index import (
     FaissIndex,
-    _write_faiss,
+    _write_faiss,  # noqa: F401 - kept importable from here
     encode,
     load_faiss,
     make_faiss,
@@ -95,7 +103,7 @@ from zsbir.search.merge import merge_indexes
 from zsbir.search.outputs import DTYPES, ensure_schema, stored_output_names
 from zsbir.search.rows import RowsGone, _commit_batch, _stored_meta, gallery_embeddings
 from zsbir.search.scan import IMAGE_SUFFIXES, db_name, fs_name, shown
-from zsbir.search.summary import BuildSummary
+from zsbir.search.summary import BuildSummary, _search_param
 
 __all__ = ["DB_NAME", "FAISS_NAME", "IMAGE_SUFFIXES", "MODEL_NAME", "BuildSummary",
            "FaissIndex", "RowsGone", "build_index", "connect", "encode", "gallery_embeddings",
@@ -110,7 +118,8 @@ def build_index(run_dir: str | Path, photo_dir: str | Path, index_dir: str | Pat
                 name: str | None = None, device: str = "auto", batch_size: int = 64,
                 workers: int = -1, shard: tuple[int, int] | None = None,
                 follow_outside_links: bool = False, outputs: Sequence[str] = (),
-                output_dtype: str = "float32") -> BuildSummary:
+                output_dtype: str = "float32", backend: Any = None,
+                ray: Any = None) -> BuildSummary:
     """Create ``index_dir`` for the photos under ``photo_dir`` with the run's final weights.
 
     Run again on an unfinished index of the same run, folder and settings, it resumes (as
@@ -120,7 +129,10 @@ def build_index(run_dir: str | Path, photo_dir: str | Path, index_dir: str | Pat
     list, for :func:`merge_indexes`. ``follow_outside_links``: also index files that
     symlinks lead to outside ``photo_dir`` (kept by updates). ``outputs``: model outputs
     to store per photo besides those the run's pair scorer and rerankers read
-    (:mod:`zsbir.search.outputs`), as ``output_dtype`` (``"float32"`` or ``"float16"``)."""
+    (:mod:`zsbir.search.outputs`), as ``output_dtype`` (``"float32"`` or ``"float16"``).
+    ``backend``: an index backend (:func:`zsbir.search.backends.make_backend`; default
+    faiss). ``ray``: a :class:`zsbir.search.ray_embed.RayOptions` to embed in Ray actor
+    pools."""
     run_dir, photo_dir, index_dir = Path(run_dir), Path(photo_dir), Path(index_dir)
     final = run_dir if run_dir.is_file() else run_dir / "checkpoints" / "final.pt"
     if not final.is_file():
@@ -128,15 +140,18 @@ def build_index(run_dir: str | Path, photo_dir: str | Path, index_dir: str | Pat
                           "`zsbir run` can index photos")
     if not photo_dir.is_dir():
         raise SearchError(f"no photo folder {str(photo_dir)!r}")
-    if ann not in ("flat", "ivf"):
-        raise SearchError(f"ann must be 'flat' or 'ivf', not {ann!r}")
+    backend = backend if backend is not None else make_backend(DEFAULT_BACKEND)
+    if ann not in backend.ann_types:
+        raise SearchError(f"ann must be one of {', '.join(backend.ann_types)} for the "
+                          f"{backend.name} backend, not {ann!r}")
     if output_dtype not in DTYPES:
         raise SearchError(f"output dtype must be one of {', '.join(DTYPES)}, not "
                           f"{output_dtype!r}")
     settings = {"photo_root": str(photo_dir.resolve()), "model_sha256": file_sha256(final),
                 "ann": ann, "shard": list(shard) if shard else None,
                 "follow_outside_links": bool(follow_outside_links),
-                "extra_outputs": list(dict.fromkeys(outputs)), "output_dtype": output_dtype}
+                "extra_outputs": list(dict.fromkeys(outputs)), "output_dtype": output_dtype,
+                **backend.settings(index_dir, ann)}
     state = index_state(index_dir)
     if state == "foreign":
         raise SearchError(f"{str(index_dir)!r} exists and is not an empty folder or a zsbir "
@@ -145,14 +160,21 @@ def build_index(run_dir: str | Path, photo_dir: str | Path, index_dir: str | Pat
     tm = None
     if not resume:  # checked before anything is written: a wrong --hasher creates nothing
         tm = _load_model(final, device)
-        tm.hasher(hasher)
+        h = tm.hasher(hasher)
         names = stored_output_names(tm, outputs)  # and a model without them
+        if ann == "hnsw" and h.binary:
+            raise SearchError("--ann hnsw is for real-valued codes; a binary hasher's codes "
+                              "use flat or ivf (Hamming)")
+        if ray is not None and names:
+            raise SearchError("--ray embeds the photos' embeddings only; an index that "
+                              f"stores outputs ({', '.join(names)}) is built without --ray")
+        backend.check_new(index_dir, {**settings, "hasher": h.tag, "binary": bool(h.binary)})
     index_dir.mkdir(parents=True, exist_ok=True)
     with disk_errors(index_dir), WriteLock(index_dir) as lock, removing_temporaries(index_dir):
         if resume:
             con = connect(index_dir, write=True)
             try:
-                summary = _update(con, index_dir, device, batch_size, workers, final)
+                summary = _update(con, index_dir, device, batch_size, workers, final, ray)
             finally:
                 con.close()
             summary.resumed = True
@@ -177,7 +199,7 @@ def build_index(run_dir: str | Path, photo_dir: str | Path, index_dir: str | Pat
                              **settings)
                     if names:
                         ensure_schema(con)
-                summary = _sync(con, index_dir, tm, batch_size, workers, summary)
+                summary = _sync(con, index_dir, tm, batch_size, workers, summary, ray)
             finally:
                 con.close()
         summary.stale_lock = lock.broke_stale
@@ -195,7 +217,8 @@ def _resumable(index_dir: Path, settings: dict[str, Any], hasher: str | None) ->
             f"{str(index_dir)!r} already holds an index (of {meta.get('photo_root')!r}); "
             "update it with `zsbir index update`, or build into another directory")
     wanted = {**settings, "hasher": hasher or meta.get("hasher")}
-    absent = {"follow_outside_links": False, "extra_outputs": [], "output_dtype": "float32"}
+    absent = {"follow_outside_links": False, "extra_outputs": [], "output_dtype": "float32",
+              "backend": DEFAULT_BACKEND}
     for key, value in wanted.items():
         have = meta.get(key, absent.get(key))
         if have != value:
@@ -208,14 +231,15 @@ def _resumable(index_dir: Path, settings: dict[str, Any], hasher: str | None) ->
 
 
 def update_index(index_dir: str | Path, *, device: str = "auto", batch_size: int = 64,
-                 workers: int = -1) -> BuildSummary:
-    """Embed new and changed photos, drop deleted ones, rewrite the faiss index."""
+                 workers: int = -1, ray: Any = None) -> BuildSummary:
+    """Embed new and changed photos, drop deleted ones, bring the backend's search
+    structure up to date (rewrite the faiss index)."""
     index_dir = Path(index_dir)
     connect(index_dir, read_only=False).close()  # an index, not damaged: before the lock
     with disk_errors(index_dir), WriteLock(index_dir) as lock, removing_temporaries(index_dir):
         con = connect(index_dir, write=True)
         try:
-            summary = _update(con, index_dir, device, batch_size, workers)
+            summary = _update(con, index_dir, device, batch_size, workers, ray=ray)
         finally:
             con.close()
         summary.stale_lock = lock.broke_stale
@@ -223,7 +247,7 @@ def update_index(index_dir: str | Path, *, device: str = "auto", batch_size: int
 
 
 def _update(con: sqlite3.Connection, index_dir: Path, device: str, batch_size: int,
-            workers: int, final: Path | None = None) -> BuildSummary:
+            workers: int, final: Path | None = None, ray: Any = None) -> BuildSummary:
     """Check the folder and the model copy (restored from ``final`` by a resumed build),
     then :func:`_sync`."""
     meta = read_meta(con)
@@ -241,7 +265,7 @@ def _update(con: sqlite3.Connection, index_dir: Path, device: str, batch_size: i
         raise SearchError(f"{model.name} in {str(index_dir)!r} is not the model the index "
                           "was built with (another SHA-256): run the `zsbir index build` "
                           "command that made it again")
-    return _sync(con, index_dir, _load_model(model, device), batch_size, workers)
+    return _sync(con, index_dir, _load_model(model, device), batch_size, workers, ray=ray)
 
 
 def _scan(meta: dict[str, Any]) -> scan.Scan:
@@ -262,9 +286,11 @@ def _same_content(path: Path, sha: str) -> bool:
 
 
 def _sync(con: sqlite3.Connection, index_dir: Path, tm: Any, batch_size: int,
-          workers: int, summary: BuildSummary | None = None) -> BuildSummary:
+          workers: int, summary: BuildSummary | None = None, ray: Any = None
+          ) -> BuildSummary:
     start = time.perf_counter()
     meta = read_meta(con)
+    writer = backend_of(meta).writer(index_dir, con, tm, meta)
     root = Path(meta["photo_root"])
     summary = summary or BuildSummary()
     summary.ann = meta["ann"]
@@ -309,17 +335,31 @@ def _sync(con: sqlite3.Connection, index_dir: Path, tm: Any, batch_size: int,
             con.executemany("UPDATE photos SET size = ?, mtime_ns = ? WHERE path = ?", touched)
 
     names = list(meta.get("output_names") or [])  # stored besides the embedding
+    if ray is not None:
+        if names:
+            raise SearchError("--ray embeds the photos' embeddings only; this index also "
+                              f"stores outputs ({', '.join(names)}): update it without --ray")
+        from zsbir.search.ray_embed import ray_embed_batches
+
+        batches = ray_embed_batches(ray, index_dir / meta.get("model_file", MODEL_NAME), root,
+                                    todo, batch_size)
+    else:
+        batches = _embed_batches(tm, root, todo, batch_size, workers, names)
     with phase("embedding photos", total=len(todo), unit="photos") as advance:
-        for done, (kept, emb, skipped, *outs) in _embed_batches(tm, root, todo, batch_size,
-                                                                workers, names):
+        for done, (kept, emb, skipped, *outs) in batches:
             _commit_batch(con, meta, found, kept, emb, skipped, *outs)
+            writer.committed([rel for rel, _ in kept])
             summary.embedded += len(kept) - sum(1 for v in emb if not np.isfinite(v).all())
             summary.skipped += [(str(root / r), e) for r, e in skipped]
             advance(completed=done, info=f"{len(summary.skipped)} skipped")
 
-    index, info = make_faiss(con, tm, meta)
-    _write_faiss(index_dir, con, index, info)
-    summary.total = int(index.index.ntotal)
+    try:
+        index, info = writer.finish()
+    finally:
+        writer.close()  # a Milvus client: closed here, not at interpreter exit
+    summary.total = len(index.ids)
     summary.recall_at_10, summary.nprobe = info.get("recall_at_10"), info.get("nprobe")
+    summary.search_param = _search_param(info)
     summary.seconds = time.perf_counter() - start
     return summary
+

@@ -23,6 +23,7 @@ class BuildSummary:
     ann: str = "flat"
     recall_at_10: float | None = None  # IVF only: against exact search
     nprobe: int | None = None
+    search_param: str | None = None   # the tuned ANN parameter, e.g. "HNSW search: ef 32"
     resumed: bool = False
     stale_lock: dict | None = None
     notes: list[str] = field(default_factory=list)  # e.g. a damaged database set aside
@@ -35,3 +36,13 @@ class BuildSummary:
         d = {k: v for k, v in self.__dict__.items()}
         d["photos_per_s"] = self.photos_per_s
         return d
+
+
+def _search_param(info: dict[str, Any]) -> str | None:
+    """How the ANN search was tuned, for the summary line (None: exact search)."""
+    if info.get("hnsw_ef"):
+        return f"HNSW search: ef {info['hnsw_ef']}"
+    if info.get("nprobe"):
+        kind = "IVF" if "milvus_index" not in info else info["milvus_index"]
+        return f"{kind} search: nprobe {info['nprobe']}"
+    return None
