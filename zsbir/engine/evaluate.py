@@ -16,7 +16,7 @@ from zsbir.engine import distributed as D
 from zsbir.engine import threads as T
 from zsbir.engine.embed import embed_split
 
-__all__ = ["evaluate_experiment", "positive_rate"]
+__all__ = ["evaluate_experiment", "positive_rate", "reranker_outputs"]
 
 
 def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
@@ -38,22 +38,26 @@ def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
     m, data, ev = exp.manifest, exp.data, exp.manifest.evaluation
     t0 = time.perf_counter()
     stacked = _stack_views(exp)  # rerankers that need the model: also embed image views
+    names = reranker_outputs(getattr(exp, "rerankers", []))  # e.g. ("logits",)
     try:
-        q_emb, q_kept, skipped = embed_split(exp, data.query,
-                                             f"embedding {len(data.query)} queries")
-        g_emb, g_kept, g_skip = embed_split(exp, data.gallery,
-                                            f"embedding {len(data.gallery)} gallery images")
+        q_emb, q_out, q_kept, skipped = _embed(exp, data.query, names,
+                                               f"embedding {len(data.query)} queries")
+        g_emb, g_out, g_kept, g_skip = _embed(exp, data.gallery, names,
+                                              f"embedding {len(data.gallery)} gallery images")
         skipped += g_skip
         q_lab, g_lab = data.query.labels[q_kept], data.gallery.labels[g_kept]
         name = m.protocol["name"]
-        tasks = {name: (q_emb, q_lab, g_emb, g_lab)}
+        # task -> (queries, labels, gallery, labels, query outputs, gallery outputs)
+        tasks = {name: (q_emb, q_lab, g_emb, g_lab, q_out, g_out)}
         if ev.generalized and not data.generalized:
             seen = Split.concat(data.train.of_domain(PHOTO), data.val.of_domain(PHOTO))
-            s_emb, s_kept, s_skip = embed_split(
-                exp, seen, f"embedding {len(seen)} seen-class photos (generalized)")
+            s_emb, s_out, s_kept, s_skip = _embed(
+                exp, seen, names, f"embedding {len(seen)} seen-class photos (generalized)")
             skipped += s_skip
-            tasks[f"{name}-generalized"] = (q_emb, q_lab, np.concatenate([g_emb, s_emb]),
-                                            np.concatenate([g_lab, seen.labels[s_kept]]))
+            tasks[f"{name}-generalized"] = (
+                q_emb, q_lab, np.concatenate([g_emb, s_emb]),
+                np.concatenate([g_lab, seen.labels[s_kept]]), q_out,
+                {k: np.concatenate([g_out[k], s_out[k]]) for k in names})
         if ev.pbir:
             unseen = np.flatnonzero(g_lab >= len(data.seen_classes))
             rank_in_class = np.zeros(len(unseen), dtype=np.int64)
@@ -61,7 +65,9 @@ def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
                 members = g_lab[unseen] == lab
                 rank_in_class[members] = np.arange(members.sum())
             qi, gi = unseen[rank_in_class % 2 == 1], unseen[rank_in_class % 2 == 0]
-            tasks[f"{name}-pbir"] = (g_emb[qi], g_lab[qi], g_emb[gi], g_lab[gi])
+            tasks[f"{name}-pbir"] = (g_emb[qi], g_lab[qi], g_emb[gi], g_lab[gi],
+                                     {k: v[qi] for k, v in g_out.items()},
+                                     {k: v[gi] for k, v in g_out.items()})
     except BaseException:
         if stacked:  # never leave the model wrapped for the extra views
             exp.model = exp.model.model
@@ -87,7 +93,7 @@ def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
     results: dict[str, Any] = {"protocol": dict(m.protocol), "results": {}, "chance": {},
                                "sizes": {}}
     rerank_seconds: dict[str, float] = {}
-    for task, (qe, ql, ge, gl) in tasks.items():
+    for task, (qe, ql, ge, gl, qo, go) in tasks.items():
         per_hasher = {}
         views, (qe, ge) = (qe, ge), (qe[:, :q_emb.shape[1]], ge[:, :q_emb.shape[1]])
         for hasher in exp.hashers:
@@ -98,7 +104,7 @@ def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
                           "metrics": {k: v["value"] for k, v in per_hasher[hasher.tag].items()
                                       if k != "per_class"}})
         per_hasher.update(_score_rerankers(exp, task, *views, ql, gl, stacked, progress,
-                                           rerank_seconds, results))
+                                           rerank_seconds, results, qo, go))
         results["results"][task] = per_hasher
         results["chance"][task] = positive_rate(ql, gl)
         results["sizes"][task] = {"queries": int(len(ql)), "gallery": int(len(gl))}
@@ -115,6 +121,60 @@ def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
         if ev.grid_queries > 0:
             results["grid"] = str(_grid(exp, q_emb, q_kept, g_emb, g_kept, run_dir))
     return results
+
+
+def reranker_outputs(rerankers: Any) -> tuple[str, ...]:
+    """Every per-item model output the rerankers read (their ``outputs``), in first-seen
+    order (contract 3, :mod:`zsbir.rerankers.base`)."""
+    names: list[str] = []
+    for r in rerankers:
+        names += [n for n in getattr(r, "outputs", ()) if n not in names]
+    return tuple(names)
+
+
+def _embed(exp: Experiment, split: Any, names: tuple[str, ...], label: str
+           ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray, list[tuple[str, str]]]:
+    """Embeddings, the outputs ``names`` (one forward pass per image), kept indices and
+    skipped files of ``split``."""
+    if not names:
+        emb, kept, skipped = embed_split(exp, split, label)
+        return emb, {}, kept, skipped
+    outs, kept, skipped = _embed_outputs(exp, split, ("embedding", *names), label)
+    return outs["embedding"], {n: outs[n] for n in names}, kept, skipped
+
+
+def _embed_outputs(exp: Experiment, split: Any, names: tuple[str, ...], label: str
+                   ) -> tuple[dict[str, np.ndarray], np.ndarray, list[tuple[str, str]]]:
+    """Every named model output of ``split``, float32, stacked on axis 0 (contract 1's
+    ``embed_outputs``, used from :mod:`zsbir.engine.embed` when it has it)."""
+    from zsbir.engine import embed
+
+    if hasattr(embed, "embed_outputs"):
+        return embed.embed_outputs(exp, split, names, label)
+    model = exp.model
+    widths: list[int] = []
+
+    def fn(b: dict[str, Any]) -> torch.Tensor:
+        out = model(b["image"], b["domain"])
+        missing = [n for n in names if n not in out]
+        if missing:
+            raise ValueError(f"the model ({type(getattr(model, 'model', model)).__name__}) "
+                             f"returns no {missing[0]!r} output (it returns "
+                             f"{sorted(out)}); a reranker reads it")
+        parts = [out[n].reshape(out[n].shape[0], -1) for n in names]
+        widths[:] = [p.shape[1] for p in parts]
+        return torch.cat(parts, dim=1)
+
+    was_training = model.training
+    model.eval()
+    try:
+        flat, kept, skipped = embed._run(exp, split, fn, label)
+    finally:
+        model.train(was_training)
+    cols = np.cumsum([0, *widths])
+    arr = flat.numpy()
+    return ({n: np.ascontiguousarray(arr[:, cols[i]:cols[i + 1]]) for i, n in enumerate(names)},
+            kept, skipped)
 
 
 def positive_rate(query_labels: np.ndarray, gallery_labels: np.ndarray) -> float:
@@ -154,9 +214,10 @@ class _ViewStack(torch.nn.Module):
     def forward(self, image: torch.Tensor, domain: torch.Tensor) -> dict[str, torch.Tensor]:
         from zsbir.rerankers import VIEWS
 
-        out = [self.model(image, domain)["embedding"]]
+        plain = self.model(image, domain)  # its other outputs (logits, ...) pass through
+        out = [plain["embedding"]]
         out += [self.model(VIEWS[v](image), domain)["embedding"] for v in self.views]
-        return {"embedding": torch.cat(out, dim=1)}
+        return {**plain, "embedding": torch.cat(out, dim=1)}
 
 
 def _stack_views(exp: Experiment) -> list[str]:
@@ -177,11 +238,16 @@ def _stack_views(exp: Experiment) -> list[str]:
 def _score_rerankers(exp: Experiment, task: str, qe: np.ndarray, ge: np.ndarray,
                      ql: np.ndarray, gl: np.ndarray, stacked: list[str],
                      progress: Callable[[dict[str, Any]], None] | None,
-                     seconds: dict[str, float], results: dict[str, Any]) -> dict[str, Any]:
+                     seconds: dict[str, float], results: dict[str, Any],
+                     q_out: dict[str, np.ndarray] | None = None,
+                     g_out: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Every reranker on every real-valued hasher's codes: ``"<hasher>+<reranker>"``
     entries (binary hashers are skipped, with a note). ``qe``/``ge`` hold all the views
     (blocks of columns named by ``stacked``, the plain embedding first) when some
-    reranker needs the model. Fitting sees the unlabeled gallery (and queries), never a label."""
+    reranker needs the model; ``q_out``/``g_out`` the per-item outputs the rerankers read
+    (``outputs``: name -> rows aligned with ``qe``/``ge``), handed over as
+    ``query_outputs``/``gallery_outputs`` (contract: :mod:`zsbir.rerankers.base`).
+    Fitting sees the unlabeled gallery (and queries) and their outputs, never a label."""
     from zsbir.evaluation import evaluate_score_fn
 
     rerankers, ev = getattr(exp, "rerankers", []), exp.manifest.evaluation
@@ -205,8 +271,14 @@ def _score_rerankers(exp: Experiment, task: str, qe: np.ndarray, ge: np.ndarray,
                 g = np.stack([hasher.encode(ge[:, c * d:(c + 1) * d]) for c in cols], 1)
             else:
                 q, g = hasher.encode(qe[:, :d]), hasher.encode(ge[:, :d])
-            r.fit(g, queries=q if r.uses_queries else None)
-            res = evaluate_score_fn(r.score_rows(q, g), ql, gl, ev.metrics,
+            kw: dict[str, Any] = {}
+            wants = tuple(getattr(r, "outputs", ()))
+            if wants:
+                kw = {"query_outputs": {n: q_out[n] for n in wants} if q_out else None,
+                      "gallery_outputs": {n: g_out[n] for n in wants} if g_out else None}
+            r.fit(g, queries=q if r.uses_queries else None, **kw)
+            res = evaluate_score_fn(r.score_rows(q, g, query_outputs=kw.get("query_outputs")),
+                                    ql, gl, ev.metrics,
                                     chunk_size=ev.chunk_size or None,
                                     device=exp.ctx.device, per_class=ev.per_class)
             seconds[f"{task} {key}"] = time.perf_counter() - t0
