@@ -87,16 +87,16 @@ def tiny_run(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def counted(monkeypatch) -> list[int]:
-    """Counts the photos that go through the model (TrainedModel.embed_batch, the one
-    place an index embeds)."""
+    """Counts the photos that go through the model (TrainedModel.forward_batch, the one
+    place an index embeds: embed_batch calls it)."""
     from zsbir.engine.index import TrainedModel
 
     seen: list[int] = []
-    original = TrainedModel.embed_batch
+    original = TrainedModel.forward_batch
 
-    def wrapper(self, batch):
+    def wrapper(self, batch, *args, **kwargs):
         seen.append(int(batch["image"].shape[0]))
-        return original(self, batch)
+        return original(self, batch, *args, **kwargs)
 
-    monkeypatch.setattr(TrainedModel, "embed_batch", wrapper)
+    monkeypatch.setattr(TrainedModel, "forward_batch", wrapper)
     return seen

@@ -58,6 +58,13 @@ def off_by_one() -> OffByOne:
     return OffByOne()
 
 off_by_one.reference = lambda q, g, params: np.asarray(q) @ np.asarray(g).T
+
+class BatchNormed:
+    '''A pair scorer whose scores are centred over the block: batch-dependent.'''
+    tag, outputs = "centred", ("embedding",)
+    def score_pairs(self, query, gallery):
+        s = (query["embedding"] * gallery["embedding"]).sum(1)
+        return s - s.mean()
 """
 
 
@@ -65,12 +72,14 @@ off_by_one.reference = lambda q, g, params: np.asarray(q) @ np.asarray(g).T
     ("losses", "vector_loss", "not a scalar"),
     ("losses", "detached_loss", "no gradient"),
     ("rerankers", "off_by_one", "naive reference"),
+    ("pair_scorers", "centred", "depends on the other pairs"),
 ])
 def test_the_suite_catches_a_broken_component(fake_plugins, kind, name, message):
     fake_plugins("fake-bad-contracts", {
         "zsbir.losses": {"vector_loss": "fakeplug_contract:VectorLoss",
                          "detached_loss": "fakeplug_contract:DetachedLoss"},
-        "zsbir.rerankers": {"off_by_one": "fakeplug_contract:off_by_one"}},
+        "zsbir.rerankers": {"off_by_one": "fakeplug_contract:off_by_one"},
+        "zsbir.pair_scorers": {"centred": "fakeplug_contract:BatchNormed"}},
         {"fakeplug_contract": BAD_SRC})
     assert f"{kind}/{name}" in {p.id for p in contract_cases(dist="fake-bad-contracts")}
     with pytest.raises(AssertionError, match=message):

@@ -280,29 +280,34 @@ def test_tune_refuses_a_folder_without_final_pt(tmp_path):
     assert "Traceback" not in res.output
 
 
-def test_evaluate_hands_logits_to_the_reranker(run_dir):
-    """The engine computes the logits in the embedding pass and hands them over aligned
-    with the rows: a reranker recording what it got sees the model's own logits."""
+def test_evaluate_hands_the_logits_to_the_reranker(run_dir, monkeypatch):
+    """Evaluation computes the logits in the embedding pass and hands them over aligned
+    with the rows: what a reranker receives equals the model's own logits."""
     from zsbir.build import build
     from zsbir.engine.checkpoint import load_checkpoint
-    from zsbir.engine.evaluate import _embed
+    from zsbir.engine.embed import embed_outputs
+    from zsbir.engine.evaluate import evaluate_experiment
+    from zsbir.engine.evaluate_run import _manifest_for
+    from zsbir.rerankers.seen import SeenPosterior
 
     ckpt = load_checkpoint(run_dir / "checkpoints" / "final.pt")
-    from zsbir.engine.evaluate_run import _manifest_for
-
-    m = _manifest_for(ckpt, None, None, [], "t")
+    m = _manifest_for(ckpt, None, None, ['rerankers=[{name="seen_suppress", gamma=0.2}]',
+                                         "evaluation.grid_queries=0"], "t")
     exp = build(m, "evaluate", checkpoint=ckpt)
     exp.model.eval()
-    emb, out, kept, _ = _embed(exp, exp.data.query, ("logits",), "q")
-    from zsbir.engine.embed import _run, embed_split
+    got: dict = {}
+    real_fit = SeenPosterior.fit
 
-    plain, kept2, _ = embed_split(exp, exp.data.query)
-    logits, _, _ = _run(exp, exp.data.query,
-                        lambda b: exp.model(b["image"], b["domain"])["logits"])
-    assert out["logits"].shape == (len(emb), len(exp.data.seen_classes))
-    assert (kept == kept2).all()
-    np.testing.assert_allclose(emb, plain, atol=1e-5)
-    np.testing.assert_allclose(out["logits"], logits.numpy(), atol=1e-5)
+    def spy(self, gallery, queries=None, **kw):
+        got["gallery"], got["logits"] = gallery, kw["gallery_outputs"]["logits"]
+        return real_fit(self, gallery, queries, **kw)
+
+    monkeypatch.setattr(SeenPosterior, "fit", spy)
+    res = evaluate_experiment(exp, None)
+    assert "real+seen_suppress_g0.2" in res["results"]["synthetic"]
+    out, _, _ = embed_outputs(exp, exp.data.gallery, ("embedding", "logits"))
+    np.testing.assert_allclose(got["logits"], out["logits"], atol=1e-5)
+    np.testing.assert_allclose(got["gallery"], out["embedding"], atol=1e-5)
 
 
 def test_fast_map_equals_the_evaluators_map_at_all():

@@ -15,8 +15,8 @@ reads (:data:`zsbir.registry.INJECTED`) follows from these call sites.
 Purposes:
 
 - ``"train"``: everything (``zsbir run``, ``zsbir bench``);
-- ``"evaluate"``: protocol data, model, hashers and rerankers; no teacher, losses or
-  optimizer (scoring a model, trained or not: ``zsbir evaluate RUN_DIR``); with a
+- ``"evaluate"``: protocol data, model, hashers, rerankers and the pair scorer; no teacher,
+  losses or optimizer (scoring a model, trained or not: ``zsbir evaluate RUN_DIR``); with a
   self-contained checkpoint (``final.pt``) pretrained weights are not read, and the model
   is built for the checkpoint's classes (its classifier), whatever protocol scores it;
 - ``"embed"``: model, transform and hashers from a checkpoint, no data
@@ -53,7 +53,7 @@ from zsbir.registry import INJECTED, _singular, get_registry
 log = logging.getLogger(__name__)
 
 __all__ = ["BuildError", "Experiment", "Purpose", "build", "build_component",
-           "resolve_device", "transforms_for"]
+           "build_pair_scorer", "check_outputs", "resolve_device", "transforms_for"]
 
 Purpose = Literal["train", "evaluate", "embed"]
 
@@ -84,6 +84,8 @@ class Experiment:
     step: Any = None
     rerankers: list[Any] = field(default_factory=list)
     purpose: str = "train"
+    #: ``[pair_scorer]`` built (``None`` without one): :mod:`zsbir.pairs`
+    pair_scorer: Any = None
 
     @property
     def transforms(self) -> dict[str, dict[str, Transform]]:
@@ -185,7 +187,8 @@ def build(manifest: Manifest, purpose: Purpose = "train", run_dir: Path | None =
           checkpoint: dict[str, Any] | None = None) -> Experiment:
     """Build what a manifest names, for ``purpose`` (see the module docstring), in this
     order (later parts use what earlier ones found): protocol, model (``[model]``: e.g.
-    backbone + head), teacher, losses, step, sampler, optimizer, schedule, hashers, rerankers.
+    backbone + head), teacher, losses, step, sampler, optimizer, schedule, hashers, rerankers,
+    pair scorer.
 
     ``checkpoint``: a checkpoint dict (``final.pt``, ``best.pt``): the model's weights (and
     the hashers' fitted state, and the class lists for ``embed``) come from it.
@@ -275,6 +278,13 @@ def build(manifest: Manifest, purpose: Purpose = "train", run_dir: Path | None =
             h.load_state_dict(saved["state"])
     rerankers = [build_component("rerankers", t, ctx, **supply("rerankers"))
                  for t in manifest.rerankers]
+    # 7. the pair scorer (zsbir.pairs): given the model, whose submodules it may read; the
+    # per-item outputs it and the rerankers read are checked now, not after training
+    pair_scorer = build_pair_scorer(manifest, ctx, model)
+    check_outputs(model, [("[pair_scorer]", pair_scorer),
+                          *((f"rerankers[{i}]", r) for i, r in enumerate(rerankers))],
+                  str(manifest.model.get("name", "?")), eval_tf.for_domain("photo").size,
+                  ctx.device)
 
     fingerprint: dict[str, Any] = {}
     if data is not None:
@@ -286,7 +296,48 @@ def build(manifest: Manifest, purpose: Purpose = "train", run_dir: Path | None =
         }
     return Experiment(manifest, ctx, data, model, teacher, losses, sampler, optimizer,
                       scheduler, hashers, train_tf, eval_tf, fingerprint, step, rerankers,
-                      purpose)
+                      purpose, pair_scorer)
+
+
+def build_pair_scorer(manifest: Manifest, ctx: BuildContext, model: torch.nn.Module
+                      ) -> Any:
+    """``[pair_scorer]`` built with ``model`` injected (``None`` without the section).
+    Evaluation rebuilds it around the weights it scores (:mod:`zsbir.engine.pair_eval`)."""
+    if manifest.pair_scorer is None:
+        return None
+    scorer = build_component("pair_scorers", manifest.pair_scorer, ctx,
+                             **supply("pair_scorers", model=model))
+    if isinstance(scorer, torch.nn.Module):
+        scorer.to(ctx.device)
+    return scorer
+
+
+def check_outputs(model: torch.nn.Module, components: list[tuple[str, Any]],
+                  model_name: str, size: int, device: torch.device) -> None:
+    """:class:`BuildError` when the model does not give an output that a component
+    (``(manifest section, object)``: the pair scorer, a reranker) declares in ``outputs``:
+    one forward pass of a random sketch and photo in eval mode (no state changes; the
+    global RNG is not touched)."""
+    from zsbir.pairs.base import outputs_of
+
+    wanted = [(where, n) for where, c in components if c is not None
+              for n in outputs_of(c) if n != "embedding"]
+    if not wanted:
+        return
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, size, size, generator=g).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            got = model(x, torch.tensor([1, 0], device=device))
+    finally:
+        model.train(was_training)
+    for where, name in wanted:
+        if name not in got:
+            raise BuildError(f"{where} reads the model output {name!r}, which model "
+                             f"{model_name!r} does not give (it gives "
+                             f"{', '.join(map(repr, got))})")
 
 
 def _with_file_stamps(table: Any) -> Any:

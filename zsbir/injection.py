@@ -35,6 +35,7 @@ SUPPLIED: Mapping[str, frozenset[str]] = {
     "networks": frozenset({"ctx"}),
     "steps": frozenset({"ctx", "model"}),
     "rerankers": frozenset({"ctx"}),
+    "pair_scorers": frozenset({"ctx", "model"}),
     "importers": frozenset({"ctx"}),
 }
 

@@ -83,6 +83,7 @@ KINDS: tuple[str, ...] = (
     "schedulers",
     "hashers",
     "rerankers",
+    "pair_scorers",
     "importers",
 )
 
@@ -659,6 +660,7 @@ models = _REGISTRIES["models"]
 networks = _REGISTRIES["networks"]
 steps = _REGISTRIES["steps"]
 rerankers = _REGISTRIES["rerankers"]
+pair_scorers = _REGISTRIES["pair_scorers"]
 importers = _REGISTRIES["importers"]
 
 

@@ -31,6 +31,12 @@ promises:
 - ``protocols``: the ``synthetic`` protocol (and any protocol that declares an example) is
   built and its splits checked; a protocol that needs its dataset on disk is skipped
   ``by design``;
+- ``pair_scorers``: declares ``tag`` and its ``outputs``; built around a small model
+  (its ``example_model`` table, default a ResNet-18 ``backbone_head``) whose outputs on
+  random images feed it (through its ``prepare`` when it has one); ``score_pairs`` gives
+  (P,) finite scores, each pair's the same in any block of pairs, and equal to its naive
+  reference per pair (the component's own ``reference(query_row, gallery_row, params)``,
+  on raw outputs, or zsbir's for ``maxsim``);
 - ``importers``: callable on a file path, declares ``expects`` (the format it reads) and
   refuses a file of another format with :class:`zsbir.importers.ImportFormatError`;
 - a kind a plugin adds: its :class:`zsbir.registry.KindSpec` ``contract``, if it declares
@@ -74,7 +80,8 @@ from zsbir.registry import (
     kinds,
 )
 
-__all__ = ["BUILTIN_EXAMPLES", "BUILTIN_SKIPS", "CONTRACTS", "ContractSkip", "assert_contract",
+__all__ = ["BUILTIN_EXAMPLES", "BUILTIN_SKIPS", "CONTRACTS", "PAIR_SCORER_MODEL", "ContractSkip",
+           "assert_contract",
            "build", "build_direct", "check_component", "contract_cases", "example_of"]
 
 def _tiny_folder_tree() -> dict[str, Any]:
@@ -570,6 +577,72 @@ def check_protocol(comp: Component) -> None:
         assert len(getattr(obj, split)) > 0, f"split {split} is empty"
 
 
+#: the [model] table a pair scorer is checked with (a scorer may declare ``example_model``)
+PAIR_SCORER_MODEL: dict[str, Any] = {"name": "backbone_head", "backbone": {"name": "resnet18"}}
+
+
+def check_pair_scorer(comp: Component) -> None:
+    """``tag`` and ``outputs`` declared; (P,) finite scores from a model's outputs on random
+    images; a pair's score independent of the other pairs of its block; equal to the naive
+    per-pair reference where there is one."""
+    table = dict(getattr(comp.obj, "example_model", None) or PAIR_SCORER_MODEL)
+    model, _ = build("models", table.pop("name"), table, num_classes=len(SEEN))
+    obj, params = build("pair_scorers", comp.name, model=model)
+    tag, names = getattr(obj, "tag", None), getattr(obj, "outputs", None)
+    assert isinstance(tag, str) and tag, f"a pair scorer declares `tag` (got {tag!r})"
+    assert isinstance(names, tuple) and names and all(isinstance(n, str) for n in names), \
+        f"a pair scorer declares `outputs`, a non-empty tuple of names (got {names!r})"
+    model.eval()
+    if isinstance(obj, torch.nn.Module):
+        obj.eval()
+    g = torch.Generator().manual_seed(0)
+    size = max(SIZE, 64)  # a few spatial positions: several tokens per image
+    x = torch.randn(6, 3, size, size, generator=g)
+    with torch.no_grad():
+        sk = model(x[:3], torch.ones(3, dtype=torch.long))
+        ph = model(x[3:], torch.zeros(3, dtype=torch.long))
+    missing = [n for n in names if n not in sk or n not in ph]
+    assert not missing, (f"the model ({table or PAIR_SCORER_MODEL}) gives no output "
+                         f"{missing}: declare `example_model`, a [model] table that does")
+    prepare = getattr(obj, "prepare", None)
+    if callable(prepare):  # per-item work: the core hands score_pairs prepared outputs
+        with torch.no_grad():
+            sk_p, ph_p = dict(prepare({n: sk[n] for n in names})), dict(
+                prepare({n: ph[n] for n in names}))
+        assert all(len(sk_p[n]) == 3 and len(ph_p[n]) == 3 for n in names), \
+            "prepare() keeps every output's items (same names, same lengths)"
+    else:
+        sk_p, ph_p = sk, ph
+    qi = torch.arange(3).repeat_interleave(3)
+    gi = torch.arange(3).repeat(3)
+
+    def score(rows: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return obj.score_pairs({n: sk_p[n][qi[rows]] for n in names},
+                                   {n: ph_p[n][gi[rows]] for n in names})
+
+    s = score(torch.arange(9))
+    assert isinstance(s, torch.Tensor) and tuple(s.shape) == (9,), \
+        f"score_pairs gave {getattr(s, 'shape', type(s).__name__)} for 9 pairs, not (9,)"
+    _finite(s, "the pair scores")
+    for rows in (torch.arange(4), torch.tensor([8, 2, 5]), torch.arange(9).flip(0)):
+        torch.testing.assert_close(score(rows), s[rows], atol=1e-5, rtol=1e-5,
+                                   msg="a pair's score depends on the other pairs of its block")
+    reference = getattr(comp.obj, "reference", None)
+    if not callable(reference) and comp.package == _BUILTIN_PACKAGE and comp.name == "maxsim":
+        from zsbir.pairs.reference import maxsim_ref
+
+        def reference(q: dict, d: dict, p: dict) -> float:
+            return maxsim_ref(q[p["output"]], d[p["output"]], p["normalize"], p["reduce"])
+    if callable(reference):
+        p = {k: v for k, v in params.items() if k != "name"}
+        want = [reference({n: sk[n][int(qi[i])].numpy() for n in names},
+                          {n: ph[n][int(gi[i])].numpy() for n in names}, p) for i in range(9)]
+        np.testing.assert_allclose(s.numpy(), np.asarray(want, np.float64), rtol=1e-4,
+                                   atol=1e-4, err_msg="the pair scorer differs from its "
+                                   "naive reference")
+
+
 def check_importer(comp: Component) -> None:
     from zsbir.importers import ImportFormatError
 
@@ -596,6 +669,7 @@ CONTRACTS: dict[str, Callable[[Component], None]] = {
     "teachers": check_teacher, "steps": check_step, "samplers": check_sampler,
     "optimizers": check_optimizer, "schedulers": check_scheduler, "hashers": check_hasher,
     "protocols": check_protocol, "importers": check_importer,
+    "pair_scorers": check_pair_scorer,
 }
 
 

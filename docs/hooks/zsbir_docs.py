@@ -46,6 +46,8 @@ _SECTION_NOTES = {
     "networks": "Frozen networks that produce a teacher's signal (logits and/or features).",
     "steps": "What one training step does: forward, teacher signal, weighted losses.",
     "rerankers": "Test-time re-ranking of the gallery, scored beside the plain ranking.",
+    "pair_scorers": "Scores of (query, gallery item) pairs from per-item outputs (tokens): "
+                    "exhaustive or top-K re-scoring.",
     "importers": "Published checkpoints read into zsbir run directories (`zsbir import`).",
 }
 
@@ -54,7 +56,7 @@ _TITLES = {
     "teachers": "Teachers", "samplers": "Samplers", "optimizers": "Optimizers",
     "schedulers": "Schedulers", "hashers": "Hashers", "heads": "Heads",
     "networks": "Networks", "steps": "Steps", "rerankers": "Rerankers",
-    "importers": "Importers",
+    "pair_scorers": "Pair scorers", "importers": "Importers",
 }
 
 

@@ -14,9 +14,10 @@ import torch
 from zsbir.build import Experiment
 from zsbir.engine import distributed as D
 from zsbir.engine import threads as T
-from zsbir.engine.embed import embed_split
+from zsbir.engine.embed import embed_outputs, embed_split
+from zsbir.engine.pair_eval import evaluate_pairs, evaluation_outputs, scorer_for
 
-__all__ = ["evaluate_experiment", "positive_rate", "reranker_outputs"]
+__all__ = ["evaluate_experiment", "positive_rate"]
 
 
 def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
@@ -38,26 +39,29 @@ def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
     m, data, ev = exp.manifest, exp.data, exp.manifest.evaluation
     t0 = time.perf_counter()
     stacked = _stack_views(exp)  # rerankers that need the model: also embed image views
-    names = reranker_outputs(getattr(exp, "rerankers", []))  # e.g. ("logits",)
+    # per-item outputs besides the embedding (the pair scorer's, the rerankers'): one pass
+    names = ("embedding", *evaluation_outputs(exp))
     try:
-        q_emb, q_out, q_kept, skipped = _embed(exp, data.query, names,
+        q_out, q_kept, skipped = embed_outputs(exp, data.query, names,
                                                f"embedding {len(data.query)} queries")
-        g_emb, g_out, g_kept, g_skip = _embed(exp, data.gallery, names,
+        g_out, g_kept, g_skip = embed_outputs(exp, data.gallery, names,
                                               f"embedding {len(data.gallery)} gallery images")
+        q_emb, g_emb = q_out.pop("embedding"), g_out.pop("embedding")
         skipped += g_skip
         q_lab, g_lab = data.query.labels[q_kept], data.gallery.labels[g_kept]
         name = m.protocol["name"]
-        # task -> (queries, labels, gallery, labels, query outputs, gallery outputs)
-        tasks = {name: (q_emb, q_lab, g_emb, g_lab, q_out, g_out)}
+        tasks = {name: (q_emb, q_lab, g_emb, g_lab)}
+        task_outputs = {name: (q_out, g_out)}  # task -> (query, gallery) outputs by name
         if ev.generalized and not data.generalized:
             seen = Split.concat(data.train.of_domain(PHOTO), data.val.of_domain(PHOTO))
-            s_emb, s_out, s_kept, s_skip = _embed(
+            s_out, s_kept, s_skip = embed_outputs(
                 exp, seen, names, f"embedding {len(seen)} seen-class photos (generalized)")
+            s_emb = s_out.pop("embedding")
             skipped += s_skip
-            tasks[f"{name}-generalized"] = (
-                q_emb, q_lab, np.concatenate([g_emb, s_emb]),
-                np.concatenate([g_lab, seen.labels[s_kept]]), q_out,
-                {k: np.concatenate([g_out[k], s_out[k]]) for k in names})
+            tasks[f"{name}-generalized"] = (q_emb, q_lab, np.concatenate([g_emb, s_emb]),
+                                            np.concatenate([g_lab, seen.labels[s_kept]]))
+            task_outputs[f"{name}-generalized"] = (q_out, {n: np.concatenate([g_out[n], v])
+                                                           for n, v in s_out.items()})
         if ev.pbir:
             unseen = np.flatnonzero(g_lab >= len(data.seen_classes))
             rank_in_class = np.zeros(len(unseen), dtype=np.int64)
@@ -65,9 +69,9 @@ def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
                 members = g_lab[unseen] == lab
                 rank_in_class[members] = np.arange(members.sum())
             qi, gi = unseen[rank_in_class % 2 == 1], unseen[rank_in_class % 2 == 0]
-            tasks[f"{name}-pbir"] = (g_emb[qi], g_lab[qi], g_emb[gi], g_lab[gi],
-                                     {k: v[qi] for k, v in g_out.items()},
-                                     {k: v[gi] for k, v in g_out.items()})
+            tasks[f"{name}-pbir"] = (g_emb[qi], g_lab[qi], g_emb[gi], g_lab[gi])
+            task_outputs[f"{name}-pbir"] = ({n: v[qi] for n, v in g_out.items()},
+                                            {n: v[gi] for n, v in g_out.items()})
     except BaseException:
         if stacked:  # never leave the model wrapped for the extra views
             exp.model = exp.model.model
@@ -93,7 +97,9 @@ def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
     results: dict[str, Any] = {"protocol": dict(m.protocol), "results": {}, "chance": {},
                                "sizes": {}}
     rerank_seconds: dict[str, float] = {}
-    for task, (qe, ql, ge, gl, qo, go) in tasks.items():
+    pair_seconds: dict[str, float] = {}
+    scorer = scorer_for(exp)  # around the weights evaluated
+    for task, (qe, ql, ge, gl) in tasks.items():
         per_hasher = {}
         views, (qe, ge) = (qe, ge), (qe[:, :q_emb.shape[1]], ge[:, :q_emb.shape[1]])
         for hasher in exp.hashers:
@@ -104,7 +110,9 @@ def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
                           "metrics": {k: v["value"] for k, v in per_hasher[hasher.tag].items()
                                       if k != "per_class"}})
         per_hasher.update(_score_rerankers(exp, task, *views, ql, gl, stacked, progress,
-                                           rerank_seconds, results, qo, go))
+                                           rerank_seconds, results, *task_outputs[task]))
+        per_hasher.update(evaluate_pairs(exp, task, qe, ge, ql, gl, *task_outputs[task],
+                                         scorer, progress, pair_seconds))
         results["results"][task] = per_hasher
         results["chance"][task] = positive_rate(ql, gl)
         results["sizes"][task] = {"queries": int(len(ql)), "gallery": int(len(gl))}
@@ -114,6 +122,8 @@ def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
     results["seconds"] = {"embed": embed_time, "evaluate_total": time.perf_counter() - t0}
     if rerank_seconds:
         results["seconds"]["rerankers"] = rerank_seconds
+    if pair_seconds:
+        results["seconds"]["pair_scorer"] = pair_seconds
     results["_eval_skipped"] = [list(s) for s in skipped]
     if run_dir is not None:
         np.savez(run_dir / "features.npz", query_features=q_emb, query_labels=q_lab,
@@ -121,60 +131,6 @@ def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
         if ev.grid_queries > 0:
             results["grid"] = str(_grid(exp, q_emb, q_kept, g_emb, g_kept, run_dir))
     return results
-
-
-def reranker_outputs(rerankers: Any) -> tuple[str, ...]:
-    """Every per-item model output the rerankers read (their ``outputs``), in first-seen
-    order (contract 3, :mod:`zsbir.rerankers.base`)."""
-    names: list[str] = []
-    for r in rerankers:
-        names += [n for n in getattr(r, "outputs", ()) if n not in names]
-    return tuple(names)
-
-
-def _embed(exp: Experiment, split: Any, names: tuple[str, ...], label: str
-           ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray, list[tuple[str, str]]]:
-    """Embeddings, the outputs ``names`` (one forward pass per image), kept indices and
-    skipped files of ``split``."""
-    if not names:
-        emb, kept, skipped = embed_split(exp, split, label)
-        return emb, {}, kept, skipped
-    outs, kept, skipped = _embed_outputs(exp, split, ("embedding", *names), label)
-    return outs["embedding"], {n: outs[n] for n in names}, kept, skipped
-
-
-def _embed_outputs(exp: Experiment, split: Any, names: tuple[str, ...], label: str
-                   ) -> tuple[dict[str, np.ndarray], np.ndarray, list[tuple[str, str]]]:
-    """Every named model output of ``split``, float32, stacked on axis 0 (contract 1's
-    ``embed_outputs``, used from :mod:`zsbir.engine.embed` when it has it)."""
-    from zsbir.engine import embed
-
-    if hasattr(embed, "embed_outputs"):
-        return embed.embed_outputs(exp, split, names, label)
-    model = exp.model
-    widths: list[int] = []
-
-    def fn(b: dict[str, Any]) -> torch.Tensor:
-        out = model(b["image"], b["domain"])
-        missing = [n for n in names if n not in out]
-        if missing:
-            raise ValueError(f"the model ({type(getattr(model, 'model', model)).__name__}) "
-                             f"returns no {missing[0]!r} output (it returns "
-                             f"{sorted(out)}); a reranker reads it")
-        parts = [out[n].reshape(out[n].shape[0], -1) for n in names]
-        widths[:] = [p.shape[1] for p in parts]
-        return torch.cat(parts, dim=1)
-
-    was_training = model.training
-    model.eval()
-    try:
-        flat, kept, skipped = embed._run(exp, split, fn, label)
-    finally:
-        model.train(was_training)
-    cols = np.cumsum([0, *widths])
-    arr = flat.numpy()
-    return ({n: np.ascontiguousarray(arr[:, cols[i]:cols[i + 1]]) for i, n in enumerate(names)},
-            kept, skipped)
 
 
 def positive_rate(query_labels: np.ndarray, gallery_labels: np.ndarray) -> float:
@@ -214,7 +170,7 @@ class _ViewStack(torch.nn.Module):
     def forward(self, image: torch.Tensor, domain: torch.Tensor) -> dict[str, torch.Tensor]:
         from zsbir.rerankers import VIEWS
 
-        plain = self.model(image, domain)  # its other outputs (logits, ...) pass through
+        plain = self.model(image, domain)  # its other outputs pass through
         out = [plain["embedding"]]
         out += [self.model(VIEWS[v](image), domain)["embedding"] for v in self.views]
         return {**plain, "embedding": torch.cat(out, dim=1)}

@@ -7,6 +7,7 @@ its index directory and loads it from there.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,25 +45,47 @@ class TrainedModel:
         self.model = exp.model.eval()
         self.hashers = exp.hashers
         self.rerankers = exp.rerankers
+        #: the run's ``[pair_scorer]`` around this model (``None`` without one)
+        self.pair_scorer = exp.pair_scorer
         self.transform = exp.eval_transform
         self.classes = ckpt["classes"]
 
     @torch.inference_mode()
-    def embed_batch(self, batch: dict[str, Any]) -> np.ndarray:
-        """Embeddings (N, d) of a batch from :func:`zsbir.data.loading.collate` (uint8
-        images as the loader yields them; normalized here on the model's device)."""
+    def forward_batch(self, batch: dict[str, Any], names: Sequence[str] = ("embedding",)
+                      ) -> dict[str, np.ndarray]:
+        """The named outputs of the model (float32 arrays, (N, ...)) for a batch from
+        :func:`zsbir.data.loading.collate` (uint8 images as the loader yields them;
+        normalized here on the model's device): one forward pass for all of them. A name
+        the model does not give is a :class:`~zsbir.search.errors.SearchError`."""
         b = to_device(batch, self.device, self.transform)
-        return self.model(b["image"], b["domain"])["embedding"].float().cpu().numpy()
+        out = self.model(b["image"], b["domain"])
+        missing = [n for n in names if n not in out]
+        if missing:
+            from zsbir.search.errors import SearchError
 
-    @torch.inference_mode()
-    def embed_images(self, images: list[Any], domain: int) -> np.ndarray:
-        """Embeddings (N, d) of decoded images (PIL, converted to RGB here)."""
+            raise SearchError(
+                f"the run's model ({self.manifest.model.get('name', '?')}) gives no output "
+                f"{', '.join(map(repr, missing))}; it gives {', '.join(map(repr, out))}")
+        return {n: out[n].float().cpu().numpy() for n in names}
+
+    def embed_batch(self, batch: dict[str, Any]) -> np.ndarray:
+        """Embeddings (N, d) of a batch (:meth:`forward_batch` of the embedding alone)."""
+        return self.forward_batch(batch)["embedding"]
+
+    def forward_images(self, images: list[Any], domain: int,
+                       names: Sequence[str] = ("embedding",)) -> dict[str, np.ndarray]:
+        """:meth:`forward_batch` of decoded images (PIL, converted to RGB here)."""
         if not images:
-            return np.zeros((0, self.model.embed_dim), dtype=np.float32)
+            return {n: np.zeros((0, self.model.embed_dim) if n == "embedding" else (0,),
+                                dtype=np.float32) for n in names}
         tf = self.transform.for_domain(domain)
         batch = collate([{"image": tf(im.convert("RGB")), "index": i, "label": 0,
                           "domain": domain} for i, im in enumerate(images)])
-        return self.embed_batch(batch)
+        return self.forward_batch(batch, names)
+
+    def embed_images(self, images: list[Any], domain: int) -> np.ndarray:
+        """Embeddings (N, d) of decoded images (PIL, converted to RGB here)."""
+        return self.forward_images(images, domain)["embedding"]
 
     def hasher(self, tag: str | None) -> Any:
         """The hasher of this tag (the first one for ``None``); an unknown tag is a

@@ -243,7 +243,7 @@ def tune_run(run_dir: str | Path, families: Sequence[str] = FAMILIES, folds: int
     from zsbir.build import build
     from zsbir.data.base import PHOTO, Split
     from zsbir.engine.checkpoint import load_checkpoint
-    from zsbir.engine.evaluate import _embed
+    from zsbir.engine.embed import embed_outputs
     from zsbir.engine.evaluate_run import _manifest_for
     from zsbir.engine.rundir import RunDirError
 
@@ -266,9 +266,11 @@ def tune_run(run_dir: str | Path, families: Sequence[str] = FAMILIES, folds: int
     n_seen = len(data.seen_classes)
     val = data.val
     photos = Split.concat(data.train.of_domain(PHOTO), data.val.of_domain(PHOTO))
-    ve, vo, vk, _ = _embed(exp, val, ("logits",), f"embedding {len(val)} validation images")
-    pe, po, pk, _ = _embed(exp, photos, ("logits",),
-                           f"embedding {len(photos)} seen-class photos")
+    vo, vk, _ = embed_outputs(exp, val, ("embedding", "logits"),
+                              f"embedding {len(val)} validation images")
+    po, pk, _ = embed_outputs(exp, photos, ("embedding", "logits"),
+                              f"embedding {len(photos)} seen-class photos")
+    ve, pe = vo["embedding"], po["embedding"]
     if vo["logits"].shape[1] != n_seen:
         raise ValueError(f"the model's logits have {vo['logits'].shape[1]} columns, the run "
                          f"{n_seen} seen classes")

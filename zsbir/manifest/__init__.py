@@ -62,6 +62,7 @@ from zsbir.manifest.sections import (
     DEFAULT_MODEL,
     DEFAULT_TEACHER_NETWORK,
     RESERVED,
+    RESERVED_TYPES,
     SECTION_ORDER,
     DataConfig,
     EvalConfig,
@@ -74,7 +75,8 @@ from zsbir.manifest.tomlio import MAX_DEPTH, apply_overrides, dump_toml, load, n
 
 __all__ = [
     "COMPONENT_KEYS", "COMPONENT_SECTIONS", "CORE_SECTIONS", "DEFAULT_MODEL",
-    "DEFAULT_TEACHER_NETWORK", "MAX_DEPTH", "RESERVED", "SECTION_ORDER", "DataConfig",
+    "DEFAULT_TEACHER_NETWORK", "MAX_DEPTH", "RESERVED", "RESERVED_TYPES", "SECTION_ORDER",
+    "DataConfig",
     "EvalConfig", "Manifest", "ManifestError", "Marker", "Node", "Problem", "RunConfig",
     "TrainConfig", "_Resolver", "_cross_checks", "_cuda_available", "_hints", "_suggest",
     "_type_name", "_value_repr", "apply_overrides", "check_type", "components",

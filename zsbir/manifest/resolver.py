@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from zsbir.constraints import Range, ResumeSafe, resume_safe_of
+from zsbir.constraints import ResumeSafe, resume_safe_of
 from zsbir.manifest.checking import _hints, _suggest, _value_repr, check_type, validate_params
 from zsbir.manifest.errors import ManifestError, Problem
 from zsbir.manifest.sections import (
@@ -42,6 +42,7 @@ from zsbir.manifest.sections import (
     DEFAULT_MODEL,
     DEFAULT_TEACHER_NETWORK,
     RESERVED,
+    RESERVED_TYPES,
     SECTION_ORDER,
     Manifest,
     student_backbone,
@@ -180,11 +181,12 @@ class _Resolver:
         resolved: dict[str, Any] = {}
         reserved = RESERVED.get(kind, {})
         # reserved keys are the toolkit's: checked whatever the name says
+        types_ = RESERVED_TYPES.get(kind, {})
         for key, default in reserved.items():
             value = table.get(key, default)
-            if key == "weight":
+            if key in types_:
                 sub: list[Problem] = []
-                value = check_type(value, Annotated[float, Range(ge=0)], f"{path}.{key}", sub)
+                value = check_type(value, types_[key], f"{path}.{key}", sub)
                 for p in sub:
                     self.problem(p.path, p.message)
             if value is not None:

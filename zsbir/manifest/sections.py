@@ -13,7 +13,8 @@ from zsbir.registry import Nested
 
 __all__ = [
     "COMPONENT_KEYS", "COMPONENT_SECTIONS", "CORE_SECTIONS", "DEFAULT_MODEL",
-    "DEFAULT_TEACHER_NETWORK", "DataConfig", "EvalConfig", "Manifest", "RESERVED", "RunConfig",
+    "DEFAULT_TEACHER_NETWORK", "DataConfig", "EvalConfig", "Manifest", "RESERVED",
+    "RESERVED_TYPES", "RunConfig",
     "SECTION_ORDER", "TrainConfig", "student_backbone",
 ]
 
@@ -148,6 +149,9 @@ COMPONENT_SECTIONS: dict[str, tuple[str, bool, bool, Any, dict[str, Any]]] = {
     "schedule": ("schedulers", False, False, {"name": "constant"}, {}),
     "hashers": ("hashers", True, False, [{"name": "none"}], {}),
     "rerankers": ("rerankers", True, False, [], {}),
+    # pair scoring (zsbir.pairs): its evaluation settings are the toolkit's keys
+    "pair_scorer": ("pair_scorers", False, False, None,
+                    {"top_k": 0, "exhaustive": False, "batch_pairs": 256}),
 }
 #: top-level section -> its registry kind
 COMPONENT_KEYS: dict[str, str] = {k: v[0] for k, v in COMPONENT_SECTIONS.items()}
@@ -155,6 +159,16 @@ COMPONENT_KEYS: dict[str, str] = {k: v[0] for k, v in COMPONENT_SECTIONS.items()
 #: per kind: ``weight`` is the losses' (the weighted sum), and only theirs; ``groups`` the
 #: optimizer's (``[[optimizer.groups]]``: parameter groups, zsbir.engine.param_groups)
 RESERVED: dict[str, dict[str, Any]] = {v[0]: v[4] for v in COMPONENT_SECTIONS.values() if v[4]}
+#: the types of the reserved keys the resolver checks (``groups``: zsbir.wiring checks it).
+#: ``[pair_scorer]``: ``top_k`` re-scores the top K of every hasher's ranking (0: off),
+#: ``exhaustive`` scores every (query, gallery item) pair, ``batch_pairs`` is how many
+#: aligned pairs go to the device at once (zsbir.pairs)
+RESERVED_TYPES: dict[str, dict[str, Any]] = {
+    "losses": {"weight": Annotated[float, Range(ge=0)]},
+    "pair_scorers": {"top_k": Annotated[int, Range(ge=0, le=1_000_000)],
+                     "exhaustive": bool,
+                     "batch_pairs": Annotated[int, Range(ge=1, le=2**24)]},
+}
 #: the teacher's network when ``[teacher.network]`` is not given: an ImageNet classifier
 #: on (a fresh copy of) the student's backbone
 DEFAULT_TEACHER_NETWORK = "imagenet_classifier"
@@ -162,7 +176,7 @@ DEFAULT_TEACHER_NETWORK = "imagenet_classifier"
 #: problems under it sort where it is written
 SECTION_ORDER = ("run", "protocol", "data", "backbone", "model", "teacher", "losses",
                  "sampler", "optimizer", "schedule", "train", "hashers", "rerankers",
-                 "evaluation", "plugins")
+                 "pair_scorer", "evaluation", "plugins")
 
 
 def student_backbone(model: Any) -> Any:
@@ -202,6 +216,9 @@ class Manifest:
     schedule: dict[str, Any]
     hashers: Annotated[list[dict[str, Any]], _AFTER]
     rerankers: Annotated[list[dict[str, Any]], _AFTER] = field(default_factory=list)
+    #: ``[pair_scorer]`` (``None``: no pair scoring); its ``top_k`` / ``exhaustive`` /
+    #: ``batch_pairs`` are evaluation settings (:data:`RESERVED_TYPES`)
+    pair_scorer: Annotated[dict[str, Any] | None, _AFTER] = None
     plugins: dict[str, str] = field(default_factory=dict)
     source: str = "<manifest>"
 

@@ -38,7 +38,7 @@ from torch import nn
 from zsbir.constraints import BASE_WEIGHTS, WeightsFile
 
 __all__ = ["IMAGENET_CFG", "Backbone", "PretrainedCfg", "TimmBackbone", "WeightsFileError",
-           "WeightsNotFoundError", "WeightsPath", "find_cached_weights",
+           "backbone_tokens", "WeightsNotFoundError", "WeightsPath", "find_cached_weights",
            "load_state_dict_file", "resolve_weights", "weights_file_problem"]
 
 
@@ -109,6 +109,22 @@ class Backbone(nn.Module):
         return None
 
 
+def backbone_tokens(backbone: nn.Module, x: torch.Tensor, domain: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(pooled features, tokens or None)``: tokens when the backbone can give them in
+    the same pass (a ``forward_tokens`` method defined by its ``forward``'s class or a
+    subclass of it: a subclass that overrides ``forward`` only gives no tokens, so its
+    pooled features stay its own), else ``backbone(x, domain)`` and ``None``."""
+    cls = type(backbone)
+    tok = getattr(cls, "forward_tokens", None)
+    if tok is not None:
+        fwd_owner = next(c for c in cls.__mro__ if "forward" in vars(c))
+        tok_owner = next(c for c in cls.__mro__ if "forward_tokens" in vars(c))
+        if issubclass(tok_owner, fwd_owner):
+            return backbone.forward_tokens(x, domain)
+    return backbone(x, domain), None
+
+
 class TimmBackbone(Backbone):
     """Any timm model, pooled features from ``forward_head(pre_logits=True)``."""
 
@@ -131,6 +147,17 @@ class TimmBackbone(Backbone):
 
     def forward(self, x: torch.Tensor, domain: torch.Tensor | None = None) -> torch.Tensor:
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+    def forward_tokens(self, x: torch.Tensor, domain: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pooled features, tokens)`` from one pass: the pooled features of
+        :meth:`forward` and the unpooled ``forward_features`` as (B, T, D) tokens (a
+        transformer's output tokens as they are; a CNN's (B, C, h, w) map as one C-wide
+        token per position, T = h * w): what pair scorers read (``tokens`` output)."""
+        feats = self.model.forward_features(x)
+        pooled = self.model.forward_head(feats, pre_logits=True)
+        tokens = feats.flatten(2).transpose(1, 2) if feats.ndim == 4 else feats
+        return pooled, tokens
 
     def imagenet_classifier(self) -> nn.Linear | None:
         head = self.model.get_classifier()

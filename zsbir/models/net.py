@@ -32,7 +32,7 @@ from torch import nn
 from zsbir.context import BuildContext
 from zsbir.data.base import SKETCH
 from zsbir.injection import supply
-from zsbir.models.backbone import Backbone
+from zsbir.models.backbone import Backbone, backbone_tokens
 from zsbir.models.heads import svd_init
 from zsbir.models.inputs import InputConfig, domain_index, from_pretrained_cfg
 from zsbir.registry import Factory, Nested, models, networks
@@ -87,8 +87,11 @@ class BackboneHead(nn.Module):
 
     def forward(self, image: torch.Tensor, domain: torch.Tensor | None = None
                 ) -> dict[str, torch.Tensor]:
-        features = self.backbone(image, domain)
-        return {"features": features, **self.head(features, domain)}
+        features, tokens = backbone_tokens(self.backbone, image, domain)
+        out = {"features": features, **self.head(features, domain)}
+        if tokens is not None:  # free: the backbone's unpooled output (pair scorers)
+            out.setdefault("tokens", tokens)
+        return out
 
 
 #: the name older code used: ``RetrievalNet(backbone, head_module)``
@@ -144,18 +147,27 @@ class Towers(nn.Module):
                              "batch's domain tensor")
         is_sketch = domain == SKETCH
         n_sketch = int(is_sketch.sum())
+        tokens: torch.Tensor | None = None
         if n_sketch == len(domain):
-            features = self.sketch(image, domain)
+            features, tokens = backbone_tokens(self.sketch, image, domain)
         elif n_sketch == 0:
-            features = self.photo(image, domain)
+            features, tokens = backbone_tokens(self.photo, image, domain)
         else:
             rows_s = is_sketch.nonzero().squeeze(1)
             rows_p = (~is_sketch).nonzero().squeeze(1)
-            f_s = self.sketch(image[rows_s], domain[rows_s])
-            f_p = self.photo(image[rows_p], domain[rows_p]).to(f_s.dtype)
+            f_s, t_s = backbone_tokens(self.sketch, image[rows_s], domain[rows_s])
+            f_p, t_p = backbone_tokens(self.photo, image[rows_p], domain[rows_p])
             features = f_s.new_zeros((len(domain), f_s.shape[1]))
-            features = features.index_copy(0, rows_s, f_s).index_copy(0, rows_p, f_p)
-        return {"features": features, **self.head(features, domain)}
+            features = features.index_copy(0, rows_s, f_s).index_copy(
+                0, rows_p, f_p.to(f_s.dtype))
+            if t_s is not None and t_p is not None and t_s.shape[1:] == t_p.shape[1:]:
+                tokens = t_s.new_zeros((len(domain), *t_s.shape[1:]))
+                tokens = tokens.index_copy(0, rows_s, t_s).index_copy(
+                    0, rows_p, t_p.to(t_s.dtype))
+        out = {"features": features, **self.head(features, domain)}
+        if tokens is not None:  # the towers' unpooled outputs (pair scorers)
+            out.setdefault("tokens", tokens)
+        return out
 
 
 def _imagenet_weights_needed(params: dict[str, Any], manifest: dict[str, Any]) -> list[str]:

@@ -20,6 +20,7 @@ as they were indexed (:mod:`zsbir.search.photos`).
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -54,6 +55,8 @@ class SearchResult:
     score: float
     label: str | None
     rank: int
+    #: the pair scorer's score when the result was re-scored (``pair_scorer=``), else None
+    pair_score: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,6 +114,7 @@ class Index:
         self._loaded_at = time.monotonic()
         self._lock = threading.Lock()
         self._rerankers: dict[str, Any] = {}
+        self._pair_scorers: dict[str, Any] = {}
 
     @classmethod
     def open(cls, path: str | Path, device: str = "auto",
@@ -240,31 +244,167 @@ class Index:
                           f"{type(query).__name__}")
 
     def search(self, query: Any, top: int = 10, label: str | None = None,
-               rerank: str | None = None) -> list[SearchResult]:
-        """The ``top`` photos for one sketch (image, path, bytes or strokes)."""
-        return self.search_many([query], top, label, rerank)[0]
+               rerank: str | None = None, pair_scorer: str | None = None,
+               top_k: int | None = None) -> list[SearchResult]:
+        """The ``top`` photos for one sketch (image, path, bytes or strokes).
+
+        ``pair_scorer``: re-score the top ``top_k`` of the ranking with that registered
+        pair scorer (``""``: the run's ``[pair_scorer]``) from the photos' stored outputs
+        (:meth:`pair_scorer`); ``top_k`` alone: the run's scorer."""
+        return self.search_many([query], top, label, rerank, pair_scorer, top_k)[0]
 
     def search_many(self, queries: list[Any], top: int = 10, label: str | None = None,
-                    rerank: str | None = None) -> list[list[SearchResult]]:
+                    rerank: str | None = None, pair_scorer: str | None = None,
+                    top_k: int | None = None) -> list[list[SearchResult]]:
         """:meth:`search` for several sketches at once (one batch through the model)."""
         from zsbir.data.base import SKETCH
 
         if isinstance(top, bool) or not isinstance(top, int) or top < 1:
             raise SearchError(f"top must be a positive integer, got {top!r}")
+        pair = None
+        if pair_scorer is not None or top_k is not None:
+            if rerank is not None:
+                raise SearchError("re-scoring pairs and --rerank are separate re-rankings: "
+                                  "use one of them")
+            pair = (self.pair_scorer(pair_scorer or None), self._top_k(top_k))
         self.refresh()
         self._check_label(label)
         images = [self.query_image(q) for q in queries]
+        names = ("embedding", *(pair[0].outputs if pair else ()))
         with self._lock:
-            emb = self.model.embed_images(images, SKETCH)
+            got = self.model.forward_images(images, SKETCH, names)  # one pass, every output
+            emb = got.pop("embedding")
             for attempt in range(3):  # a writer may commit between reading and searching
                 self._refresh(force=attempt > 0)
                 self._check_label(label)
                 try:
+                    if pair is not None:
+                        return self._pair_scored(emb, got, top, label, *pair)
                     return self._search_embedded(emb, top, label, rerank)
                 except _Stale:
                     continue
         raise SearchError("the index changed three times during one search (an update is "
                           "running); search again")
+
+    # ------------------------------------------------------------------ stored outputs
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """The per-photo model outputs the index stores besides the embedding
+        (:mod:`zsbir.search.outputs`; ``zsbir index build --outputs``)."""
+        return tuple(self.meta.get("output_names") or ())
+
+    def outputs(self, name: str, photo_ids: Any) -> np.ndarray:
+        """The stored output ``name`` of the photos ``photo_ids`` (in that order), float32
+        (N, ...); a SearchError for an output the index does not store or a photo it does
+        not hold."""
+        if name not in self.output_names:
+            raise SearchError(self._no_output(name))
+        ids = np.asarray(photo_ids, dtype=np.int64).ravel()
+        try:
+            return self._stored(name, ids)
+        except _Stale as exc:
+            raise SearchError(f"no photo {exc.args[0]} in the index") from None
+
+    def query_outputs(self, queries: list[Any], names: Any = ()) -> dict[str, np.ndarray]:
+        """The model's outputs ``names`` (and ``"embedding"``) for sketches, from one pass
+        through the model: what pair scorers compare with :meth:`outputs`."""
+        from zsbir.data.base import SKETCH
+
+        images = [self.query_image(q) for q in queries]
+        with self._lock:
+            return self.model.forward_images(images, SKETCH, ("embedding", *names))
+
+    def _stored(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """Stored outputs in one snapshot; :class:`_Stale` (with the id) for a photo no
+        longer in the database, damaged for a photo without the output."""
+        from zsbir.search.files import damaged
+        from zsbir.search.outputs import read_outputs
+
+        with self._db:
+            self._con.execute("BEGIN")
+            try:
+                out, missing = read_outputs(self._con, self.meta, name, ids)
+                if missing:
+                    held = self._con.execute("SELECT path FROM photos WHERE id = ?",
+                                             (missing[0],)).fetchone()
+                    if held is None:
+                        raise _Stale(missing[0])
+                    raise damaged(self.path, f"photo {fs_name(held[0])!r} has no stored "
+                                             f"{name!r} output")
+                return out
+            finally:
+                self._con.execute("COMMIT")
+
+    def _no_output(self, name: str) -> str:
+        held = ", ".join(map(repr, self.output_names)) or "none"
+        return (f"index {str(self.path)!r} stores no {name!r} output per photo (it stores: "
+                f"{held}); build one that does: `zsbir index build RUN_DIR PHOTO_DIR "
+                f"NEW_INDEX --outputs {name}`")
+
+    # --------------------------------------------------------------------- pair scoring
+    def pair_scorer(self, name: str | None = None) -> Any:
+        """The pair scorer ``name`` around the index's model (``None``: the run's
+        ``[pair_scorer]`` with its parameters; another name: its defaults), checked to read
+        only outputs the index stores (else a SearchError naming them)."""
+        run_table = getattr(self.model.manifest, "pair_scorer", None)
+        key = name or (run_table or {}).get("name")
+        if key is None:
+            raise SearchError("the index's run has no [pair_scorer]: name one "
+                              "(`zsbir list pair_scorers`)")
+        if key not in self._pair_scorers:
+            if run_table is not None and run_table["name"] == key:
+                scorer = self.model.pair_scorer
+            else:
+                scorer = _make_pair_scorer(key, self.model)
+            missing = [n for n in scorer.outputs if n not in self.output_names]
+            if missing:
+                raise SearchError(f"pair scorer {key!r} reads the output {missing[0]!r}: "
+                                  + self._no_output(missing[0]))
+            self._pair_scorers[key] = scorer
+        return self._pair_scorers[key]
+
+    def _top_k(self, top_k: int | None) -> int:
+        if top_k is None:
+            run_k = int((getattr(self.model.manifest, "pair_scorer", None) or {}).get(
+                "top_k", 0))
+            return run_k or 100
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise SearchError(f"top_k must be a positive integer, got {top_k!r}")
+        return top_k
+
+    def _pair_scored(self, emb: np.ndarray, q_out: dict[str, np.ndarray], top: int,
+                     label: str | None, scorer: Any, k: int) -> list[list[SearchResult]]:
+        """Each query's top ``k`` re-scored by ``scorer`` from the stored outputs and
+        re-ordered by it (ties by path), the rest below in embedding order."""
+        from zsbir.pairs import PairBatcher, rescore_order
+
+        codes = encode(self.hasher, emb)
+        n = max(top, k)
+        if label is None:
+            values, positions = _ranked(self._fx.index, codes, n, self.binary)
+        else:
+            values, positions = self._search_label(codes, n, label)
+        table = getattr(self.model.manifest, "pair_scorer", None) or {}
+        out = []
+        for i, (v, p) in enumerate(zip(values, positions)):
+            p = np.asarray(p, np.int64)
+            kk = min(k, len(p))
+            stored = {name: self._stored(name, self._fx.ids[p[:kk]]) for name in scorer.outputs}
+            query = {name: q_out[name][i:i + 1] for name in scorer.outputs}
+            try:
+                batcher = PairBatcher(scorer, query, stored, table.get("batch_pairs", 256),
+                                      self.model.device)
+                pair = batcher.score(np.zeros(kk, np.int64), np.arange(kk))
+            except ValueError as exc:  # e.g. non-finite scores of float16-stored outputs
+                raise SearchError(f"pair scorer {getattr(scorer, 'tag', '?')!r}: {exc}"
+                                  ) from exc
+            order, ordered = rescore_order(p[None, :kk], pair[None])
+            value = dict(zip(p.tolist(), np.asarray(v).tolist()))
+            final = [*order[0].tolist(), *p[kk:].tolist()][:top]
+            recs = self._records(np.array([value[q] for q in final]), np.array(final))
+            out.append([dataclasses.replace(r, pair_score=float(ordered[0][j]))
+                        if j < kk else r for j, r in enumerate(recs)])
+        return out
 
     def _check_label(self, label: str | None) -> None:
         if label is not None and label not in set(self._fx.labels):
@@ -343,6 +483,17 @@ class Index:
     def __repr__(self) -> str:
         return (f"Index({str(self.path)!r}, photos={len(self)}, hasher={self.meta['hasher']!r},"
                 f" ann={self.meta['ann']!r})")
+
+
+def _make_pair_scorer(name: str, tm: Any) -> Any:
+    """The registered pair scorer ``name`` with default parameters around the trained
+    model ``tm`` (resolved and built as a ``[pair_scorer]`` table is)."""
+    from zsbir.pairs import make_pair_scorer
+
+    try:
+        return make_pair_scorer(name, tm.model, tm.device)
+    except ValueError as exc:
+        raise SearchError(str(exc)) from exc
 
 
 def _flatten(im: Any) -> Any:

@@ -72,12 +72,19 @@ def _print_summary(s: Any, index_dir: str) -> None:
               help="Also index the files that symbolic links lead to outside PHOTO_DIR "
                    "(refused by default: `zsbir serve` serves every indexed file). "
                    "Updates keep this setting.")
+@click.option("--outputs", "outputs", metavar="NAME[,NAME]",
+              help="Model outputs to store per photo besides those the run's [pair_scorer] "
+                   "and [[rerankers]] read (stored by default), e.g. tokens: what `zsbir "
+                   "search --pair-scorer` re-scores with.")
+@click.option("--output-dtype", type=click.Choice(["float32", "float16"]), default="float32",
+              show_default=True, help="How stored outputs are kept (float16: half the size).")
 @device_option
 @batch_option
 @workers_option
 def index_build(run_dir: str, photo_dir: str, index_dir: str, hasher: str | None, ann: str,
-                name: str | None, shard: str | None, follow_outside_links: bool, device: str,
-                batch_size: int, workers: int) -> None:
+                name: str | None, shard: str | None, follow_outside_links: bool,
+                outputs: str | None, output_dtype: str, device: str, batch_size: int,
+                workers: int) -> None:
     """Embed every photo under PHOTO_DIR with RUN_DIR's trained model into INDEX_DIR.
 
     INDEX_DIR receives a copy of the model, so searching needs nothing else. Run again on
@@ -91,10 +98,14 @@ def index_build(run_dir: str, photo_dir: str, index_dir: str, hasher: str | None
         part = parse_shard(shard) if shard else None
     except ShardError as exc:
         raise click.BadParameter(str(exc), param_hint="--shard") from exc
+    names = [n.strip() for n in (outputs or "").split(",") if n.strip()]
+    if outputs is not None and not names:
+        raise click.BadParameter("give output names, e.g. tokens", param_hint="--outputs")
     with console_output(console):
         s = build_index(run_dir, photo_dir, index_dir, hasher=hasher, ann=ann,  # type: ignore
                         name=name, device=device, batch_size=batch_size, workers=workers,
-                        shard=part, follow_outside_links=follow_outside_links)
+                        shard=part, follow_outside_links=follow_outside_links,
+                        outputs=names, output_dtype=output_dtype)
     _print_summary(s, index_dir)
 
 
@@ -135,10 +146,19 @@ def index_update(index_dir: str, device: str, batch_size: int, workers: int) -> 
 @click.option("--class", "label", help="Only photos of this class (their folder's name).")
 @click.option("--rerank", help="Rerank with a registered reranker (zsbir list rerankers; "
                                "real-valued indexes only), e.g. alpha_qe.")
+@click.option("--pair-scorer", "pair_scorer", metavar="NAME",
+              help="Re-score the top --top-k photos with a registered pair scorer (zsbir "
+                   "list pair_scorers; the run's [pair_scorer] keeps its parameters) from "
+                   "the outputs the index stores.")
+@click.option("--top-k", "top_k", type=click.IntRange(min=1),
+              help="How many of the ranking's first photos the pair scorer re-scores "
+                   "(default: the run's [pair_scorer] top_k, else 100); alone: the run's "
+                   "pair scorer.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @device_option
 def search(index_dir: str, sketches: tuple[str, ...], top: int, label: str | None,
-           rerank: str | None, as_json: bool, device: str) -> None:
+           rerank: str | None, pair_scorer: str | None, top_k: int | None, as_json: bool,
+           device: str) -> None:
     """Rank the photos of INDEX_DIR for each SKETCH image."""
     from PIL import Image
 
@@ -155,15 +175,19 @@ def search(index_dir: str, sketches: tuple[str, ...], top: int, label: str | Non
         queries = []
         for s in sketches:  # every unreadable sketch is reported before any search runs
             queries.append(idx.query_image(s))
-        results = idx.search_many(queries, top, label, rerank)
+        results = idx.search_many(queries, top, label, rerank, pair_scorer, top_k)
+    paired = pair_scorer is not None or top_k is not None
     if as_json:
         click.echo(json.dumps({"index": idx.name, "score": idx.score_name,
                                "queries": [{"query": s, "results": [r.to_dict() for r in rs]}
                                            for s, rs in zip(sketches, results)]}, indent=2))
         return
     rows = [(s, str(r.rank), shown(r.path), shown(r.label or ""), str(r.score) if idx.binary
-             else f"{r.score:.4f}") for s, rs in zip(sketches, results) for r in rs]
-    columns = ("query", "rank", "photo", "class", idx.score_name)
+             else f"{r.score:.4f}", *(("" if r.pair_score is None else f"{r.pair_score:.4f}",)
+                                      if paired else ()))
+            for s, rs in zip(sketches, results) for r in rs]
+    columns = ("query", "rank", "photo", "class", idx.score_name,
+               *(("pair score",) if paired else ()))
     if not console.is_terminal:
         click.echo("\t".join(columns))
         for r in rows:
@@ -187,9 +211,15 @@ def search(index_dir: str, sketches: tuple[str, ...], top: int, label: str | Non
                    "also the limit for receiving a request body (408).")
 @click.option("--max-concurrent", default=4, show_default=True, type=click.IntRange(1, 256),
               help="Searches, thumbnails and photo reads decoded at once (bounds memory).")
+@click.option("--pair-scorer", "pair_scorer", metavar="NAME",
+              help="Re-score every search's top --top-k photos with this pair scorer (as "
+                   "`zsbir search --pair-scorer`).")
+@click.option("--top-k", "top_k", type=click.IntRange(min=1),
+              help="How many photos the pair scorer re-scores (as `zsbir search`).")
 @device_option
 def serve(index_dir: str, host: str, port: int, max_upload_mb: float, timeout_s: float,
-          max_concurrent: int, device: str) -> None:
+          max_concurrent: int, pair_scorer: str | None, top_k: int | None,
+          device: str) -> None:
     """Serve a sketch-search page (drawing canvas + results) for INDEX_DIR."""
     try:
         import uvicorn  # noqa: F401  (the serve extra)
@@ -203,7 +233,7 @@ def serve(index_dir: str, host: str, port: int, max_upload_mb: float, timeout_s:
     use_threads("evaluate")  # the model runs one request at a time: all the CPU share each
     app = create_app(index_dir, device=device, max_upload_bytes=int(max_upload_mb * 2**20),
                      max_concurrent=max_concurrent, timeout_s=timeout_s,
-                     body_timeout_s=timeout_s)
+                     body_timeout_s=timeout_s, pair_scorer=pair_scorer, top_k=top_k)
     console.print(f"serving {escape(index_dir)} on http://{host}:{port}/ (Ctrl-C stops)",
                   highlight=False)
     run_server(app, host=host, port=port)

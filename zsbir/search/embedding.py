@@ -5,7 +5,7 @@ photos to embed read through the training loader (workers, threads, bf16 autocas
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,14 @@ def _load_model(model_file: Path, device: str) -> Any:
     return load_trained(model_file, device)
 
 
-def _embed_batches(tm: Any, root: Path, todo: list[str], batch_size: int, workers: int
+def _embed_batches(tm: Any, root: Path, todo: list[str], batch_size: int, workers: int,
+                   outputs: Sequence[str] = ()
                    ) -> Iterator[tuple[int, tuple[list[tuple[str, tuple[str, int, int]]],
                                                   np.ndarray, list[tuple[str, str]]]]]:
-    """Embed ``todo`` through the training loader: (done count, (kept, emb, skipped));
-    ``kept`` pairs each photo with (sha256, size, mtime_ns) of the bytes embedded."""
+    """Embed ``todo`` through the training loader: (done count, (kept, emb, skipped)), and
+    with ``outputs`` (other model outputs to store, :mod:`zsbir.search.outputs`) a fourth
+    item, name -> (N, ...) array, from the same forward pass; ``kept`` pairs each photo
+    with (sha256, size, mtime_ns) of the bytes embedded."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -54,9 +57,14 @@ def _embed_batches(tm: Any, root: Path, todo: list[str], batch_size: int, worker
         done += len(keys)
         skipped = list(batch["skipped"])
         if "image" not in batch:
-            yield done, ([], np.zeros((0, 0), np.float32), skipped)
+            yield done, ([], np.zeros((0, 0), np.float32), skipped,
+                         *(({},) if outputs else ()))
             continue
         with autocast:
-            emb = np.asarray(tm.embed_batch(batch), dtype=np.float32)
+            if outputs:
+                got = tm.forward_batch(batch, ("embedding", *outputs))
+                emb = np.asarray(got.pop("embedding"), dtype=np.float32)
+            else:
+                emb = np.asarray(tm.embed_batch(batch), dtype=np.float32)
         kept = [(todo[i], f) for i, f in zip(batch["index"].tolist(), batch["files"])]
-        yield done, (kept, emb, skipped)
+        yield done, (kept, emb, skipped, *((got,) if outputs else ()))

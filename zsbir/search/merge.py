@@ -23,12 +23,14 @@ from zsbir.search.files import (
     transaction,
 )
 from zsbir.search.lock import WriteLock
+from zsbir.search.outputs import copy_outputs
 from zsbir.search.rows import _copy_rows, _stored_meta
 from zsbir.search.summary import BuildSummary
 
 __all__ = ["MERGE_SAME", "merge_indexes"]
 
-MERGE_SAME = ("photo_root", "model_sha256", "hasher", "ann", "follow_outside_links")
+MERGE_SAME = ("photo_root", "model_sha256", "hasher", "ann", "follow_outside_links",
+              "output_names", "output_dtype")
 
 
 def merge_indexes(shard_dirs: list[str | Path], index_dir: str | Path) -> BuildSummary:
@@ -95,12 +97,15 @@ def merge_indexes(shard_dirs: list[str | Path], index_dir: str | Path) -> BuildS
                     src = connect(metas[i][0])
                     try:
                         _copy_rows(src, con)
+                        copy_outputs(src, con)  # stored outputs follow their rows
                     except sqlite3.IntegrityError as exc:
                         raise SearchError(f"a photo is in two shards ({exc}): the folder "
                                           "changed between the shard builds; build them "
                                           "again") from exc
                     finally:
                         src.close()
+                set_meta(con, outputs={k: v for _, m in metas.values()  # every shard's shapes
+                                       for k, v in (m.get("outputs") or {}).items()})
             meta = read_meta(con)
             tm = _load_model(index_dir / MODEL_NAME, "cpu")
             fx, info = make_faiss(con, tm, meta)

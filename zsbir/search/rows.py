@@ -17,6 +17,7 @@ import numpy as np
 
 from zsbir.search.errors import IndexDamagedError
 from zsbir.search.files import connect, damaged, db_dir, read_meta, set_meta, transaction
+from zsbir.search.outputs import write_outputs
 from zsbir.search.scan import db_name, fs_name, shown
 
 __all__ = ["RowsGone", "gallery_embeddings"]
@@ -42,15 +43,19 @@ def _stored_meta(index_dir: Path) -> dict[str, Any] | None:
 def _commit_batch(con: sqlite3.Connection, meta: dict[str, Any],
                   found: dict[str, os.stat_result],
                   kept: list[tuple[str, tuple[str, int, int]]], emb: np.ndarray,
-                  skipped: list[tuple[str, str]]) -> None:
+                  skipped: list[tuple[str, str]],
+                  outs: dict[str, np.ndarray] | None = None) -> None:
     """One transaction: the batch's embeddings (each with the SHA-256, size and mtime of
-    the bytes it was computed from) and skips, and a new generation. A non-finite
-    embedding is not stored: the photo is skipped."""
-    records, skipped = [], list(skipped)
-    for (rel, (sha, size, mtime)), vec in zip(kept, emb):
-        if not np.isfinite(vec).all():
+    the bytes it was computed from), their other stored outputs (``outs``,
+    :mod:`zsbir.search.outputs`) and skips, and a new generation. A non-finite embedding
+    or output is not stored: the photo is skipped."""
+    records, skipped, rows = [], list(skipped), []
+    for k, ((rel, (sha, size, mtime)), vec) in enumerate(zip(kept, emb)):
+        if not np.isfinite(vec).all() or not all(np.isfinite(a[k]).all()
+                                                 for a in (outs or {}).values()):
             skipped.append((rel, "the model gave a non-finite embedding"))
             continue
+        rows.append(k)
         records.append((db_name(rel), size, mtime, sha, db_name(_label(rel)),
                         np.ascontiguousarray(vec, dtype=np.float32).tobytes(), time.time()))
     with transaction(con):
@@ -69,6 +74,10 @@ def _commit_batch(con: sqlite3.Connection, meta: dict[str, Any],
             "mtime_ns = excluded.mtime_ns, reason = excluded.reason",
             [(db_name(r), found[r].st_size, found[r].st_mtime_ns, e) for r, e in skipped])
         con.executemany("DELETE FROM skipped WHERE path = ?", [(r[0],) for r in records])
+        if outs:  # the photos' other outputs, with their rows (zsbir.search.outputs)
+            meta["outputs"] = write_outputs(con, meta, [r[0] for r in records],
+                                            {n: a[rows] for n, a in outs.items()})
+            set_meta(con, outputs=meta["outputs"])
         meta["generation"] += 1
         set_meta(con, generation=meta["generation"], updated=time.time(),
                  dim=int(emb.shape[1]) if len(records) else meta.get("dim"))

@@ -241,7 +241,8 @@ def create_app(index: str | Path | Index, device: str = "auto",
                max_upload_bytes: int = 4 * 2**20, *, max_sketch_pixels: int | None = None,
                max_photo_pixels: int = DEFAULT_PHOTO_PIXELS,
                max_photo_bytes: int = DEFAULT_PHOTO_BYTES, max_concurrent: int = 4,
-               timeout_s: float = 30.0, body_timeout_s: float = 30.0) -> Starlette:
+               timeout_s: float = 30.0, body_timeout_s: float = 30.0,
+               pair_scorer: str | None = None, top_k: int | None = None) -> Starlette:
     """The app for an index directory (or an open :class:`Index`).
 
     ``max_sketch_pixels``: the largest sketch decoded (default: the Index's, 16 Mpx);
@@ -249,6 +250,9 @@ def create_app(index: str | Path | Index, device: str = "auto",
     scale); ``max_photo_bytes``: the largest photo file served; ``max_concurrent``: searches,
     thumbnails and photo reads at once; ``timeout_s``: the limit of one search or photo,
     waiting for a slot included (503 beyond); ``body_timeout_s``: to receive a body (408).
+    ``pair_scorer`` / ``top_k``: every search re-scores its top ``top_k`` photos with that
+    pair scorer from the index's stored outputs (:meth:`Index.search`); checked here, so a
+    scorer that reads an output the index lacks is a SearchError before serving.
     """
     if isinstance(index, Index):
         idx = index
@@ -258,6 +262,10 @@ def create_app(index: str | Path | Index, device: str = "auto",
         idx = Index.open(index, device, max_sketch_pixels)
     else:
         idx = Index.open(index, device)
+    pairs: dict[str, Any] = {}
+    if pair_scorer is not None or top_k is not None:
+        idx.pair_scorer(pair_scorer or None)  # refused now rather than on every search
+        pairs = {"pair_scorer": pair_scorer or "", "top_k": top_k}
     static = resources.files("zsbir.search") / "static"
     page = (static / "index.html").read_text("utf-8")
     slots = threading.BoundedSemaphore(max_concurrent)
@@ -320,7 +328,7 @@ def create_app(index: str | Path | Index, device: str = "auto",
                                      "an image/* body) or JSON strokes {\"drawing\": ...}")
             if isinstance(query, (bytes, bytearray)) and not query:
                 raise HTTPError(400, "the uploaded sketch is empty")
-            results = await bounded(_search, idx, query, top, label, pen, rerank,
+            results = await bounded(_search, idx, query, top, label, pen, rerank, pairs,
                                     what="the search")
         except HTTPError as exc:
             return _error(exc.status, exc.message)
@@ -402,7 +410,8 @@ async def _read_form(request: Request, limit: int, timeout: float
 
 
 def _search(idx: Index, query: Any, top: int, label: str | None, pen: float | None,
-            rerank: str | None = None) -> list[dict[str, Any]]:
+            rerank: str | None = None, pairs: dict[str, Any] | None = None
+            ) -> list[dict[str, Any]]:
     if isinstance(query, list):
         from zsbir.search.strokes import render_strokes
 
@@ -412,11 +421,15 @@ def _search(idx: Index, query: Any, top: int, label: str | None, pen: float | No
     if label is not None:  # labels travel as shown() (undecodable bytes as \\xNN)
         label = {shown(lab): lab for lab in idx.labels}.get(label, label)
     out = []
-    for r in idx.search(query, top=top, label=label, rerank=rerank):
+    if pairs and rerank is not None:
+        raise HTTPError(400, "this server re-scores with a pair scorer; \"rerank\" cannot "
+                             "be combined with it")
+    for r in idx.search(query, top=top, label=label, rerank=rerank, **(pairs or {})):
         out.append({"id": r.id, "name": shown(Path(r.path).name),
                     "label": None if r.label is None else shown(r.label),
                     "score": r.score, "rank": r.rank, "url": f"/photos/{r.id}",
-                    "thumb": f"/photos/{r.id}?size=256"})
+                    "thumb": f"/photos/{r.id}?size=256",
+                    **({"pair_score": r.pair_score} if pairs else {})})
     return out
 
 

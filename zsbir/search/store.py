@@ -31,6 +31,10 @@ case). A build killed before its database held its settings, or into a damaged d
 starts over in the same directory; a failed write removes its temporary files, and a full
 disk is one line naming the index directory (:func:`zsbir.search.files.disk_errors`).
 
+Per-photo model outputs besides the embedding (``tokens`` for a pair scorer, ...) are
+stored in an ``outputs`` table of ``index.sqlite`` (:mod:`zsbir.search.outputs`), written in
+the same transactions as their rows.
+
 Incremental updates compare each file's size and mtime with its row; when either changed,
 the content hash decides whether the photo is embedded again. Deleted files are removed.
 
@@ -53,6 +57,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -87,6 +92,7 @@ from zsbir.search.files import (
 )
 from zsbir.search.lock import WriteLock
 from zsbir.search.merge import merge_indexes
+from zsbir.search.outputs import DTYPES, ensure_schema, stored_output_names
 from zsbir.search.rows import RowsGone, _commit_batch, _stored_meta, gallery_embeddings
 from zsbir.search.scan import IMAGE_SUFFIXES, db_name, fs_name, shown
 from zsbir.search.summary import BuildSummary
@@ -103,7 +109,8 @@ def build_index(run_dir: str | Path, photo_dir: str | Path, index_dir: str | Pat
                 hasher: str | None = None, ann: Literal["flat", "ivf"] = "flat",
                 name: str | None = None, device: str = "auto", batch_size: int = 64,
                 workers: int = -1, shard: tuple[int, int] | None = None,
-                follow_outside_links: bool = False) -> BuildSummary:
+                follow_outside_links: bool = False, outputs: Sequence[str] = (),
+                output_dtype: str = "float32") -> BuildSummary:
     """Create ``index_dir`` for the photos under ``photo_dir`` with the run's final weights.
 
     Run again on an unfinished index of the same run, folder and settings, it resumes (as
@@ -111,7 +118,9 @@ def build_index(run_dir: str | Path, photo_dir: str | Path, index_dir: str | Pat
     its settings, or holding a damaged database, is built again; any other existing
     index is refused. ``shard = (i, n)``: only shard ``i`` of ``n`` of the sorted photo
     list, for :func:`merge_indexes`. ``follow_outside_links``: also index files that
-    symlinks lead to outside ``photo_dir`` (kept by updates)."""
+    symlinks lead to outside ``photo_dir`` (kept by updates). ``outputs``: model outputs
+    to store per photo besides those the run's pair scorer and rerankers read
+    (:mod:`zsbir.search.outputs`), as ``output_dtype`` (``"float32"`` or ``"float16"``)."""
     run_dir, photo_dir, index_dir = Path(run_dir), Path(photo_dir), Path(index_dir)
     final = run_dir if run_dir.is_file() else run_dir / "checkpoints" / "final.pt"
     if not final.is_file():
@@ -121,9 +130,13 @@ def build_index(run_dir: str | Path, photo_dir: str | Path, index_dir: str | Pat
         raise SearchError(f"no photo folder {str(photo_dir)!r}")
     if ann not in ("flat", "ivf"):
         raise SearchError(f"ann must be 'flat' or 'ivf', not {ann!r}")
+    if output_dtype not in DTYPES:
+        raise SearchError(f"output dtype must be one of {', '.join(DTYPES)}, not "
+                          f"{output_dtype!r}")
     settings = {"photo_root": str(photo_dir.resolve()), "model_sha256": file_sha256(final),
                 "ann": ann, "shard": list(shard) if shard else None,
-                "follow_outside_links": bool(follow_outside_links)}
+                "follow_outside_links": bool(follow_outside_links),
+                "extra_outputs": list(dict.fromkeys(outputs)), "output_dtype": output_dtype}
     state = index_state(index_dir)
     if state == "foreign":
         raise SearchError(f"{str(index_dir)!r} exists and is not an empty folder or a zsbir "
@@ -133,6 +146,7 @@ def build_index(run_dir: str | Path, photo_dir: str | Path, index_dir: str | Pat
     if not resume:  # checked before anything is written: a wrong --hasher creates nothing
         tm = _load_model(final, device)
         tm.hasher(hasher)
+        names = stored_output_names(tm, outputs)  # and a model without them
     index_dir.mkdir(parents=True, exist_ok=True)
     with disk_errors(index_dir), WriteLock(index_dir) as lock, removing_temporaries(index_dir):
         if resume:
@@ -159,7 +173,10 @@ def build_index(run_dir: str | Path, photo_dir: str | Path, index_dir: str | Pat
                              name=name or index_dir.resolve().name, model_file=MODEL_NAME,
                              run_dir=str(run_dir.resolve()), hasher=h.tag,
                              binary=bool(h.binary), created=time.time(), generation=0,
-                             faiss_generation=-1, **settings)
+                             faiss_generation=-1, output_names=names, outputs={},
+                             **settings)
+                    if names:
+                        ensure_schema(con)
                 summary = _sync(con, index_dir, tm, batch_size, workers, summary)
             finally:
                 con.close()
@@ -178,8 +195,9 @@ def _resumable(index_dir: Path, settings: dict[str, Any], hasher: str | None) ->
             f"{str(index_dir)!r} already holds an index (of {meta.get('photo_root')!r}); "
             "update it with `zsbir index update`, or build into another directory")
     wanted = {**settings, "hasher": hasher or meta.get("hasher")}
+    absent = {"follow_outside_links": False, "extra_outputs": [], "output_dtype": "float32"}
     for key, value in wanted.items():
-        have = meta.get(key, False if key == "follow_outside_links" else None)
+        have = meta.get(key, absent.get(key))
         if have != value:
             what = "model" if key == "model_sha256" else key
             raise SearchError(
@@ -290,9 +308,11 @@ def _sync(con: sqlite3.Connection, index_dir: Path, tm: Any, batch_size: int,
         with transaction(con):
             con.executemany("UPDATE photos SET size = ?, mtime_ns = ? WHERE path = ?", touched)
 
+    names = list(meta.get("output_names") or [])  # stored besides the embedding
     with phase("embedding photos", total=len(todo), unit="photos") as advance:
-        for done, (kept, emb, skipped) in _embed_batches(tm, root, todo, batch_size, workers):
-            _commit_batch(con, meta, found, kept, emb, skipped)
+        for done, (kept, emb, skipped, *outs) in _embed_batches(tm, root, todo, batch_size,
+                                                                workers, names):
+            _commit_batch(con, meta, found, kept, emb, skipped, *outs)
             summary.embedded += len(kept) - sum(1 for v in emb if not np.isfinite(v).all())
             summary.skipped += [(str(root / r), e) for r, e in skipped]
             advance(completed=done, info=f"{len(summary.skipped)} skipped")
