@@ -55,7 +55,7 @@ TUNE_FILE = "tune.json"
 FAMILIES = ("seen_suppress", "seen_gate", "seen_suppress_kr", "seen_gate_kr")
 _GAMMA = [0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0]
 _T = [0.5, 1.0, 2.0]
-_GATE = {"tau": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7], "width": [0.02, 0.1], "beta": [0.0, 0.2]}
+_GATE = {"tau": [0.3, 0.5, 0.7], "width": [0.05], "beta": [0.0, 0.2]}
 #: default search grid per family (k2 = 6, lambda = 0.3: k-reciprocal's paper values)
 GRIDS: dict[str, dict[str, list[Any]]] = {
     "seen_suppress": {"gamma": _GAMMA, "temperature": _T},
@@ -237,9 +237,14 @@ def write_choice(run_dir: Path, chosen: dict[str, dict[str, Any]]) -> None:
 def tune_run(run_dir: str | Path, families: Sequence[str] = FAMILIES, folds: int | None = None,
              max_unseen_drop: float = 0.01, seed: int = 0, overrides: Sequence[str] = (),
              grids: dict[str, dict[str, list[Any]]] | None = None, write: bool = True,
-             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+             progress: Callable[[str], None] | None = None, exp: Any = None,
+             cache: dict[str, Any] | None = None) -> dict[str, Any]:
     """Choose every parameter of ``families`` on ``run_dir``'s seen-class validation data
-    (module docstring); returns (and writes, unless ``write=False``) the record."""
+    (module docstring); returns (and writes, unless ``write=False``) the record.
+
+    ``exp``: the run's experiment already built (``build(..., "evaluate", checkpoint)``);
+    ``cache``: a dict that keeps the embedded splits (``"val"``, ``"photos"``: (outputs,
+    kept indices)) for a caller that scores the same photos afterwards (the benchmark)."""
     from zsbir.build import build
     from zsbir.data.base import PHOTO, Split
     from zsbir.engine.checkpoint import load_checkpoint
@@ -258,18 +263,23 @@ def tune_run(run_dir: str | Path, families: Sequence[str] = FAMILIES, folds: int
         raise ValueError(f"zsbir tune chooses parameters for {', '.join(FAMILIES)}; not for "
                          f"{', '.join(unknown)}")
     grids = {**GRIDS, **(grids or {})}
-    ckpt = load_checkpoint(final)
-    m = _manifest_for(ckpt, None, None, overrides, f"{final} (zsbir tune)")
-    exp = build(m, "evaluate", checkpoint={k: v for k, v in ckpt.items() if k != "hashers"})
+    if exp is None:
+        ckpt = load_checkpoint(final)
+        m = _manifest_for(ckpt, None, None, overrides, f"{final} (zsbir tune)")
+        exp = build(m, "evaluate", checkpoint={k: v for k, v in ckpt.items()
+                                               if k != "hashers"})
     exp.model.eval()
     data = exp.data
     n_seen = len(data.seen_classes)
     val = data.val
     photos = Split.concat(data.train.of_domain(PHOTO), data.val.of_domain(PHOTO))
-    vo, vk, _ = embed_outputs(exp, val, ("embedding", "logits"),
-                              f"embedding {len(val)} validation images")
-    po, pk, _ = embed_outputs(exp, photos, ("embedding", "logits"),
-                              f"embedding {len(photos)} seen-class photos")
+    cache = {} if cache is None else cache
+    for key, split in (("val", val), ("photos", photos)):
+        if key not in cache:
+            out, kept, _ = embed_outputs(exp, split, ("embedding", "logits"),
+                                         f"embedding {len(split)} {key} images")
+            cache[key] = (out, kept)
+    (vo, vk), (po, pk) = cache["val"], cache["photos"]
     ve, pe = vo["embedding"], po["embedding"]
     if vo["logits"].shape[1] != n_seen:
         raise ValueError(f"the model's logits have {vo['logits'].shape[1]} columns, the run "
