@@ -41,6 +41,20 @@ Usage (from the repository root)::
 
 ``--reuse`` reads a run whose ``metrics.json`` already exists instead of rerunning it.
 Recorded figures: benchmarks/README.md ("Real data").
+
+Generalized-retrieval rerankers (issue 29, ``--tune-eval``): for every finished run of the
+rows and seeds asked, ``zsbir tune RUN_DIR`` (:func:`zsbir.engine.tune.tune_run`: every
+parameter chosen on seen-class validation data only) then ``zsbir evaluate RUN_DIR`` with
+the generalized task and, side by side, the plain ranking, ``k_reciprocal`` (k1 20, the
+default ``[[rerankers]]``) and the four tuned ``seen_*`` rerankers; the table gives each
+one's change of mAP@all / P@25 against the plain ranking and against k-reciprocal alone
+(mean ± std over seeds). ``--sksh-timing`` times them at SK-SH size (15,229 queries x
+17,101 photos, 100 seen classes; random inputs, a measured subset of the queries,
+extrapolated linearly)::
+
+    python benchmarks/real_sketchy_mini.py --rows b c d e --seeds 0 1 2 --tune-eval \
+        --out /work/gz-runs
+    python benchmarks/real_sketchy_mini.py --sksh-timing
 """
 
 from __future__ import annotations
@@ -197,6 +211,203 @@ def run_trained(row: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     metrics["wall_s"] = wall
     done.write_text(json.dumps(metrics, indent=2, default=float))
     return _summary(metrics, wall)
+
+
+# ------------------------------------------------------------------ issue 29: tune + evaluate
+#: ``zsbir evaluate RUN_DIR`` builds the backbone without its pretrained weights (the
+#: checkpoint replaces them), and efficientnet_lite then falls back to ImageNet mean/std,
+#: while these runs trained with the weights' Inception normalization (0.5, 0.5, 0.5):
+#: without this override the re-evaluated run scores 0.173 instead of its 0.257 (row b,
+#: seed 0). Reported to the integrator (issue 29's report).
+EVAL_FIX = ['model.backbone.weights_normalization="inception"']
+SEEN = ("seen_suppress", "seen_gate", "seen_suppress_kr", "seen_gate_kr")
+KR = {"name": "k_reciprocal", "k1": 20, "k2": 6, "lambda_value": 0.3}
+
+
+def tune_and_evaluate(row: str, seed: int, args: argparse.Namespace) -> dict[str, Any] | None:
+    """``zsbir tune`` then the scoring ``zsbir evaluate --set evaluation.generalized=true``
+    does, of a finished run, in one embedding pass over the images both need (the queries,
+    the unseen photos, every seen-class photo and the validation sketches: 3,352 images
+    instead of 5,704 for the two commands; the machine is shared): the plain ranking,
+    k-reciprocal and the tuned ``seen_*`` rerankers on the unseen and the generalized task,
+    each with the same code ``zsbir evaluate`` runs (the rerankers' ``score_rows`` and
+    :func:`zsbir.evaluation.evaluate_score_fn`)."""
+    from zsbir.build import build
+    from zsbir.data.base import PHOTO, Split
+    from zsbir.engine.checkpoint import load_checkpoint
+    from zsbir.engine.embed import embed_outputs
+    from zsbir.engine.evaluate_run import _manifest_for
+    from zsbir.engine.tune import tune_run
+    from zsbir.evaluation import evaluate_score_fn
+    from zsbir.registry import rerankers
+
+    run_dir = args.out / f"{row}_seed{seed}"
+    final = run_dir / "checkpoints" / "final.pt"
+    if not final.is_file():
+        return None
+    done = run_dir / "tuned_eval.json"
+    if args.reuse and done.is_file():
+        return json.loads(done.read_text())
+    t0 = time.perf_counter()
+    ckpt = load_checkpoint(final)
+    m = _manifest_for(ckpt, None, None, EVAL_FIX, str(final))
+    exp = build(m, "evaluate", checkpoint=ckpt)
+    exp.model.eval()
+    data, cache = exp.data, {}
+    names = ("embedding", "logits")
+    saved = run_dir / "bench_outputs.npz"  # the embedded splits, kept for a rerun
+    if saved.is_file():
+        z = np.load(saved)
+        cache = {k: ({n: z[f"{k}.{n}"] for n in names}, z[f"{k}.kept"])
+                 for k in ("val", "photos", "query", "gallery")}
+    record = tune_run(run_dir, overrides=EVAL_FIX, exp=exp, cache=cache, progress=lambda msg:
+                      print(f"    {msg} [{time.perf_counter() - t0:.0f} s]", flush=True))
+    for key, split in (("query", data.query), ("gallery", data.gallery)):
+        if key not in cache:
+            out_k, kept_k, _ = embed_outputs(exp, split, names, key)
+            cache[key] = (out_k, kept_k)
+    if not saved.is_file():
+        np.savez(saved, **{f"{k}.{n}": v[0][n] for k, v in cache.items() for n in names},
+                 **{f"{k}.kept": v[1] for k, v in cache.items()})
+    (q, qk), (g, gk), (s, sk) = cache["query"], cache["gallery"], cache["photos"]
+    seen = Split.concat(data.train.of_domain(PHOTO), data.val.of_domain(PHOTO))
+    ql, gl = data.query.labels[qk], data.gallery.labels[gk]
+    tasks = {"folder": (g, gl),
+             "folder-generalized": ({n: np.concatenate([g[n], s[n]]) for n in names},
+                                    np.concatenate([gl, seen.labels[sk]]))}
+    embed_s = time.perf_counter() - t0 - record["seconds"]
+    out: dict[str, Any] = {"tasks": {}, "rerank_seconds": {}, "chosen": record["chosen"],
+                           "tune_seconds": record["seconds"], "embed_seconds": embed_s,
+                           "validation": {f: {k: record["families"][f]["chosen"][k] for k in
+                                              ("objective", "unseen_mean", "baseline_unseen")}
+                                          for f in record["families"]}}
+    tables = [dict(KR)] + [{"name": f, **record["chosen"][f]} for f in SEEN]
+    for task, (gx, glab) in tasks.items():
+        per: dict[str, Any] = {}
+        t1 = time.perf_counter()
+        per["real"] = {k: float(v) for k, v in evaluate_score_fn(
+            lambda rows, gx=gx: torch.from_numpy(_unit(q["embedding"][rows])
+                                                 @ _unit(gx["embedding"]).T),
+            ql, glab, list(METRICS)).metrics.items()}
+        out["rerank_seconds"][f"{task} real"] = time.perf_counter() - t1
+        for t in tables:
+            r = rerankers.get(t["name"])(**{k: v for k, v in t.items() if k != "name"})
+            kw = {"gallery_outputs": {"logits": gx["logits"]}} if r.outputs else {}
+            t1 = time.perf_counter()
+            r.fit(gx["embedding"], **kw)
+            fn = r.score_rows(q["embedding"], gx["embedding"],
+                              **({"query_outputs": {"logits": q["logits"]}} if r.outputs
+                                 else {}))
+            res = evaluate_score_fn(fn, ql, glab, list(METRICS))
+            key = f"real+{r.tag}"
+            out["rerank_seconds"][f"{task} {key}"] = time.perf_counter() - t1
+            per[key] = {k: float(v) for k, v in res.metrics.items()}
+        out["tasks"][task] = per
+        print(f"  {task}: " + ", ".join(f"{k.split('+')[-1]} {v['map@all']:.4f}"
+                                        for k, v in per.items()), flush=True)
+    out["wall_s"] = time.perf_counter() - t0
+    done.write_text(json.dumps(out, indent=2, default=float))
+    return out
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _family(key: str) -> str | None:
+    tag = key.split("+", 1)[1] if "+" in key else ""
+    for f in sorted(SEEN, key=len, reverse=True):
+        if tag.startswith(f):
+            return f
+    return "k_reciprocal" if tag.startswith("k_reciprocal") else None
+
+
+def tuned_table(results: dict[str, dict[int, dict[str, Any]]], metric: str) -> str:
+    """Per method and task: the ranking's ``metric`` (mean ± std over the row's seeds) and
+    its change against the plain ranking and against k-reciprocal alone, per row."""
+    rows = [r for r in results if results[r]]
+    head = " | ".join(f"({r}) value | Δ plain | Δ k-recip." for r in rows)
+    lines = [f"| method | task | {head} | runs > plain | runs > k-recip. | s |",
+             "|---|---|" + "---|---|---|" * len(rows) + "---|---|---|"]
+    first = next(iter(results[rows[0]].values()))
+    for task in first["tasks"]:
+        for fam in ("plain", "k_reciprocal", *SEEN):
+            cells, better_p, better_k, total, secs = [], 0, 0, 0, []
+            for r in rows:
+                vals, dp, dk = [], [], []
+                for x in results[r].values():
+                    per = x["tasks"][task]
+                    key = "real" if fam == "plain" else next(
+                        (k for k in per if _family(k) == fam), None)
+                    if key is None:
+                        continue
+                    kr = next(k for k in per if _family(k) == "k_reciprocal")
+                    v = per[key][metric]
+                    vals.append(v)
+                    dp.append(v - per["real"][metric])
+                    dk.append(v - per[kr][metric])
+                    secs += [x["rerank_seconds"][f"{task} {key}"]] \
+                        if f"{task} {key}" in x["rerank_seconds"] else []
+                if not vals:
+                    cells.append("- | - | -")
+                    continue
+                better_p += sum(d > 0 for d in dp)
+                better_k += sum(d > 0 for d in dk)
+                total += len(vals)
+                cells.append(f"{_ms(vals)} | " + ("-" if fam == "plain" else _signed(dp))
+                             + " | " + ("-" if fam in ("plain", "k_reciprocal")
+                                        else _signed(dk)))
+            sec = f"{statistics.mean(secs):.2f}" if secs else "-"
+            lines.append(f"| {fam} | {task} | {' | '.join(cells)} | "
+                         f"{'-' if fam == 'plain' else f'{better_p}/{total}'} | "
+                         f"{'-' if fam in ('plain', 'k_reciprocal') else f'{better_k}/{total}'}"
+                         f" | {sec} |")
+    return "\n".join(lines)
+
+
+def sksh_timing(args: argparse.Namespace) -> None:
+    """Seconds of each ranking at SK-SH size from a measured subset of the queries: fit on
+    the whole gallery (17,101 x 512, logits 17,101 x 100), score ``--sksh-queries`` queries
+    in chunks keeping each top 100 (``rerank_topk``), extrapolated to 15,229 queries."""
+    from zsbir.registry import rerankers
+    from zsbir.rerankers import rerank_topk
+
+    rng = np.random.default_rng(0)
+    n_q, n_g, d, c = args.sksh_queries, 17_101, 512, 100
+    q = rng.normal(size=(n_q, d)).astype(np.float32)
+    g = rng.normal(size=(n_g, d)).astype(np.float32)
+    zq = 3 * rng.normal(size=(n_q, c)).astype(np.float32)
+    zg = 3 * rng.normal(size=(n_g, c)).astype(np.float32)
+    specs = [("cosine (plain)", None, {}),
+             ("seen_suppress", "seen_suppress", {"gamma": 0.3}),
+             ("seen_gate (beta 0.2)", "seen_gate", {"gamma": 0.3, "beta": 0.2}),
+             ("k_reciprocal (k1 20)", "k_reciprocal", {"k1": 20}),
+             ("seen_suppress_kr (k1 20)", "seen_suppress_kr", {"gamma": 0.3, "k1": 20}),
+             ("seen_gate_kr (k1 20, beta 0.2)", "seen_gate_kr",
+              {"gamma": 0.3, "beta": 0.2, "k1": 20})]
+    print(f"# SK-SH-size timing: {n_q} of 15,229 queries measured x {n_g} photos, "
+          f"{c} classes; load {os.getloadavg()[0]:.1f}, {torch.get_num_threads()} thread(s)")
+    for label, name, params in specs:
+        t0 = time.perf_counter()
+        if name is None:
+            qt, gt = torch.nn.functional.normalize(torch.from_numpy(q), dim=1), \
+                torch.nn.functional.normalize(torch.from_numpy(g), dim=1)
+            fit_s = 0.0
+            for lo in range(0, n_q, 1024):
+                torch.topk(qt[lo:lo + 1024] @ gt.T, 100, dim=1)
+            score_s = time.perf_counter() - t0
+        else:
+            r = rerankers.get(name)(**params)
+            kw = {"gallery_outputs": {"logits": zg}} if r.outputs else {}
+            r.fit(g, **kw)
+            fit_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            rerank_topk(r, q, g, 100, **({"query_outputs": {"logits": zq}, **kw}
+                                         if r.outputs else {}))
+            score_s = time.perf_counter() - t1
+        total = fit_s + score_s * 15_229 / n_q
+        print(f"| {label} | {fit_s:.1f} | {score_s:.1f} | {total:.0f} | "
+              f"{os.getloadavg()[0]:.1f} |", flush=True)
 
 
 # ------------------------------------------------------------------------------ speed
@@ -381,7 +592,19 @@ def main() -> None:
                         "RERANKERS, side by side, in place of the manifest's own)")
     p.add_argument("--no-generalized", dest="generalized", action="store_false",
                    help="skip the generalized task (gallery + seen-class photos)")
+    p.add_argument("--tune-eval", action="store_true",
+                   help="issue 29: zsbir tune + evaluate (generalized task, the tuned "
+                        "seen_* rerankers beside k-reciprocal) of every finished run")
+    p.add_argument("--sksh-timing", action="store_true",
+                   help="time the plain ranking, k-reciprocal and the seen_* rerankers at "
+                        "SK-SH size (random inputs; a subset of the queries, extrapolated)")
+    p.add_argument("--sksh-queries", type=int, default=1024,
+                   help="queries actually scored by --sksh-timing")
     args = p.parse_args()
+    if args.sksh_timing:
+        torch.set_num_threads(args.threads)
+        sksh_timing(args)
+        return
     if not args.data.is_dir():
         sys.exit(f"data folder {args.data} is absent (needs ../shared/data/sketchy-mini-seen)")
     torch.set_num_threads(args.threads)
@@ -393,6 +616,25 @@ def main() -> None:
           f"load {os.getloadavg()[0]:.1f}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s); seeds {args.seeds}", flush=True)
     results: dict[str, dict[int, dict[str, Any]]] = {}
+    if args.tune_eval:
+        for seed in args.seeds:
+            for row in args.rows:
+                if row == "a":
+                    continue
+                print(f"== {row} seed {seed}: tune + evaluate (load "
+                      f"{os.getloadavg()[0]:.1f})", flush=True)
+                res = tune_and_evaluate(row, seed, args)
+                if res is None:
+                    print("  not trained: left out", flush=True)
+                    continue
+                results.setdefault(row, {})[seed] = res
+                print(f"  chosen: {json.dumps(res['chosen'])}", flush=True)
+        for metric in METRICS:
+            print(f"\n{metric}:\n" + tuned_table(results, metric), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps({"results": results, "load_at_end":
+                                             os.getloadavg()[0]}, indent=2, default=float))
+        return
     for seed in args.seeds:
         for row in args.rows:
             print(f"== {row} seed {seed} (load {os.getloadavg()[0]:.1f})", flush=True)

@@ -644,9 +644,10 @@ def _add_search_commands() -> None:
 
 _add_search_commands()
 from zsbir.data.check import data_group  # noqa: E402 - `zsbir data check`
+from zsbir.engine.tune_cli import tune_command  # noqa: E402 - `zsbir tune`
 from zsbir.import_command import import_  # noqa: E402 - `zsbir import`
 
-for _cmd in (export_command, data_group, import_):
+for _cmd in (export_command, data_group, import_, tune_command):
     main.add_command(_cmd)
 
 

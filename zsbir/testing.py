@@ -11,7 +11,9 @@ promises:
   signal (the batch in the tuple layout the loss needs);
 - ``rerankers``: a (Q, G) float matrix, finite, each query's row independent of the other
   queries, and equal to its naive reference (:mod:`zsbir.rerankers.reference`, or the
-  component's own ``reference``) on random embeddings;
+  component's own ``reference``) on random embeddings (and, for one that reads model
+  ``outputs``, random (N, 5) outputs handed as ``query_outputs``/``gallery_outputs``;
+  its reference then gets them as ``params["query_outputs"]``/``["gallery_outputs"]``);
 - ``backbones``: declares its input configuration (``pretrained_cfg``: mean, std,
   interpolation) and maps (B, 3, H, W) images to (B, ``num_features``) features;
 - ``models``: ``forward(image, domain)`` gives a dict with a (B, ``embed_dim``)
@@ -116,6 +118,9 @@ BUILTIN_EXAMPLES: dict[tuple[str, str], dict[str, Any] | Callable[[], dict[str, 
     ("rerankers", "alpha_qe"): {"k": 3},
     ("rerankers", "aqe"): {"k": 3},
     ("rerankers", "dba"): {"k": 3, "qe_k": 2},
+    ("rerankers", "seen_gate"): {"tau": 0.4, "width": 0.1, "beta": 0.3},
+    ("rerankers", "seen_suppress_kr"): {"k1": 6, "k2": 3},
+    ("rerankers", "seen_gate_kr"): {"k1": 6, "k2": 3, "tau": 0.4, "width": 0.1, "beta": 0.3},
     ("networks", "imagenet_classifier"): {"backbone": {"name": "resnet18"}},
     ("models", "backbone_head"): {"backbone": {"name": "resnet18"}},
     ("models", "towers"): {"sketch": {"name": "resnet18"}, "photo": {"name": "resnet18"}},
@@ -291,6 +296,12 @@ def _reference(comp: Component) -> Callable[..., np.ndarray] | None:
                                          ref.k_reciprocal_ref(q, g, p["k1"], p["k2"],
                                                               p["lambda_value"])),
         "tta": lambda q, g, p: ref.tta_ref(q, g),
+        **{name: (lambda q, g, p, name=name: ref.seen_posterior_ref(
+            q, g, p["query_outputs"]["logits"], p["gallery_outputs"]["logits"], p["gamma"],
+            p["temperature"], "gate" in name, p.get("tau", 0.5), p.get("width", 0.05),
+            p.get("beta", 0.0), (p["k1"], p["k2"], p["lambda_value"]) if "kr" in name
+            else None))
+           for name in ("seen_suppress", "seen_gate", "seen_suppress_kr", "seen_gate_kr")},
     }
     return table.get(comp.name)
 
@@ -305,17 +316,27 @@ def check_reranker(comp: Component) -> None:
     shape = (lambda n: (n, views, d)) if views else (lambda n: (n, d))
     q = rng.normal(size=shape(nq)).astype(np.float32)
     g = rng.normal(size=shape(ng)).astype(np.float32)
-    fitted = obj.fit(g, q if getattr(obj, "uses_queries", False) else None)
+    # per-item model outputs it reads (contract: zsbir.rerankers.base), random (N, 5)
+    names = tuple(getattr(obj, "outputs", ()) or ())
+    qo = {n: 2 * rng.normal(size=(nq, 5)).astype(np.float32) for n in names}
+    go = {n: 2 * rng.normal(size=(ng, 5)).astype(np.float32) for n in names}
+    kw = {"query_outputs": qo} if names else {}
+    fitted = obj.fit(g, q if getattr(obj, "uses_queries", False) else None,
+                     **({"gallery_outputs": go, "query_outputs": qo} if names else {}))
     assert fitted is obj or fitted is None, "fit() returns the reranker itself"
-    s = np.asarray(obj.scores(q, g))
+    s = np.asarray(obj.scores(q, g, **kw))
     assert s.shape == (nq, ng), f"scores shape {s.shape}, expected {(nq, ng)}"
     assert np.isfinite(s).all(), "scores are not finite"
-    part = np.asarray(obj.scores(q[:3], g))
+    part = np.asarray(obj.scores(q[:3], g, **({"query_outputs": {n: v[:3] for n, v in
+                                                                  qo.items()}}
+                                               if names else {})))
     np.testing.assert_allclose(part, s[:3], atol=1e-5,
                                err_msg="a query's scores depend on the other queries")
     reference = _reference(comp)
-    want = reference(q, g, {k: v for k, v in params.items() if k != "name"}) \
-        if reference is not None else None
+    ref_params = {k: v for k, v in params.items() if k != "name"}
+    if names:
+        ref_params.update(query_outputs=qo, gallery_outputs=go)
+    want = reference(q, g, ref_params) if reference is not None else None
     if want is not None:
         np.testing.assert_allclose(s, want, atol=2e-5,
                                    err_msg="the reranker differs from its naive reference")

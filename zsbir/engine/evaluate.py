@@ -110,7 +110,7 @@ def evaluate_experiment(exp: Experiment, run_dir: Path | None = None,
                           "metrics": {k: v["value"] for k, v in per_hasher[hasher.tag].items()
                                       if k != "per_class"}})
         per_hasher.update(_score_rerankers(exp, task, *views, ql, gl, stacked, progress,
-                                           rerank_seconds, results))
+                                           rerank_seconds, results, *task_outputs[task]))
         per_hasher.update(evaluate_pairs(exp, task, qe, ge, ql, gl, *task_outputs[task],
                                          scorer, progress, pair_seconds))
         results["results"][task] = per_hasher
@@ -194,11 +194,16 @@ def _stack_views(exp: Experiment) -> list[str]:
 def _score_rerankers(exp: Experiment, task: str, qe: np.ndarray, ge: np.ndarray,
                      ql: np.ndarray, gl: np.ndarray, stacked: list[str],
                      progress: Callable[[dict[str, Any]], None] | None,
-                     seconds: dict[str, float], results: dict[str, Any]) -> dict[str, Any]:
+                     seconds: dict[str, float], results: dict[str, Any],
+                     q_out: dict[str, np.ndarray] | None = None,
+                     g_out: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Every reranker on every real-valued hasher's codes: ``"<hasher>+<reranker>"``
     entries (binary hashers are skipped, with a note). ``qe``/``ge`` hold all the views
     (blocks of columns named by ``stacked``, the plain embedding first) when some
-    reranker needs the model. Fitting sees the unlabeled gallery (and queries), never a label."""
+    reranker needs the model; ``q_out``/``g_out`` the per-item outputs the rerankers read
+    (``outputs``: name -> rows aligned with ``qe``/``ge``), handed over as
+    ``query_outputs``/``gallery_outputs`` (contract: :mod:`zsbir.rerankers.base`).
+    Fitting sees the unlabeled gallery (and queries) and their outputs, never a label."""
     from zsbir.evaluation import evaluate_score_fn
 
     rerankers, ev = getattr(exp, "rerankers", []), exp.manifest.evaluation
@@ -222,8 +227,14 @@ def _score_rerankers(exp: Experiment, task: str, qe: np.ndarray, ge: np.ndarray,
                 g = np.stack([hasher.encode(ge[:, c * d:(c + 1) * d]) for c in cols], 1)
             else:
                 q, g = hasher.encode(qe[:, :d]), hasher.encode(ge[:, :d])
-            r.fit(g, queries=q if r.uses_queries else None)
-            res = evaluate_score_fn(r.score_rows(q, g), ql, gl, ev.metrics,
+            kw: dict[str, Any] = {}
+            wants = tuple(getattr(r, "outputs", ()))
+            if wants:
+                kw = {"query_outputs": {n: q_out[n] for n in wants} if q_out else None,
+                      "gallery_outputs": {n: g_out[n] for n in wants} if g_out else None}
+            r.fit(g, queries=q if r.uses_queries else None, **kw)
+            res = evaluate_score_fn(r.score_rows(q, g, query_outputs=kw.get("query_outputs")),
+                                    ql, gl, ev.metrics,
                                     chunk_size=ev.chunk_size or None,
                                     device=exp.ctx.device, per_class=ev.per_class)
             seconds[f"{task} {key}"] = time.perf_counter() - t0

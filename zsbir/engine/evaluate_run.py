@@ -9,7 +9,9 @@ queries and gallery. ``--protocol`` replaces the run's ``[protocol]`` table (its
 protocol when omitted, with every setting the run used; another protocol starts from its
 defaults, ``--set protocol.KEY=...`` for more), ``--root`` sets ``protocol.root``, and
 ``--set`` changes any other key of the saved manifest: ``evaluation.*`` (metrics,
-``generalized``, ``pbir``, ``per_class``, the grid), ``rerankers`` and ``hashers``.
+``generalized``, ``pbir``, ``per_class``, the grid), ``rerankers`` and ``hashers``. After
+``zsbir tune RUN_DIR`` (``RUN_DIR/tune.json``), the ``[[rerankers]]`` of the run's
+``manifest.resolved.toml``, where it wrote its choice, replace the checkpoint's.
 Hashers equal to the run's are used as fitted in training; others are fitted as
 ``zsbir run`` fits them, on the evaluated protocol's training split.
 
@@ -26,7 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EVAL_DIR", "evaluate_run", "eval_dir_of"]
+__all__ = ["EVAL_DIR", "eval_dir_of", "evaluate_run", "tuned_rerankers"]
 
 #: the folder of RUN_DIR holding one subfolder per protocol scored
 EVAL_DIR = "eval"
@@ -34,6 +36,18 @@ EVAL_DIR = "eval"
 
 def eval_dir_of(run_dir: str | Path, protocol: str) -> Path:
     return Path(run_dir) / EVAL_DIR / protocol
+
+
+def tuned_rerankers(run_dir: Path) -> list[dict[str, Any]] | None:
+    """The ``[[rerankers]]`` of ``RUN_DIR/manifest.resolved.toml`` when ``zsbir tune`` wrote
+    there (``RUN_DIR/tune.json`` exists), else ``None``."""
+    from zsbir.engine.rundir import RESOLVED
+    from zsbir.engine.tune import TUNE_FILE
+    from zsbir.manifest import load
+
+    if not (run_dir / TUNE_FILE).is_file() or not (run_dir / RESOLVED).is_file():
+        return None
+    return [dict(t) for t in load(run_dir / RESOLVED).get("rerankers", [])]
 
 
 def _manifest_for(ckpt: dict[str, Any], protocol: str | None, root: str | None,
@@ -91,6 +105,9 @@ def _evaluate_run(run_dir: Path, protocol: str | None, root: str | None,
     if not isinstance(ckpt.get("manifest"), dict) or "model" not in ckpt:
         raise CheckpointError(f"{str(final)!r} holds no manifest and model: not a final.pt "
                               "written by zsbir run or zsbir import")
+    tuned = tuned_rerankers(run_dir)
+    if tuned is not None:  # `zsbir tune` chose them: scored in place of the trained run's
+        ckpt = {**ckpt, "manifest": {**ckpt["manifest"], "rerankers": tuned}}
     m = _manifest_for(ckpt, protocol, root, overrides, f"{final} (zsbir evaluate)")
     saved_hashers = ckpt["manifest"].get("hashers")
     fitted = bool(ckpt.get("hashers")) and m.hashers == saved_hashers
@@ -124,6 +141,7 @@ def _evaluate_run(run_dir: Path, protocol: str | None, root: str | None,
         "hashers": "as fitted in training" if fitted else "fitted on this protocol's "
                    "training split", "overrides": list(overrides),
         "imported": ckpt.get("imported"),
+        "rerankers_from": f"{RESOLVED} (zsbir tune)" if tuned is not None else "checkpoint",
     }
     results["threads"] = report()
     results["versions"] = package_versions()

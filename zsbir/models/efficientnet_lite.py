@@ -211,8 +211,11 @@ def create_efficientnet_lite(
         norm = weights_normalization if weights_normalization != "auto" else (
             "inception" if naming == "mapped" else "imagenet")
         return EfficientNetLiteBackbone(model, True, norm, str(path))
-    if not pretrained:
-        return EfficientNetLiteBackbone(timm.create_model(timm_name, pretrained=False), False)
+    if not pretrained:  # random init, or a checkpoint's weights (zsbir evaluate RUN_DIR):
+        # an explicit weights_normalization is the one the checkpoint was trained with
+        norm = "imagenet" if weights_normalization == "auto" else weights_normalization
+        return EfficientNetLiteBackbone(timm.create_model(timm_name, pretrained=False), False,
+                                        norm)
     try:
         path = package_weights_file(n)
     except WeightsNotFoundError as missing:

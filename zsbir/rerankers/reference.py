@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["alpha_qe_ref", "csls_ref", "dba_ref", "domain_center_ref", "k_reciprocal_ref",
-           "tta_ref"]
+           "seen_posterior_ref", "tta_ref"]
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -152,4 +152,31 @@ def k_reciprocal_ref(q: np.ndarray, g: np.ndarray, k1: int, k2: int,
             mx = np.maximum(vq, v_g_exp[b]).sum()
             d_j = 1.0 - mn / mx if mx > 0 else 1.0
             out[a, b] = -((1 - lambda_value) * d_j + lambda_value * (1.0 - s[b]))
+    return out
+
+
+def seen_posterior_ref(q: np.ndarray, g: np.ndarray, logits_q: np.ndarray,
+                       logits_g: np.ndarray, gamma: float, temperature: float = 1.0,
+                       gated: bool = False, tau: float = 0.5, width: float = 0.05,
+                       beta: float = 0.0, kr: tuple[int, int, float] | None = None
+                       ) -> np.ndarray:
+    """Seen-class suppression / gating (:mod:`zsbir.rerankers.seen`), one (query, photo)
+    pair at a time: ``base(q, g) - gamma u(q) sigma(g) + beta (1 - u(q)) <p(q), p(g)>``,
+    ``p = softmax(z / T)``, ``sigma = max p``, ``u = 1`` (not gated) or
+    ``1 / (1 + exp(-(tau - sigma(q)) / width))``; base the cosine, or the k-reciprocal
+    score of :func:`k_reciprocal_ref` when ``kr = (k1, k2, lambda)``."""
+    def softmax(z: np.ndarray) -> np.ndarray:
+        e = np.exp((np.asarray(z, np.float64) - np.max(z)) / temperature)
+        return e / e.sum()
+
+    base = (k_reciprocal_ref(q, g, *kr) if kr is not None else _unit(q) @ _unit(g).T)
+    out = np.zeros((len(q), len(g)))
+    for a in range(len(q)):
+        pq = softmax(logits_q[a])
+        u = 1.0 / (1.0 + np.exp(-(tau - pq.max()) / width)) if gated else 1.0
+        for b in range(len(g)):
+            pg = softmax(logits_g[b])
+            out[a, b] = base[a, b] - gamma * u * pg.max()
+            if gated:
+                out[a, b] += beta * (1.0 - u) * float(sum(x * y for x, y in zip(pq, pg)))
     return out

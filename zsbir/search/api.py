@@ -265,7 +265,8 @@ class Index:
         self.refresh()
         self._check_label(label)
         images = [self.query_image(q) for q in queries]
-        names = ("embedding", *(pair[0].outputs if pair else ()))
+        reads = tuple(getattr(self._reranker(rerank), "outputs", ())) if rerank else ()
+        names = ("embedding", *(pair[0].outputs if pair else ()), *reads)
         with self._lock:
             got = self.model.forward_images(images, SKETCH, names)  # one pass, every output
             emb = got.pop("embedding")
@@ -275,7 +276,7 @@ class Index:
                 try:
                     if pair is not None:
                         return self._pair_scored(emb, got, top, label, *pair)
-                    return self._search_embedded(emb, top, label, rerank)
+                    return self._search_embedded(emb, top, label, rerank, got)
                 except _Stale:
                     continue
         raise SearchError("the index changed three times during one search (an update is "
@@ -375,10 +376,7 @@ class Index:
 
         codes = encode(self.hasher, emb)
         n = max(top, k)
-        if label is None:
-            values, positions = _ranked(self._fx.index, codes, n, self.binary)
-        else:
-            values, positions = self._search_label(codes, n, label)
+        values, positions = self._ranking(codes, n, label)
         table = getattr(self.model.manifest, "pair_scorer", None) or {}
         out = []
         for i, (v, p) in enumerate(zip(values, positions)):
@@ -407,14 +405,20 @@ class Index:
             raise SearchError(f"no photos labelled {label!r} in the index (labels: {known})")
 
     def _search_embedded(self, emb: np.ndarray, top: int, label: str | None,
-                         rerank: str | None) -> list[list[SearchResult]]:
+                         rerank: str | None, outputs: dict[str, np.ndarray] | None = None
+                         ) -> list[list[SearchResult]]:
         if rerank is not None:
-            return self._reranked(emb, top, label, rerank)
+            return self._reranked(emb, top, label, rerank, outputs or {})
         codes = encode(self.hasher, emb)
-        values, positions = search_loaded(
-            self._fx, codes, top, label,
-            lambda pos: encode(self.hasher, self._embeddings(self._fx.ids[pos])))
+        values, positions = self._ranking(codes, top, label)
         return [self._records(v, p) for v, p in zip(values, positions)]
+
+    def _ranking(self, codes: np.ndarray, top: int, label: str | None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, positions) of each query's top ``top`` photos (of ``label`` only, when
+        given) from the index's backend (:func:`zsbir.search.backends.search_loaded`)."""
+        return search_loaded(self._fx, codes, top, label,
+                             lambda pos: encode(self.hasher, self._embeddings(self._fx.ids[pos])))
 
     def _records(self, values: np.ndarray, positions: np.ndarray) -> list[SearchResult]:
         fx = self._fx
@@ -422,18 +426,35 @@ class Index:
                              int(v) if self.binary else float(v), fx.labels[p], r + 1)
                 for r, (v, p) in enumerate(zip(values, positions))]
 
-    def _reranked(self, emb: np.ndarray, top: int, label: str | None, name: str
-                  ) -> list[list[SearchResult]]:
-        from zsbir.search.rerank import make_reranker, rerank_search
+    def _reranker(self, spec: str) -> Any:
+        """The reranker of ``--rerank`` ``spec`` (:func:`zsbir.search.rerank.make_reranker`:
+        the run's own table of that name by default), kept once built (a fitted reranker is
+        reused); one that reads outputs the index does not store is refused."""
+        from zsbir.search.rerank import make_reranker
 
         if self.binary:
             raise SearchError("--rerank needs a real-valued index (this one holds "
                               f"{self.meta['hasher']} binary codes)")
+        if spec not in self._rerankers:
+            r = make_reranker(spec, getattr(self.model.manifest, "rerankers", None) or ())
+            missing = [n for n in getattr(r, "outputs", ()) if n not in self.output_names]
+            if missing:
+                raise SearchError(f"reranker {r.tag!r} reads the photos' {missing[0]!r}: "
+                                  + self._no_output(missing[0]))
+            self._rerankers[spec] = r
+        return self._rerankers[spec]
+
+    def _reranked(self, emb: np.ndarray, top: int, label: str | None, spec: str,
+                  query_outputs: dict[str, np.ndarray]) -> list[list[SearchResult]]:
+        from zsbir.search.rerank import rerank_search
+
+        r = self._reranker(spec)
         positions = (np.arange(len(self)) if label is None else
                      np.flatnonzero(np.array([lab == label for lab in self._fx.labels])))
-        if name not in self._rerankers:  # kept: a fitted reranker is reused
-            self._rerankers[name] = make_reranker(name)
-        values, idx = rerank_search(self._rerankers[name], emb, self._gallery(positions), top)
+        reads = tuple(getattr(r, "outputs", ()))
+        gallery_outputs = {n: self._stored(n, self._fx.ids[positions]) for n in reads}
+        values, idx = rerank_search(r, emb, self._gallery(positions), top,
+                                    {n: query_outputs[n] for n in reads}, gallery_outputs)
         return [self._records(v, positions[i]) for v, i in zip(values, idx)]
 
     def _gallery(self, positions: np.ndarray) -> np.ndarray:

@@ -193,8 +193,10 @@ def index_update(index_dir: str, ray_address: str | None, ray_actors: int | None
 @click.option("--top", default=10, show_default=True, type=click.IntRange(min=1),
               help="Results per sketch.")
 @click.option("--class", "label", help="Only photos of this class (their folder's name).")
-@click.option("--rerank", help="Rerank with a registered reranker (zsbir list rerankers; "
-                               "real-valued indexes only), e.g. alpha_qe.")
+@click.option("--rerank", metavar="NAME[:KEY=VALUE,...]",
+              help="Rerank with a registered reranker (zsbir list rerankers; real-valued "
+                   "indexes only), e.g. alpha_qe or seen_gate:gamma=0.3,tau=0.5; a bare "
+                   "NAME takes the run's [[rerankers]] table of that name, else defaults.")
 @click.option("--pair-scorer", "pair_scorer", metavar="NAME",
               help="Re-score the top --top-k photos with a registered pair scorer (zsbir "
                    "list pair_scorers; the run's [pair_scorer] keeps its parameters) from "
