@@ -157,7 +157,7 @@ def test_search_cli_rescores_with_the_runs_scorer(index_dir, tmp_path):
     out = json.loads(cli("search", index_dir, sketch, "--pair-scorer", "maxsim",
                          "--top-k", "4", "--top", "6", "--json", "--device", "cpu"))
     res = out["queries"][0]["results"]
-    assert [r["pair_score"] is not None for r in res] == [True] * 4 + [False] * 2
+    assert ["pair_score" in r for r in res] == [True] * 4 + [False] * 2
     with Index.open(index_dir, "cpu") as idx:
         want = _naive(idx, sketch, 6, 4)
         # --top-k alone: the run's [pair_scorer] (top_k 3 by default with --pair-scorer)

@@ -206,7 +206,8 @@ def test_a_training_build_passes_each_kind_exactly_what_injection_declares(
         "protocol.sketches_per_class=2", "protocol.image_size=32", "data.image_size=32",
         "model.head.embed_dim=8", "hashers[1].bits=8", "train.batch_size=8",
         "sampler.sketches_per_batch=4", "teacher.name=\"test_watching\"",
-        "rerankers=[{name=\"aqe\"}]", f"run.output_dir={json.dumps(str(tmp_path))}"])
+        "rerankers=[{name=\"aqe\"}]", "pair_scorer={name=\"maxsim\"}",
+        f"run.output_dir={json.dumps(str(tmp_path))}"])
     with registered("teachers", "test_watching", _WatchingTeacher):
         build_mod.build(resolve(raw), "train", tmp_path)
     nested_only = {"backbones", "networks"}  # built inside another: ctx alone

@@ -64,7 +64,11 @@ class SearchResult:
     pair_score: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain data; ``pair_score`` only when the result was re-scored."""
+        out = asdict(self)
+        if out["pair_score"] is None:
+            del out["pair_score"]
+        return out
 
 
 class _Stale(Exception):
