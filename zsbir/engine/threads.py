@@ -15,6 +15,10 @@ on its CPUs, re-counted at most once a second between training steps and embeddi
 batches (:func:`refresh`): two seeds started together on 2 CPUs compute with one thread
 each, and the one left goes back to two when the other ends. A lease is released when
 the run ends; one left by a killed process is unlocked, and the next count removes it.
+``zsbir serve`` and ``zsbir search`` take none (they mostly wait) but divide by the
+processes computing when they start. The division changes a run's thread count, hence
+its last bits: a fixed count (below) or ``ZSBIR_CPU_LEASES=off`` keeps reruns
+bit-identical whatever else runs.
 
 Within a share (:func:`plan_threads`):
 
@@ -31,9 +35,9 @@ Within a share (:func:`plan_threads`):
   worker measured fastest alone and beside a busy process, and share - workers fastest
   for two runs at once (benchmarks/README.md, "CPU threads": both are recorded there), which
   the division among concurrent zsbir processes gives them.
-- **intra-op threads for scoring** (evaluation after embedding, ``zsbir search``,
-  ``zsbir serve``, whose model calls run one at a time): the whole share, nothing else
-  runs beside them.
+- **intra-op threads for scoring** (evaluation after embedding, ``zsbir evaluate``,
+  ``zsbir search``, ``zsbir serve``, whose model and search run one request at a time
+  under the index's lock): the whole share, nothing else runs beside them.
 - **inter-op threads**: 1 (zsbir forks no TorchScript tasks; fewer idle threads).
 - **OpenMP wait policy**: ``OMP_WAIT_POLICY=PASSIVE`` and ``KMP_BLOCKTIME=0`` (waiting
   threads sleep rather than spin, so they do not take the CPU from the thread they wait
