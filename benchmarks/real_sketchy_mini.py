@@ -246,8 +246,10 @@ def tune_and_evaluate(row: str, seed: int, args: argparse.Namespace) -> dict[str
     if not final.is_file():
         return None
     done = run_dir / "tuned_eval.json"
-    if args.reuse and done.is_file():
+    if (args.reuse or args.report_only) and done.is_file():
         return json.loads(done.read_text())
+    if args.report_only:
+        return None
     t0 = time.perf_counter()
     ckpt = load_checkpoint(final)
     m = _manifest_for(ckpt, None, None, EVAL_FIX, str(final))
