@@ -146,9 +146,11 @@ Chunk = Annotated[int, Range(ge=1)]
 @rerankers.register("seen_suppress")
 def seen_suppress(gamma: Gamma = 0.3, temperature: Temperature = 1.0,
                   chunk_size: Chunk = 1024, ctx: Any = None) -> SeenPosterior:
-    """Calibrated seen-class suppression (calibrated stacking, Chao et al., ECCV 2016):
-    ``cos(q, g) - gamma * max softmax(z(g) / T)``, z the seen-class classifier's logits
-    (generalized retrieval; ``zsbir tune`` chooses gamma and T on seen-class data)."""
+    """Calibrated seen-class suppression for generalized retrieval (calibrated stacking,
+    Chao et al., ECCV 2016).
+
+    ``cos(q, g) - gamma * max softmax(z(g) / T)``, z the seen-class classifier's logits;
+    ``zsbir tune`` chooses gamma and T on seen-class data."""
     return SeenPosterior(gamma, temperature, False, chunk_size=chunk_size, ctx=ctx)
 
 
@@ -156,9 +158,11 @@ def seen_suppress(gamma: Gamma = 0.3, temperature: Temperature = 1.0,
 def seen_gate(gamma: Gamma = 0.3, temperature: Temperature = 1.0,
               tau: Annotated[float, Range(ge=0, le=1)] = 0.5, width: Width = 0.05,
               beta: Gamma = 0.0, chunk_size: Chunk = 1024, ctx: Any = None) -> SeenPosterior:
-    """Seen/unseen gating of the suppression by the query's own posterior (Socher et al.,
-    NeurIPS 2013; Atzmon & Chechik, CVPR 2019): ``cos - gamma u(q) sigma(g) + beta (1 -
-    u(q)) <p(q), p(g)>``, ``u(q) = sigmoid((tau - max p(q)) / width)``."""
+    """Seen-class suppression gated by the query's own seen/unseen posterior (Socher et
+    al., NeurIPS 2013; Atzmon & Chechik, CVPR 2019).
+
+    ``cos - gamma u(q) sigma(g) + beta (1 - u(q)) <p(q), p(g)>``,
+    ``u(q) = sigmoid((tau - max p(q)) / width)``."""
     return SeenPosterior(gamma, temperature, True, tau, width, beta,
                          chunk_size=chunk_size, ctx=ctx)
 
@@ -169,7 +173,9 @@ def seen_suppress_kr(gamma: Gamma = 0.3, temperature: Temperature = 1.0,
                      lambda_value: Annotated[float, Range(ge=0, le=1)] = 0.3,
                      chunk_size: Chunk = 256, ctx: Any = None) -> SeenPosterior:
     """Calibrated seen-class suppression on k-reciprocal re-ranking (Chao et al., ECCV
-    2016; Zhong et al., CVPR 2017): ``-d*(q, g) - gamma * max softmax(z(g) / T)``."""
+    2016; Zhong et al., CVPR 2017).
+
+    ``-d*(q, g) - gamma * max softmax(z(g) / T)``."""
     kr = KReciprocal(k1, k2, lambda_value, False, chunk_size, ctx)
     return SeenPosterior(gamma, temperature, False, kr=kr, chunk_size=chunk_size, ctx=ctx)
 
@@ -182,8 +188,9 @@ def seen_gate_kr(gamma: Gamma = 0.3, temperature: Temperature = 1.0,
                  lambda_value: Annotated[float, Range(ge=0, le=1)] = 0.3,
                  chunk_size: Chunk = 256, ctx: Any = None) -> SeenPosterior:
     """Query-gated seen-class suppression on k-reciprocal re-ranking (Socher et al., 2013;
-    Atzmon & Chechik, 2019; Zhong et al., 2017): ``-d*(q, g) - gamma u(q) sigma(g) + beta
-    (1 - u(q)) <p(q), p(g)>``."""
+    Atzmon & Chechik, 2019; Zhong et al., 2017).
+
+    ``-d*(q, g) - gamma u(q) sigma(g) + beta (1 - u(q)) <p(q), p(g)>``."""
     kr = KReciprocal(k1, k2, lambda_value, False, chunk_size, ctx)
     return SeenPosterior(gamma, temperature, True, tau, width, beta, kr=kr,
                          chunk_size=chunk_size, ctx=ctx)
