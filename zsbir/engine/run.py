@@ -67,6 +67,7 @@ from zsbir.engine.rundir import (  # noqa: F401  (re-exported: zsbir.engine.run.
 from zsbir.engine.trainer import Trainer
 from zsbir.export.card import write_model_card
 from zsbir.manifest import Manifest
+from zsbir.models.inputs import input_record
 
 log = logging.getLogger("zsbir")
 
@@ -255,7 +256,8 @@ def _run_locked(manifest: Manifest, run_dir: Path, resume: bool,
                      "manifest": manifest.data,
                      "plugins": dict(manifest.plugins),
                      "classes": {"seen": exp.data.seen_classes,
-                                 "unseen": exp.data.unseen_classes}},
+                                 "unseen": exp.data.unseen_classes},
+                     "inputs": input_record(exp.model)},  # the transform it was trained with
                     run_dir / "checkpoints" / "final.pt")
         write_model_card(run_dir, transforms=exp.eval_transform)  # MODEL_CARD.md
         return results

@@ -45,6 +45,7 @@ from zsbir.engine.checkpoint import (
 )
 from zsbir.engine.param_groups import trainable_params
 from zsbir.engine.step import StepContext
+from zsbir.models.inputs import input_record
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,7 @@ class Trainer:
             "versions": package_versions(),
             "plugins": dict(exp.manifest.plugins),
             "classes": {"seen": exp.data.seen_classes, "unseen": exp.data.unseen_classes},
+            "inputs": input_record(exp.model),  # the transform it was trained with
         }
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:

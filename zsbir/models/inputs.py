@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["DOMAINS", "Domain", "InputConfig", "domain_index", "from_pretrained_cfg"]
+__all__ = ["DOMAINS", "Domain", "InputConfig", "domain_index", "from_pretrained_cfg",
+           "from_record", "input_record"]
 
 Domain = Literal["sketch", "photo"]
 #: the domain names in the order of their bits (zsbir.data.base: PHOTO = 0, SKETCH = 1)
@@ -51,3 +52,25 @@ def from_pretrained_cfg(cfg: Any) -> InputConfig:
         return InputConfig()
     return InputConfig(size=None, mean=tuple(cfg.mean), std=tuple(cfg.std),
                        interpolation=str(cfg.interpolation))
+
+
+def input_record(model: Any) -> dict[str, dict[str, Any]]:
+    """The model's input configuration per domain as plain data (lists, floats, str), for
+    a checkpoint: a model rebuilt from it without its pretrained weights (``zsbir evaluate
+    RUN_DIR``, ``zsbir index``) would otherwise fall back to another normalization than the
+    one it was trained with (an EfficientNet-Lite's TF-Lite weights: (x - 0.5) / 0.5)."""
+    from zsbir.build import _input_config
+
+    model = getattr(model, "module", model)  # a data-parallel wrapper's model
+    out = {}
+    for domain in DOMAINS:
+        cfg = _input_config(model, domain)
+        out[domain] = {"size": cfg.size, "mean": [float(v) for v in cfg.mean],
+                       "std": [float(v) for v in cfg.std], "interpolation": cfg.interpolation}
+    return out
+
+
+def from_record(record: dict[str, Any]) -> InputConfig:
+    """An :class:`InputConfig` from one domain's entry of :func:`input_record`."""
+    return InputConfig(size=record.get("size"), mean=tuple(record["mean"]),
+                       std=tuple(record["std"]), interpolation=str(record["interpolation"]))
