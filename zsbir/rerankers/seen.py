@@ -158,8 +158,8 @@ def seen_suppress(gamma: Gamma = 0.3, temperature: Temperature = 1.0,
 def seen_gate(gamma: Gamma = 0.3, temperature: Temperature = 1.0,
               tau: Annotated[float, Range(ge=0, le=1)] = 0.5, width: Width = 0.05,
               beta: Gamma = 0.0, chunk_size: Chunk = 1024, ctx: Any = None) -> SeenPosterior:
-    """Seen-class suppression gated by the query's own seen/unseen posterior (Socher et
-    al., NeurIPS 2013; Atzmon & Chechik, CVPR 2019).
+    """Seen-class suppression gated by the query's own seen/unseen posterior
+    (Socher et al., NeurIPS 2013; Atzmon & Chechik, CVPR 2019).
 
     ``cos - gamma u(q) sigma(g) + beta (1 - u(q)) <p(q), p(g)>``,
     ``u(q) = sigmoid((tau - max p(q)) / width)``."""
