@@ -84,9 +84,14 @@ class DefaultStep:
     #: signal keys the step gives the losses besides the teacher's (none)
     provides: ClassVar[frozenset[str]] = frozenset()
 
+    def model_outputs(self, s: StepContext, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The student's outputs the losses see (under autocast): its forward pass. A step
+        that adds outputs (a pair network on the batch's tuples) overrides this only."""
+        return s.forward(batch["image"], batch["domain"])
+
     def __call__(self, s: StepContext, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         with s.autocast():
-            out = s.forward(batch["image"], batch["domain"])
+            out = self.model_outputs(s, batch)
             signal = s.teacher(batch) if s.teacher is not None else None
         total, terms = weighted_losses(s.losses, out, batch, signal)
         s.optimizer.zero_grad(set_to_none=True)

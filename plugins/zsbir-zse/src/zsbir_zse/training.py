@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from zsbir.constraints import Range
 from zsbir.data.base import PHOTO, SKETCH
 from zsbir.data.samplers import Sampler, epoch_rng
-from zsbir.engine.step import DefaultStep, StepContext, weighted_losses
+from zsbir.engine.step import DefaultStep, StepContext
 from zsbir.losses.base import Loss, tuple_rows
 from zsbir.registry import losses, samplers, steps
 
@@ -145,19 +145,9 @@ class ZsePairStep(DefaultStep):
     relation network on the (positive, negative) pairs). Single process: the pairs run
     outside the data-parallel wrapper's forward."""
 
-    def __call__(self, s: StepContext, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        with s.autocast():
-            out = s.forward(batch["image"], batch["domain"])
-            out = {**out, **pair_outputs(s.model, out, batch)}
-            signal = s.teacher(batch) if s.teacher is not None else None
-        total, terms = weighted_losses(s.losses, out, batch, signal)
-        s.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if s.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(s.params, s.grad_clip)
-        s.optimizer.step()
-        terms["total"] = total.detach()
-        return terms
+    def model_outputs(self, s: StepContext, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        out = s.forward(batch["image"], batch["domain"])
+        return {**out, **pair_outputs(s.model, out, batch)}
 
 
 @losses.register("zse_triplet")
