@@ -82,11 +82,16 @@ def _cluster(opts: RayOptions) -> Iterator[Any]:
             kwargs["num_cpus"] = opts.num_cpus
     else:
         kwargs["address"] = opts.address
-    try:
-        ray.init(**kwargs)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise SearchError(f"cannot start or join Ray ({opts.address or 'local'}): "
-                          f"{' '.join(str(exc).split())[:300]}") from exc
+    for attempt in (1, 2):
+        try:
+            ray.init(**kwargs)
+            break
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception on a slow start
+            ray.shutdown()
+            if attempt == 1 and opts.address is None and "timed out during startup" in str(exc):
+                continue  # a busy machine passed Ray's fixed 30 s start-up wait: once more
+            raise SearchError(f"cannot start or join Ray ({opts.address or 'local'}): "
+                              f"{' '.join(str(exc).split())[:300]}") from exc
     try:
         yield ray
     finally:
