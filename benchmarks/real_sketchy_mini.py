@@ -312,6 +312,85 @@ def tune_and_evaluate(row: str, seed: int, args: argparse.Namespace) -> dict[str
     return out
 
 
+CEILING_GRID = {"temperature": (0.5, 1.0, 2.0, 4.0),
+                "gamma": (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0), "k1": (10, 20)}
+
+
+def _auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(score of a positive > score of a negative), ties counted half (Mann-Whitney U)."""
+    neg = np.sort(neg)
+    lo, hi = np.searchsorted(neg, pos, "left"), np.searchsorted(neg, pos, "right")
+    return float((lo + 0.5 * (hi - lo)).sum() / (len(pos) * len(neg)))
+
+
+def ceiling(row: str, seed: int, args: argparse.Namespace) -> dict[str, Any] | None:
+    """Diagnostic for issue 29's goal, on the **test** arrays of a run that ``--tune-eval``
+    already scored (its ``bench_outputs.npz``): how far per-photo seen-class suppression
+    could go with this model's classifier if its parameters were chosen on the test set
+    itself (an upper bound: nothing here is used for any choice). Reports the AUROC of
+    the max-softmax seen-class detector (seen-class photos against unseen-class photos of
+    the generalized gallery), the best generalized mAP@all of ``seen_suppress`` and
+    ``seen_suppress_kr`` over :data:`CEILING_GRID`, and the oracle that removes every
+    seen-class photo (the unseen-only figure)."""
+    from zsbir.build import build
+    from zsbir.data.base import PHOTO, Split
+    from zsbir.engine.checkpoint import load_checkpoint
+    from zsbir.engine.evaluate_run import _manifest_for
+    from zsbir.evaluation import evaluate_score_fn
+    from zsbir.registry import rerankers
+
+    run_dir = args.out / f"{row}_seed{seed}"
+    saved, final = run_dir / "bench_outputs.npz", run_dir / "checkpoints" / "final.pt"
+    if not saved.is_file() or not final.is_file():
+        return None
+    ckpt = load_checkpoint(final)
+    data = build(_manifest_for(ckpt, None, None, EVAL_FIX, str(final)), "evaluate",
+                 checkpoint=ckpt).data
+    z = np.load(saved)
+    q, g, s = ({n: z[f"{k}.{n}"] for n in ("embedding", "logits")}
+               for k in ("query", "gallery", "photos"))
+    seen = Split.concat(data.train.of_domain(PHOTO), data.val.of_domain(PHOTO))
+    ql = data.query.labels[z["query.kept"]]
+    gl = np.concatenate([data.gallery.labels[z["gallery.kept"]], seen.labels[z["photos.kept"]]])
+    gx = {n: np.concatenate([g[n], s[n]]) for n in ("embedding", "logits")}
+    is_seen = np.r_[np.zeros(len(g["embedding"]), bool), np.ones(len(s["embedding"]), bool)]
+
+    def score(name: str, **kw: Any) -> float:
+        r = rerankers.get(name)(**kw)
+        extra = {"gallery_outputs": {"logits": gx["logits"]}} if r.outputs else {}
+        r.fit(gx["embedding"], **extra)
+        fn = r.score_rows(q["embedding"], gx["embedding"],
+                          **({"query_outputs": {"logits": q["logits"]}} if r.outputs else {}))
+        return float(evaluate_score_fn(fn, ql, gl, ["map@all"]).metrics["map@all"])
+
+    out: dict[str, Any] = {"auroc": {}}
+    for t in CEILING_GRID["temperature"]:
+        conf = torch.softmax(torch.from_numpy(gx["logits"]).float() / t, 1).max(1).values
+        out["auroc"][str(t)] = _auroc(conf.numpy()[is_seen], conf.numpy()[~is_seen])
+    out["plain"] = float(evaluate_score_fn(
+        lambda rows: torch.from_numpy(_unit(q["embedding"][rows]) @ _unit(gx["embedding"]).T),
+        ql, gl, ["map@all"]).metrics["map@all"])
+    best = {"seen_suppress": (0.0, None), "seen_suppress_kr": (0.0, None)}
+    for t in CEILING_GRID["temperature"]:
+        for gamma in CEILING_GRID["gamma"]:
+            v = score("seen_suppress", gamma=gamma, temperature=t)
+            if v > best["seen_suppress"][0]:
+                best["seen_suppress"] = (v, {"gamma": gamma, "temperature": t})
+            for k1 in CEILING_GRID["k1"]:
+                v = score("seen_suppress_kr", gamma=gamma, temperature=t, k1=k1)
+                if v > best["seen_suppress_kr"][0]:
+                    best["seen_suppress_kr"] = (v, {"gamma": gamma, "temperature": t,
+                                                    "k1": k1})
+    out["best"] = {k: {"map@all": v[0], "params": v[1]} for k, v in best.items()}
+    out["oracle_no_seen"] = {
+        "plain": float(evaluate_score_fn(
+            lambda rows: torch.from_numpy(_unit(q["embedding"][rows])
+                                          @ _unit(g["embedding"]).T),
+            ql, data.gallery.labels[z["gallery.kept"]], ["map@all"]).metrics["map@all"])}
+    (run_dir / "ceiling.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
@@ -600,6 +679,10 @@ def main() -> None:
     p.add_argument("--sksh-timing", action="store_true",
                    help="time the plain ranking, k-reciprocal and the seen_* rerankers at "
                         "SK-SH size (random inputs; a subset of the queries, extrapolated)")
+    p.add_argument("--ceiling", action="store_true",
+                   help="diagnostic of runs --tune-eval scored: the test-set upper bound of "
+                        "seen-class suppression (parameters swept on the test set; used for "
+                        "nothing)")
     p.add_argument("--sksh-queries", type=int, default=1024,
                    help="queries actually scored by --sksh-timing")
     args = p.parse_args()
@@ -618,6 +701,21 @@ def main() -> None:
           f"load {os.getloadavg()[0]:.1f}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s); seeds {args.seeds}", flush=True)
     results: dict[str, dict[int, dict[str, Any]]] = {}
+    if args.ceiling:
+        for seed in args.seeds:
+            for row in args.rows:
+                res = None if row == "a" else ceiling(row, seed, args)
+                if res is not None:
+                    au = max(res["auroc"].values())
+                    b = res["best"]
+                    print(f"{row} seed {seed}: plain {res['plain']:.4f}; best on test: "
+                          f"seen_suppress {b['seen_suppress']['map@all']:.4f} "
+                          f"{b['seen_suppress']['params']}, seen_suppress_kr "
+                          f"{b['seen_suppress_kr']['map@all']:.4f} "
+                          f"{b['seen_suppress_kr']['params']}; oracle without seen photos "
+                          f"{res['oracle_no_seen']['plain']:.4f}; max-softmax AUROC "
+                          f"{au:.3f}", flush=True)
+        return
     if args.tune_eval:
         for seed in args.seeds:
             for row in args.rows:

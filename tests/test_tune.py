@@ -366,3 +366,21 @@ def test_search_reranks_with_the_stored_logits(run_dir, tmp_path):
     res = CliRunner().invoke(main, ["search", str(tmp_path / "with"), str(sketch),
                                     "--rerank", spec, "--json", "--device", "cpu"])
     assert res.exit_code == 0, res.output
+
+
+def test_ceiling_auroc_equals_brute_force_pair_counting():
+    """benchmarks/real_sketchy_mini.py's AUROC (the seen-class detector diagnostic of the
+    generalized task): P(positive > negative) + half the ties, against every pair counted."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "real_sketchy_mini.py"
+    spec = importlib.util.spec_from_file_location("real_sketchy_mini_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        pos = rng.integers(0, 8, rng.integers(1, 40)).astype(float)  # ties on purpose
+        neg = rng.integers(0, 8, rng.integers(1, 40)).astype(float)
+        naive = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+        assert mod._auroc(pos, neg) == pytest.approx(naive, abs=1e-12)
+    assert mod._auroc(np.array([1.0, 2.0]), np.array([0.0])) == 1.0
