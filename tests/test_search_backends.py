@@ -369,3 +369,79 @@ def test_milvus_shards_merge_into_a_new_collection(tiny_run, photos, sketches, t
                 "SELECT value FROM meta WHERE key = 'milvus_collection'").fetchone())
         for ra, rb in zip(_ranking(m, sketches), _ranking(f, sketches)):
             assert [p for p, _ in ra] == [p for p, _ in rb]
+
+
+class _RetriedBuild:
+    """A client whose create_index fails as pymilvus's retry of a long build does."""
+
+    def __init__(self, existing: str, message: str = "index already exists for field "
+                 "'vector'; call drop_index first"):
+        self.existing, self.message = existing, message
+
+    def create_index(self, collection, params):
+        raise pymilvus.exceptions.MilvusException(code=35, message=self.message)
+
+    def list_indexes(self, collection):
+        return ["vector"]
+
+    def describe_index(self, collection, name):
+        return {"index_type": self.existing, "field_name": "vector"}
+
+
+def test_a_retried_index_build_that_found_its_index_is_accepted():
+    """At 1e6 vectors milvus-lite built HNSW for over 10 minutes inside CreateIndex; the
+    connection was reset, pymilvus retried, and the retry said "already exists": the index
+    asked for is there, so the build goes on. Another type, or another error, still fails."""
+    from zsbir.search.backends.milvus import create_index
+
+    create_index(_RetriedBuild("HNSW"), "c", None, "HNSW")
+    with pytest.raises(pymilvus.exceptions.MilvusException, match="already exists"):
+        create_index(_RetriedBuild("IVF_FLAT"), "c", None, "HNSW")
+    with pytest.raises(pymilvus.exceptions.MilvusException, match="not found"):
+        create_index(_RetriedBuild("HNSW", "collection not found"), "c", None, "HNSW")
+
+
+def test_create_index_twice_on_milvus_lite(tmp_path):
+    """The same on a real milvus-lite collection: asking again for the index it has passes,
+    asking for another type while one exists is Milvus's error."""
+    from zsbir.search.backends.milvus import create_index
+
+    c = pymilvus.MilvusClient(str(tmp_path / "m.db"))
+    schema = c.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("id", pymilvus.DataType.INT64, is_primary=True)
+    schema.add_field("vector", pymilvus.DataType.FLOAT_VECTOR, dim=8)
+    c.create_collection("t", schema=schema)
+    c.insert("t", [{"id": i, "vector": np.random.default_rng(i).random(8).tolist()}
+                   for i in range(64)])
+
+    def params(kind):
+        ip = c.prepare_index_params()
+        ip.add_index(field_name="vector", index_type=kind, metric_type="IP",
+                     params={"M": 8, "efConstruction": 16} if kind == "HNSW" else {})
+        return ip
+
+    create_index(c, "t", params("HNSW"), "HNSW")
+    create_index(c, "t", params("HNSW"), "HNSW")
+    with pytest.raises(pymilvus.exceptions.MilvusException):
+        create_index(c, "t", params("FLAT"), "FLAT")
+    c.close()
+
+
+def test_a_retried_build_waits_for_the_index_the_server_is_still_building(monkeypatch):
+    from zsbir.search.backends import milvus as mb
+
+    class Building(_RetriedBuild):
+        def __init__(self, states):
+            super().__init__("HNSW")
+            self.states = list(states)
+
+        def describe_index(self, collection, name):
+            return {"index_type": "HNSW", "state": self.states.pop(0) if self.states
+                    else "Finished"}
+
+    monkeypatch.setattr(mb.time, "sleep", lambda s: None)
+    client = Building(["HNSW", "InProgress", "InProgress", "Finished"])
+    mb.create_index(client, "c", None, "HNSW")
+    assert client.states == []  # polled until Finished
+    with pytest.raises(pymilvus.exceptions.MilvusException):
+        mb.create_index(Building(["HNSW", "Failed"]), "c", None, "HNSW")

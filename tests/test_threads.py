@@ -430,3 +430,42 @@ def test_serve_request_threads_get_the_plans_count(tmp_path, monkeypatch, torch_
     finally:
         faiss.omp_set_num_threads(before)
     assert seen == {"torch": 1, "faiss": 1}
+
+
+def test_index_build_structures_use_the_plans_threads(tiny_run, tmp_path, monkeypatch,
+                                                      torch_threads):
+    """After the embedding (which applies its own plan and restores the previous one),
+    `zsbir index build` builds its faiss structure with the plan's threads: under a 1-CPU
+    quota faiss and torch compute with 1 thread there, not with every core."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    import zsbir.search.faiss_index as fi
+    from zsbir.cli import main
+    from zsbir.data.synthetic import render
+
+    faiss = pytest.importorskip("faiss")
+    for k in ENV_KEYS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(T, "usable_cpus", lambda *a: budget(1))
+    for c in range(2):
+        for i in range(3):
+            (tmp_path / "p" / f"c{c}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(render(c, 0, i, 7, 32)).save(tmp_path / "p" / f"c{c}" / f"{i}.png")
+    seen: list[tuple[int, int]] = []
+    real = fi.make_faiss
+
+    def recording(*a, **k):
+        seen.append((faiss.omp_get_max_threads(), torch.get_num_threads()))
+        return real(*a, **k)
+
+    monkeypatch.setattr(fi, "make_faiss", recording)
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)  # what faiss's default would be on this 2-core machine
+    try:
+        res = CliRunner().invoke(main, ["index", "build", str(tiny_run), str(tmp_path / "p"),
+                                        str(tmp_path / "idx"), "--workers", "0"])
+        assert res.exit_code == 0, res.output
+    finally:
+        faiss.omp_set_num_threads(before)
+    assert seen == [(1, 1)]

@@ -132,6 +132,7 @@ def index_build(run_dir: str, photo_dir: str, index_dir: str, hasher: str | None
         raise click.BadParameter("--uri, --token and --collection are options of "
                                  "--backend milvus", param_hint="--backend")
     chosen = make_backend(backend, **(options if backend == "milvus" else {}))
+    _structure_threads()
     with console_output(console):
         s = build_index(run_dir, photo_dir, index_dir, hasher=hasher, ann=ann,  # type: ignore
                         name=name, device=device, batch_size=batch_size, workers=workers,
@@ -150,9 +151,21 @@ def index_merge(index_dir: str, shard_dirs: tuple[str, ...]) -> None:
     from zsbir.progress import console_output
     from zsbir.search.store import merge_indexes
 
+    _structure_threads()
     with console_output(console):
         s = merge_indexes(list(shard_dirs), index_dir)
     _print_summary(s, index_dir)
+
+
+def _structure_threads() -> None:
+    """The thread plan (:mod:`zsbir.engine.threads`) for what ``zsbir index`` computes
+    outside the embedding (which applies its own and returns to this one): the faiss
+    structure, ITQ, the recall check, with the CPUs the process may use (cgroup quota,
+    affinity) instead of faiss's and torch's default of every core. No lease: the
+    embedding holds one while it runs."""
+    from zsbir.engine.threads import use_threads
+
+    use_threads("evaluate", lease=False)
 
 
 def _ray_options(address: str | None, actors: int | None, device: str) -> Any:
@@ -181,6 +194,7 @@ def index_update(index_dir: str, ray_address: str | None, ray_actors: int | None
     from zsbir.search.store import update_index
 
     ray = _ray_options(ray_address, ray_actors, device)
+    _structure_threads()
     with console_output(console):
         s = update_index(index_dir, device=device, batch_size=batch_size, workers=workers,
                          ray=ray)

@@ -66,6 +66,7 @@ import logging
 import os
 import re
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,36 @@ def _milvus() -> Any:
     for name in ("pymilvus", "pymilvus.decorators", "milvus_lite"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     return pymilvus
+
+
+def create_index(client: Any, collection: str, index_params: Any, index_type: str) -> None:
+    """``client.create_index``, safe against pymilvus's retry of a long build.
+
+    A large index (HNSW on 1e6 vectors: over 10 minutes on milvus-lite, measured) is built
+    inside the CreateIndex call; when the connection is reset meanwhile (milvus-lite's
+    local server answers the client's keepalive pings with GOAWAY "too_many_pings",
+    seen at 1e6), pymilvus retries the call, and the retry fails with "index already
+    exists" although the index the first call asked for is there. An existing index of
+    the asked type is therefore accepted (another type is still an error)."""
+    pm = _milvus()
+    try:
+        client.create_index(collection, index_params)
+    except pm.exceptions.MilvusException as exc:
+        if "already exists" not in _one_line(exc):
+            raise
+        names = list(client.list_indexes(collection))
+        got = {n: client.describe_index(collection, n) for n in names}
+        mine = [n for n, d in got.items()
+                if str(d.get("index_type")).upper() == str(index_type).upper()]
+        if not mine:
+            raise
+        while True:  # a server may still be building it (milvus-lite answers when built)
+            state = str(client.describe_index(collection, mine[0]).get("state", "Finished"))
+            if state.lower() == "failed":
+                raise
+            if state.lower() not in ("inprogress", "unissued", "retry"):
+                return
+            time.sleep(1.0)
 
 
 def is_lite(uri: str) -> bool:
@@ -492,7 +523,7 @@ class _MilvusWriter:
             c.release_collection(name)
             if current:
                 c.drop_index(name, current[0])
-            c.create_index(name, built["index_params"])
+            create_index(c, name, built["index_params"], kind)
             c.alter_collection_properties(name, properties={INDEX_PROPERTY: json.dumps(wanted)})
         c.load_collection(name)
         info: dict[str, Any] = {"milvus_index": kind, "milvus_search": search,
