@@ -353,6 +353,34 @@ def test_ray_build_equals_one_process_and_resumes(local_ray, tiny_run, photos, t
     assert "c0/bad.png" in res.output  # skipped files are reported as in one process
 
 
+def test_ray_build_stores_the_outputs_one_process_stores(local_ray, tiny_run, photos,
+                                                          tmp_path):
+    """--ray with stored outputs (here the backbone's unpooled `tokens`; a run whose
+    manifest lists a reranker or pair scorer that reads outputs stores them by default):
+    the actors return them from the same forward pass, and the index holds the same rows
+    as a one-process build's (1e-6)."""
+    build(tiny_run, photos, tmp_path / "one", "--outputs", "tokens")
+    build(tiny_run, photos, tmp_path / "ray", "--outputs", "tokens", "--ray",
+          "--ray-actors", "2", "--batch-size", "4")
+
+    def stored(d):
+        con = sqlite3.connect(d / "index.sqlite")
+        try:
+            return con.execute("SELECT p.path, o.data FROM outputs o JOIN photos p ON "
+                               "p.id = o.photo_id WHERE o.name = 'tokens' ORDER BY p.path"
+                               ).fetchall()
+        finally:
+            con.close()
+
+    a, b = stored(tmp_path / "ray"), stored(tmp_path / "one")
+    assert [p for p, _ in a] == [p for p, _ in b] and len(a) == 13
+    for (_, da), (_, db) in zip(a, b):
+        np.testing.assert_allclose(np.frombuffer(da, np.float32), np.frombuffer(db, np.float32),
+                                   atol=1e-6)
+    with Index.open(tmp_path / "ray", "cpu") as idx:
+        assert idx.output_names == ("tokens",)
+
+
 def test_milvus_shards_merge_into_a_new_collection(tiny_run, photos, sketches, tmp_path):
     """--shard i/n builds on the milvus backend merge into one index (a new collection, in
     milvus-lite in the merged directory) that searches as the unsharded faiss index."""

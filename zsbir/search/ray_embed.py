@@ -99,9 +99,11 @@ def _cluster(opts: RayOptions) -> Iterator[Any]:
 
 
 class _EmbedActor:
-    """One model per actor: a batch of photo names -> embeddings and file facts."""
+    """One model per actor: a batch of photo names -> embeddings, the other outputs the
+    index stores (``names``: one forward pass, as the one-process build) and file facts."""
 
-    def __init__(self, model_ref: Any, root: str, device: str, threads: int):
+    def __init__(self, model_ref: Any, root: str, device: str, threads: int,
+                 names: tuple[str, ...] = ()):
         import ray
         import torch
 
@@ -113,7 +115,7 @@ class _EmbedActor:
             from zsbir.engine.index import load_trained
 
             self.tm = load_trained(path, device)
-        self.root = root
+        self.root, self.names = root, tuple(names)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import time
@@ -136,24 +138,42 @@ class _EmbedActor:
             else:
                 sha[it["index"]], size[it["index"]], mtime[it["index"]] = it["file"]
         emb = [b""] * n  # float32 bytes (a skipped photo: none), whatever the width
+        outs = {name: [b""] * n for name in self.names}  # the same, per stored output
+        shapes = {name: [""] * n for name in self.names}  # its row's shape, "2,3"
         if good:
             b = scan.collate_photos(good)
             autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                         if self.tm.device.type == "cuda" else contextlib.nullcontext())
             with autocast:
-                got = np.asarray(self.tm.embed_batch(b), dtype=np.float32)
-            for i, vec in zip(np.asarray(b["index"]).tolist(), got):
-                emb[i] = np.ascontiguousarray(vec).tobytes()
+                got = self.tm.forward_batch(b, ("embedding", *self.names))
+            for row, i in enumerate(np.asarray(b["index"]).tolist()):
+                emb[i] = np.ascontiguousarray(got["embedding"][row], np.float32).tobytes()
+                for name in self.names:
+                    value = np.ascontiguousarray(got[name][row], np.float32)
+                    outs[name][i] = value.tobytes()
+                    shapes[name][i] = ",".join(map(str, value.shape))
         return {"name": batch["name"], "sha256": np.array(sha, dtype=object),
                 "size": np.array(size, np.int64), "mtime_ns": np.array(mtime, np.int64),
                 "error": np.array(error, dtype=object), "embedding": np.array(emb, dtype=object),
+                **{f"out.{k}": np.array(v, dtype=object) for k, v in outs.items()},
+                **{f"shape.{k}": np.array(v, dtype=object) for k, v in shapes.items()},
                 "seconds": np.full(n, (time.perf_counter() - start) / max(n, 1))}
 
 
+def _row(data: Any, shape: str) -> np.ndarray:
+    """One stored output's row from the actor's bytes and its shape string."""
+    dims = tuple(int(d) for d in str(shape).split(",") if d)
+    return np.frombuffer(bytes(data), np.float32).reshape(dims)
+
+
 def ray_embed_batches(opts: RayOptions, model_file: Path, root: Path, todo: list[str],
-                      batch_size: int) -> Iterator[tuple[int, tuple[list, np.ndarray, list]]]:
+                      batch_size: int, names: tuple[str, ...] | list[str] = ()
+                      ) -> Iterator[tuple[int, tuple[Any, ...]]]:
     """:func:`zsbir.search.embedding._embed_batches`'s results, computed on Ray: (done
-    count, (kept, emb, skipped)) per batch, in path order."""
+    count, (kept, emb, skipped)) per batch, in path order; with ``names`` (the outputs the
+    index stores besides the embedding) a fourth item, name -> (len(kept), ...) array,
+    as the one-process build gives."""
+    names = tuple(names)
     if not todo:
         return
     with _cluster(opts) as ray:
@@ -171,7 +191,7 @@ def ray_embed_batches(opts: RayOptions, model_file: Path, root: Path, todo: list
                                                                 4 * actors)))
         embedded = ds.map_batches(
             _EmbedActor, batch_size=batch_size, batch_format="numpy",
-            fn_constructor_args=([ref], str(root), "cuda" if gpus else "cpu", threads),
+            fn_constructor_args=([ref], str(root), "cuda" if gpus else "cpu", threads, names),
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=1 if gpus else 0, num_cpus=0 if gpus else threads)
         import time
@@ -180,6 +200,7 @@ def ray_embed_batches(opts: RayOptions, model_file: Path, root: Path, todo: list
         for out in embedded.iter_batches(batch_size=batch_size, batch_format="numpy",
                                          prefetch_batches=1):
             kept, vecs, skipped = [], [], []
+            rows: dict[str, list[np.ndarray]] = {k: [] for k in names}
             for j, name in enumerate(out["name"]):
                 rel = os.fsdecode(bytes(name))
                 if out["error"][j]:
@@ -188,9 +209,15 @@ def ray_embed_batches(opts: RayOptions, model_file: Path, root: Path, todo: list
                     kept.append((rel, (str(out["sha256"][j]), int(out["size"][j]),
                                        int(out["mtime_ns"][j]))))
                     vecs.append(np.frombuffer(bytes(out["embedding"][j]), np.float32))
+                    for k in names:
+                        rows[k].append(_row(out[f"out.{k}"][j], out[f"shape.{k}"][j]))
             done += len(out["name"])
             busy += float(np.sum(out["seconds"]))
             LAST_RUN.update(photos=done, actors=actors, actor_seconds=busy,
                             seconds=time.perf_counter() - start)
             emb = np.stack(vecs).astype(np.float32) if vecs else np.zeros((0, 0), np.float32)
-            yield done, (kept, emb, skipped)
+            if names:
+                yield done, (kept, emb, skipped,
+                             {k: np.stack(v) for k, v in rows.items() if v})
+            else:
+                yield done, (kept, emb, skipped)

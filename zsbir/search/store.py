@@ -165,9 +165,6 @@ def build_index(run_dir: str | Path, photo_dir: str | Path, index_dir: str | Pat
         if ann == "hnsw" and h.binary:
             raise SearchError("--ann hnsw is for real-valued codes; a binary hasher's codes "
                               "use flat or ivf (Hamming)")
-        if ray is not None and names:
-            raise SearchError("--ray embeds the photos' embeddings only; an index that "
-                              f"stores outputs ({', '.join(names)}) is built without --ray")
         backend.check_new(index_dir, {**settings, "hasher": h.tag, "binary": bool(h.binary)})
     index_dir.mkdir(parents=True, exist_ok=True)
     with disk_errors(index_dir), WriteLock(index_dir) as lock, removing_temporaries(index_dir):
@@ -336,13 +333,10 @@ def _sync(con: sqlite3.Connection, index_dir: Path, tm: Any, batch_size: int,
 
     names = list(meta.get("output_names") or [])  # stored besides the embedding
     if ray is not None:
-        if names:
-            raise SearchError("--ray embeds the photos' embeddings only; this index also "
-                              f"stores outputs ({', '.join(names)}): update it without --ray")
         from zsbir.search.ray_embed import ray_embed_batches
 
         batches = ray_embed_batches(ray, index_dir / meta.get("model_file", MODEL_NAME), root,
-                                    todo, batch_size)
+                                    todo, batch_size, names)
     else:
         batches = _embed_batches(tm, root, todo, batch_size, workers, names)
     with phase("embedding photos", total=len(todo), unit="photos") as advance:
