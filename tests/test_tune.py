@@ -343,8 +343,9 @@ def test_search_reranks_with_the_stored_logits(run_dir, tmp_path):
             Image.fromarray(render(c, 0, i, 3, 32)).save(photos / f"c{c}" / f"{i}.png")
     sketch = tmp_path / "s.png"
     Image.fromarray(render(1, 1, 0, 7, 32)).save(sketch)
+    final = run_dir / "checkpoints" / "final.pt"  # the checkpoint alone: no tuned tables
     for name, extra in (("with", ["--outputs", "logits"]), ("without", [])):
-        res = CliRunner().invoke(main, ["index", "build", str(run_dir), str(photos),
+        res = CliRunner().invoke(main, ["index", "build", str(final), str(photos),
                                         str(tmp_path / name), "--workers", "0", "--device",
                                         "cpu", *extra])
         assert res.exit_code == 0, res.output
@@ -384,3 +385,43 @@ def test_ceiling_auroc_equals_brute_force_pair_counting():
         naive = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
         assert mod._auroc(pos, neg) == pytest.approx(naive, abs=1e-12)
     assert mod._auroc(np.array([1.0, 2.0]), np.array([0.0])) == 1.0
+
+
+def test_the_index_searches_with_the_values_zsbir_tune_chose(run_dir, tmp_path):
+    """`zsbir tune` writes its choice into RUN_DIR/manifest.resolved.toml, not into the
+    checkpoint: an index built from RUN_DIR records those tables (and stores the logits
+    they read without --outputs), so a bare `--rerank seen_suppress` uses the tuned
+    values; `zsbir index update` takes a later choice."""
+    from PIL import Image
+
+    from zsbir.cli import main
+    from zsbir.data.synthetic import render
+    from zsbir.engine.tune import write_choice
+    from zsbir.search.api import Index
+
+    photos = tmp_path / "photos"
+    for c in range(3):
+        (photos / f"c{c}").mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(render(c, 0, i, 3, 32)).save(photos / f"c{c}" / f"{i}.png")
+    sketch = tmp_path / "s.png"
+    Image.fromarray(render(1, 1, 0, 7, 32)).save(sketch)
+    write_choice(run_dir, {"seen_suppress": {"gamma": 5.0, "temperature": 0.5}})
+    res = CliRunner().invoke(main, ["index", "build", str(run_dir), str(photos),
+                                    str(tmp_path / "idx"), "--workers", "0", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+
+    def ranking(idx, spec):
+        return [(x.path, round(x.score, 5)) for x in idx.search(sketch, top=12, rerank=spec)]
+
+    with Index.open(tmp_path / "idx", "cpu") as idx:
+        assert "logits" in idx.output_names
+        tuned = ranking(idx, "seen_suppress")
+        assert tuned == ranking(idx, "seen_suppress:gamma=5.0,temperature=0.5")
+        assert tuned != ranking(idx, "seen_suppress:gamma=0.0")  # the values matter here
+    write_choice(run_dir, {"seen_suppress": {"gamma": 0.0, "temperature": 0.5}})
+    res = CliRunner().invoke(main, ["index", "update", str(tmp_path / "idx"), "--workers", "0",
+                                    "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    with Index.open(tmp_path / "idx", "cpu") as idx:
+        assert ranking(idx, "seen_suppress") == ranking(idx, "seen_suppress:gamma=0.0")

@@ -440,7 +440,9 @@ class Index:
             raise SearchError("--rerank needs a real-valued index (this one holds "
                               f"{self.meta['hasher']} binary codes)")
         if spec not in self._rerankers:
-            r = make_reranker(spec, getattr(self.model.manifest, "rerankers", None) or ())
+            tables = (self.meta.get("rerankers")  # the run's, with zsbir tune's values
+                      or getattr(self.model.manifest, "rerankers", None) or ())
+            r = make_reranker(spec, tables)
             missing = [n for n in getattr(r, "outputs", ()) if n not in self.output_names]
             if missing:
                 raise SearchError(f"reranker {r.tag!r} reads the photos' {missing[0]!r}: "

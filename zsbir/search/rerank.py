@@ -4,7 +4,9 @@
 the registered reranker and ranks the index's photos with
 :func:`zsbir.rerankers.rerank_topk`. Its parameters: those given after the colon, else the
 run's own ``[[rerankers]]`` table of that name (e.g. ``seen_gate`` with the values ``zsbir
-tune`` chose, when the run's manifest lists it), else the reranker's defaults. The gallery
+tune`` chose: the index records ``RUN_DIR/manifest.resolved.toml``'s tables when it is
+built, and again at each ``zsbir index update`` while the run folder is there; else the
+tables inside the checkpoint), else the reranker's defaults. The gallery
 is the index's L2-normalized real-valued embeddings (reconstructed from a flat faiss
 index); a reranker that reads model outputs (``outputs``, e.g. the seen-class ``logits``
 of :mod:`zsbir.rerankers.seen`) gets the photos' stored outputs (the index stores every
@@ -16,13 +18,14 @@ test-time-augmentation rerankers (which need extra image views) are refused.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from zsbir.search.errors import SearchError
 
-__all__ = ["make_reranker", "rerank_search"]
+__all__ = ["make_reranker", "rerank_search", "run_tables", "table_outputs"]
 
 
 def reranker_table(spec: str, run_tables: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
@@ -42,6 +45,37 @@ def reranker_table(spec: str, run_tables: Sequence[Mapping[str, Any]] = ()) -> d
                               + "; ".join(str(p) for p in exc.problems)) from exc
     own = [dict(t) for t in run_tables if t.get("name") == name]
     return own[0] if own else {"name": name}
+
+
+def run_tables(run_dir: Path) -> list[dict[str, Any]]:
+    """``RUN_DIR/manifest.resolved.toml``'s ``[[rerankers]]`` tables: the run's own, with
+    the values ``zsbir tune`` chose (it writes them there, not into the checkpoint); empty
+    for a checkpoint file, a folder without that manifest, or a manifest that does not
+    read (the search then uses the tables inside the checkpoint, as before)."""
+    from zsbir.engine.rundir import RESOLVED
+    from zsbir.manifest import ManifestError, load
+
+    path = Path(run_dir) / RESOLVED
+    if not path.is_file():
+        return []
+    try:
+        tables = load(path).get("rerankers") or []
+    except (ManifestError, OSError, ValueError):
+        return []
+    return [dict(t) for t in tables if isinstance(t, Mapping) and t.get("name")]
+
+
+def table_outputs(tables: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The model outputs the rerankers of ``tables`` read (their ``outputs``, built as a
+    search builds them)."""
+    names: list[str] = []
+    for t in tables:
+        try:
+            r = make_reranker(str(t["name"]), [t])
+        except SearchError:
+            continue  # a table a search cannot use is reported when a search asks for it
+        names += [n for n in getattr(r, "outputs", ()) if n not in names]
+    return names
 
 
 def make_reranker(spec: str, run_tables: Sequence[Mapping[str, Any]] = ()) -> Any:

@@ -101,6 +101,7 @@ from zsbir.search.files import (
 from zsbir.search.lock import WriteLock
 from zsbir.search.merge import merge_indexes
 from zsbir.search.outputs import DTYPES, ensure_schema, stored_output_names
+from zsbir.search.rerank import run_tables, table_outputs
 from zsbir.search.rows import RowsGone, _commit_batch, _stored_meta, gallery_embeddings
 from zsbir.search.scan import IMAGE_SUFFIXES, db_name, fs_name, shown
 from zsbir.search.summary import BuildSummary, _search_param
@@ -158,10 +159,13 @@ def build_index(run_dir: str | Path, photo_dir: str | Path, index_dir: str | Pat
                           "index; choose a new directory")
     resume = state == "index" and _resumable(index_dir, settings, hasher)
     tm = None
+    tables = run_tables(run_dir) if run_dir.is_dir() else []  # with zsbir tune's values
     if not resume:  # checked before anything is written: a wrong --hasher creates nothing
         tm = _load_model(final, device)
         h = tm.hasher(hasher)
-        names = stored_output_names(tm, outputs)  # and a model without them
+        # the outputs the run's rerankers read (its checkpoint's and its tuned tables'),
+        # then --outputs; and a model without them is refused here
+        names = stored_output_names(tm, [*table_outputs(tables), *outputs])
         if ann == "hnsw" and h.binary:
             raise SearchError("--ann hnsw is for real-valued codes; a binary hasher's codes "
                               "use flat or ivf (Hamming)")
@@ -193,7 +197,7 @@ def build_index(run_dir: str | Path, photo_dir: str | Path, index_dir: str | Pat
                              run_dir=str(run_dir.resolve()), hasher=h.tag,
                              binary=bool(h.binary), created=time.time(), generation=0,
                              faiss_generation=-1, output_names=names, outputs={},
-                             **settings)
+                             rerankers=tables, **settings)
                     if names:
                         ensure_schema(con)
                 summary = _sync(con, index_dir, tm, batch_size, workers, summary, ray)
@@ -262,6 +266,12 @@ def _update(con: sqlite3.Connection, index_dir: Path, device: str, batch_size: i
         raise SearchError(f"{model.name} in {str(index_dir)!r} is not the model the index "
                           "was built with (another SHA-256): run the `zsbir index build` "
                           "command that made it again")
+    run_dir = Path(meta.get("run_dir") or "")
+    if meta.get("run_dir") and run_dir.is_dir():  # `zsbir tune` run since the build
+        tables = run_tables(run_dir)
+        if tables and tables != meta.get("rerankers"):
+            with transaction(con):
+                set_meta(con, rerankers=tables)
     return _sync(con, index_dir, _load_model(model, device), batch_size, workers, ray=ray)
 
 
