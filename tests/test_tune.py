@@ -324,17 +324,11 @@ def test_fast_map_equals_the_evaluators_map_at_all():
         assert _map(torch.from_numpy(s), ql, gl) == pytest.approx(want, abs=1e-9)
 
 
-def test_search_reranks_with_the_stored_logits(run_dir, tmp_path):
-    """``zsbir search --rerank seen_gate:...`` reads the photos' stored logits and the
-    sketch's from its forward pass: the same ranking as the reranker on those arrays; an
-    index without stored logits is refused with the command that builds one."""
+def _folder_and_sketch(tmp_path: Path) -> tuple[Path, Path]:
+    """A photo folder of 3 synthetic classes x 4 photos, and a sketch of class 1."""
     from PIL import Image
 
-    from zsbir.cli import main
     from zsbir.data.synthetic import render
-    from zsbir.search import store
-    from zsbir.search.api import Index
-    from zsbir.search.errors import SearchError
 
     photos = tmp_path / "photos"
     for c in range(3):
@@ -343,6 +337,19 @@ def test_search_reranks_with_the_stored_logits(run_dir, tmp_path):
             Image.fromarray(render(c, 0, i, 3, 32)).save(photos / f"c{c}" / f"{i}.png")
     sketch = tmp_path / "s.png"
     Image.fromarray(render(1, 1, 0, 7, 32)).save(sketch)
+    return photos, sketch
+
+
+def test_search_reranks_with_the_stored_logits(run_dir, tmp_path):
+    """``zsbir search --rerank seen_gate:...`` reads the photos' stored logits and the
+    sketch's from its forward pass: the same ranking as the reranker on those arrays; an
+    index without stored logits is refused with the command that builds one."""
+    from zsbir.cli import main
+    from zsbir.search import store
+    from zsbir.search.api import Index
+    from zsbir.search.errors import SearchError
+
+    photos, sketch = _folder_and_sketch(tmp_path)
     final = run_dir / "checkpoints" / "final.pt"  # the checkpoint alone: no tuned tables
     for name, extra in (("with", ["--outputs", "logits"]), ("without", [])):
         res = CliRunner().invoke(main, ["index", "build", str(final), str(photos),
@@ -392,20 +399,11 @@ def test_the_index_searches_with_the_values_zsbir_tune_chose(run_dir, tmp_path):
     checkpoint: an index built from RUN_DIR records those tables (and stores the logits
     they read without --outputs), so a bare `--rerank seen_suppress` uses the tuned
     values; `zsbir index update` takes a later choice."""
-    from PIL import Image
-
     from zsbir.cli import main
-    from zsbir.data.synthetic import render
     from zsbir.engine.tune import write_choice
     from zsbir.search.api import Index
 
-    photos = tmp_path / "photos"
-    for c in range(3):
-        (photos / f"c{c}").mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(render(c, 0, i, 3, 32)).save(photos / f"c{c}" / f"{i}.png")
-    sketch = tmp_path / "s.png"
-    Image.fromarray(render(1, 1, 0, 7, 32)).save(sketch)
+    photos, sketch = _folder_and_sketch(tmp_path)
     write_choice(run_dir, {"seen_suppress": {"gamma": 5.0, "temperature": 0.5}})
     res = CliRunner().invoke(main, ["index", "build", str(run_dir), str(photos),
                                     str(tmp_path / "idx"), "--workers", "0", "--device", "cpu"])
