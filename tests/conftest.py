@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from zsbir.testing_fixtures import isolated_cache  # noqa: F401 - autouse: a cache per test
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # the tests' runs keep their thread counts whatever else runs (bit-identical reruns and
 # resumes); the division among concurrent processes is tested with its own directories
@@ -16,12 +18,6 @@ os.environ.setdefault("ZSBIR_CPU_LEASES", "off")
 #: ../shared beside the repository root; ZSBIR_SHARED names it from a worktree elsewhere
 SHARED = Path(os.environ.get("ZSBIR_SHARED")
               or Path(__file__).resolve().parents[1].parent / "shared")
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Every test gets its own zsbir cache unless it sets one."""
-    monkeypatch.setenv("ZSBIR_CACHE", str(tmp_path_factory.mktemp("zsbir-cache")))
 
 
 @pytest.fixture
@@ -103,3 +99,38 @@ def counted(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(TrainedModel, "forward_batch", wrapper)
     return seen
+
+
+# ---------------------------------------------------- a photo folder and sketches to search
+def _synthetic_image(path: Path, cls: int, i: int, domain: int) -> None:
+    from PIL import Image
+
+    from zsbir.data.synthetic import render
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(render(cls, domain, i, 7, 32)).save(path)
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    """The search tests' folder: 3 classes x 4 synthetic photos in class folders
+    (c0..c2/0..3.png), one loose photo, one unreadable file (c0/bad.png), one file without
+    a photo suffix (ignored)."""
+    root = tmp_path / "photos"
+    for c in range(3):
+        for i in range(4):
+            _synthetic_image(root / f"c{c}" / f"{i}.png", c, i, 0)
+    _synthetic_image(root / "loose.png", 0, 9, 0)
+    (root / "c0" / "bad.png").write_bytes(b"not an image")
+    (root / "notes.txt").write_text("not a photo suffix: ignored")
+    return root
+
+
+@pytest.fixture
+def sketches(tmp_path) -> list[Path]:
+    """One synthetic sketch of each of the 3 classes of :func:`photos`."""
+    out = []
+    for c in range(3):
+        _synthetic_image(tmp_path / f"sketch{c}.png", c, 0, 1)
+        out.append(tmp_path / f"sketch{c}.png")
+    return out

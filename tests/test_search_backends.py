@@ -16,10 +16,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 
 from zsbir.cli import main
-from zsbir.data.synthetic import render
 from zsbir.search.api import Index
 from zsbir.search.backends import make_backend, search_loaded
 from zsbir.search.backends.reference import StandInModel, index_from_embeddings, naive_ranking
@@ -32,33 +30,6 @@ pymilvus = pytest.importorskip("pymilvus", reason="the milvus extra (pip install
 SERVER = os.environ.get("ZSBIR_MILVUS_URI", "")
 needs_server = pytest.mark.skipif(not SERVER, reason="by design: ZSBIR_MILVUS_URI is not set "
                                   "(a Milvus server; milvus-lite has no BINARY_VECTOR)")
-
-
-def _photo(path: Path, cls: int, i: int, domain: int = 0) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(render(cls, domain, i, 7, 32)).save(path)
-
-
-@pytest.fixture
-def photos(tmp_path) -> Path:
-    """tests/test_search_index.py's tree: 3 classes x 4 photos, a loose photo, a bad file."""
-    root = tmp_path / "photos"
-    for c in range(3):
-        for i in range(4):
-            _photo(root / f"c{c}" / f"{i}.png", c, i)
-    _photo(root / "loose.png", 0, 9)
-    (root / "c0" / "bad.png").write_bytes(b"not an image")
-    return root
-
-
-@pytest.fixture
-def sketches(tmp_path) -> list[Path]:
-    out = []
-    for c in range(3):
-        p = tmp_path / f"sketch{c}.png"
-        Image.fromarray(render(c, 1, 0, 7, 32)).save(p)
-        out.append(p)
-    return out
 
 
 def build(run, photos, out, *args: str) -> str:

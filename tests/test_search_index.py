@@ -30,29 +30,6 @@ def _photo(path: Path, cls: int, i: int, domain: int = 0) -> None:
     Image.fromarray(render(cls, domain, i, 7, 32)).save(path)
 
 
-@pytest.fixture
-def photos(tmp_path) -> Path:
-    """3 classes x 4 photos in class folders, one loose photo, one unreadable file."""
-    root = tmp_path / "photos"
-    for c in range(3):
-        for i in range(4):
-            _photo(root / f"c{c}" / f"{i}.png", c, i)
-    _photo(root / "loose.png", 0, 9)
-    (root / "c0" / "bad.png").write_bytes(b"not an image")
-    (root / "notes.txt").write_text("not a photo suffix: ignored")
-    return root
-
-
-@pytest.fixture
-def sketches(tmp_path) -> list[Path]:
-    out = []
-    for c in range(3):
-        p = tmp_path / f"sketch{c}.png"
-        Image.fromarray(render(c, 1, 0, 7, 32)).save(p)
-        out.append(p)
-    return out
-
-
 def build(run, photos, out, *args: str) -> str:
     res = CliRunner().invoke(main, ["index", "build", str(run), str(photos), str(out),
                                     "--workers", "0", "--device", "cpu", *args])

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
+from zsbir.testing_fixtures import isolated_cache  # noqa: F401
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("ZSBIR_CACHE", str(tmp_path_factory.mktemp("zsbir-cache")))

@@ -6,28 +6,14 @@ from pathlib import Path
 
 import pytest
 
+from zsbir.testing_fixtures import isolated_cache, one_thread  # noqa: F401
+
 PLUGIN = Path(__file__).resolve().parents[1]
 TINY_MANIFEST = PLUGIN / "examples" / "tiny_zse.toml"
 
 #: the model part of examples/tiny_zse.toml (2 blocks, 16-d, 32 px, 16 anchors)
 TINY = {"image_size": 32, "patch_size": 4, "dim": 16, "depth": 2, "heads": 2, "mlp_dim": 32,
         "scale_channels": [4], "ca_heads": 2, "ca_ff": 16, "conv_dim": 8, "anchors": 16}
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("ZSBIR_CACHE", str(tmp_path_factory.mktemp("zsbir-cache")))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and do not crawl on a shared machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
