@@ -85,7 +85,7 @@ from zsbir.registry import (
 )
 
 __all__ = ["BUILTIN_EXAMPLES", "BUILTIN_SKIPS", "CONTRACTS", "PAIR_SCORER_MODEL", "ContractSkip",
-           "assert_contract",
+           "assert_contract", "assert_core_never_names", "assert_registered_by",
            "build", "build_direct", "check_component", "contract_cases", "example_of"]
 
 def _tiny_folder_tree() -> dict[str, Any]:
@@ -762,6 +762,38 @@ def assert_contract(kind: str, name: str) -> None:
         check_component(kind, name)
     except ContractSkip as skip:
         pytest.skip(str(skip))
+
+
+def assert_registered_by(dist: str, components: dict[tuple[str, str], str]
+                         ) -> dict[tuple[str, str], Any]:
+    """A plugin's packaging, for its tests: each ``(kind, name) -> "module:object"`` is an
+    entry point of group ``zsbir.<kind>`` of distribution ``dist`` with that value, and the
+    registry's component of that name is that object, reported under ``dist``. Returns the
+    registry's components (to check their docs, parameters ...)."""
+    import importlib.metadata as md
+
+    from zsbir.registry import get_registry
+
+    found = {}
+    for (kind, name), value in components.items():
+        eps = {ep.name: ep for ep in md.entry_points(group=f"zsbir.{kind}")}
+        assert eps[name].value == value and eps[name].dist.metadata["Name"] == dist
+        comp = get_registry(kind).component(name)
+        assert comp.package == dist and comp.obj is eps[name].load()
+        found[(kind, name)] = comp
+    return found
+
+
+def assert_core_never_names(dist: str) -> None:
+    """No file of the zsbir package (.py, .json, .toml) names the plugin ``dist`` or its
+    module (``dist`` with ``_``): the core knows no plugin by name."""
+    import zsbir
+
+    names = (dist, dist.replace("-", "_"))
+    root = Path(zsbir.__file__).parent
+    hits = [p for p in root.rglob("*") if p.is_file() and p.suffix in (".py", ".json", ".toml")
+            and any(n in p.read_text(errors="ignore") for n in names)]
+    assert not hits, hits
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m zsbir.testing`: a quick report

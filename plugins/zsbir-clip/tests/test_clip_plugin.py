@@ -3,7 +3,6 @@ manifests, and real `zsbir run`s of the method with a tiny random CLIP on CPU.""
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import json
 import math
 from pathlib import Path
@@ -21,6 +20,7 @@ from zsbir_clip.towers import CLIP_MEAN, CLIP_STD  # noqa: E402
 from zsbir.cli import main  # noqa: E402
 from zsbir.manifest import ManifestError, apply_overrides, load, resolve  # noqa: E402
 from zsbir.registry import get_registry  # noqa: E402
+from zsbir.testing import assert_core_never_names, assert_registered_by  # noqa: E402
 
 PLUGIN = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((PLUGIN / "examples").glob("*.toml"))
@@ -34,21 +34,12 @@ COMPONENTS = {
 
 
 def test_registered_only_through_entry_points():
-    for (kind, name), value in COMPONENTS.items():
-        eps = {ep.name: ep for ep in md.entry_points(group=f"zsbir.{kind}")}
-        assert eps[name].value == value and eps[name].dist.metadata["Name"] == DIST
-        comp = get_registry(kind).component(name)
-        assert comp.package == DIST and comp.obj is eps[name].load()
+    for (kind, name), comp in assert_registered_by(DIST, COMPONENTS).items():
         assert "Sain et" in comp.doc and "CVPR 2023" in comp.doc, (kind, name)
 
 
 def test_the_core_never_mentions_the_plugin():
-    import zsbir
-
-    root = Path(zsbir.__file__).parent
-    for f in root.rglob("*.py"):
-        text = f.read_text()
-        assert "zsbir_clip" not in text and "zsbir-clip" not in text, f
+    assert_core_never_names(DIST)
 
 
 def test_listed_under_the_plugin_package():

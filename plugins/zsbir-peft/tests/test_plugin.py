@@ -18,7 +18,6 @@ Everything else runs on today's zsbir with the old ``[backbone]`` shorthand.
 from __future__ import annotations
 
 import copy
-import importlib.metadata as md
 import importlib.util
 import json
 import os
@@ -36,7 +35,7 @@ from click.testing import CliRunner
 from zsbir.cli import main
 from zsbir.constraints import paths_unchecked
 from zsbir.manifest import dump_toml, load, resolve
-from zsbir.registry import get_registry
+from zsbir.testing import assert_core_never_names, assert_registered_by
 
 PLUGIN = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((PLUGIN / "examples").glob("*.toml"))
@@ -59,11 +58,7 @@ needs_lifecycle = pytest.mark.skipif(
 
 
 def test_registered_only_through_entry_points():
-    for (kind, name), value in COMPONENTS.items():
-        eps = {ep.name: ep for ep in md.entry_points(group=f"zsbir.{kind}")}
-        assert eps[name].value == value and eps[name].dist.metadata["Name"] == DIST
-        comp = get_registry(kind).component(name)
-        assert comp.package == DIST and comp.obj is eps[name].load()
+    for comp in assert_registered_by(DIST, COMPONENTS).values():
         assert comp.summary
 
 
@@ -79,13 +74,7 @@ def test_describe_shows_the_typed_parameters():
 
 
 def test_no_file_of_zsbir_names_the_plugin():
-    import zsbir
-
-    root = Path(zsbir.__file__).parent
-    hits = [p for p in root.rglob("*") if p.is_file() and p.suffix in (".py", ".json", ".toml")
-            and ("zsbir_peft" in p.read_text(errors="ignore")
-                 or "zsbir-peft" in p.read_text(errors="ignore"))]
-    assert not hits
+    assert_core_never_names(DIST)
 
 
 def shorthand(raw: dict[str, Any], teacher: bool = False) -> dict[str, Any]:

@@ -3,7 +3,6 @@ short CPU run of an RPKD manifest on the synthetic protocol."""
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import json
 import math
 from pathlib import Path
@@ -17,7 +16,7 @@ from click.testing import CliRunner  # noqa: E402
 
 from zsbir.cli import main  # noqa: E402
 from zsbir.manifest import apply_overrides, load, resolve  # noqa: E402
-from zsbir.registry import get_registry  # noqa: E402
+from zsbir.testing import assert_registered_by  # noqa: E402
 
 PLUGIN = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((PLUGIN / "examples").glob("*.toml"))
@@ -31,12 +30,7 @@ COMPONENTS = {
 
 
 def test_registered_only_through_entry_points():
-    for (kind, name), value in COMPONENTS.items():
-        eps = {ep.name: ep for ep in md.entry_points(group=f"zsbir.{kind}")}
-        assert eps[name].value == value and eps[name].dist.metadata["Name"] == DIST
-        comp = get_registry(kind).component(name)
-        assert comp.package == DIST
-        assert comp.obj is eps[name].load()
+    for comp in assert_registered_by(DIST, COMPONENTS).values():
         assert comp.summary and "only the abstract" in comp.doc.lower()
 
 

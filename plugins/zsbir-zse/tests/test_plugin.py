@@ -5,7 +5,6 @@ retrieval token, by top-K re-scoring and exhaustively by the relation network), 
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import json
 from pathlib import Path
 
@@ -19,8 +18,12 @@ pytest.importorskip("zsbir_zse", reason="install the plugin: pip install -e plug
 from zsbir.cli import main  # noqa: E402
 from zsbir.constraints import paths_unchecked  # noqa: E402
 from zsbir.manifest import load, resolve  # noqa: E402
-from zsbir.registry import get_registry  # noqa: E402
-from zsbir.testing import assert_contract, contract_cases  # noqa: E402
+from zsbir.testing import (  # noqa: E402
+    assert_contract,
+    assert_core_never_names,
+    assert_registered_by,
+    contract_cases,
+)
 
 PLUGIN = Path(__file__).resolve().parents[1]
 TINY = PLUGIN / "examples" / "tiny_zse.toml"
@@ -38,22 +41,12 @@ COMPONENTS = {
 
 
 def test_registered_only_through_entry_points():
-    for (kind, name), value in COMPONENTS.items():
-        eps = {ep.name: ep for ep in md.entry_points(group=f"zsbir.{kind}")}
-        assert eps[name].value == value and eps[name].dist.metadata["Name"] == DIST
-        comp = get_registry(kind).component(name)
-        assert comp.package == DIST and comp.obj is eps[name].load()
+    for comp in assert_registered_by(DIST, COMPONENTS).values():
         assert comp.summary
 
 
 def test_no_file_of_zsbir_names_the_plugin():
-    import zsbir
-
-    root = Path(zsbir.__file__).parent
-    hits = [p for p in root.rglob("*") if p.is_file() and p.suffix in (".py", ".json", ".toml")
-            and ("zsbir_zse" in p.read_text(errors="ignore")
-                 or "zsbir-zse" in p.read_text(errors="ignore"))]
-    assert not hits
+    assert_core_never_names(DIST)
 
 
 @pytest.mark.parametrize(("kind", "name"), contract_cases(dist=DIST))
